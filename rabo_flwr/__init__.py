@@ -1,0 +1,1 @@
+"""rabo_flwr: federated bilevel learning."""

@@ -1,0 +1,68 @@
+"""Coverage-counted aggregation of client slices into the global tensors.
+
+Every element is averaged over exactly the clients whose submodel holds it; an element no
+client covers keeps its value. Scatter-adds are vectorised with ``index_put_(accumulate=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from .submodel import Layout, Plan, open_index
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Coverage of one side after a phase: C* is the minimum count over covered elements."""
+
+    min_covered: int
+    uncovered_fraction: float
+    elements: int
+
+    def as_metrics(self, side: str) -> dict[str, float]:
+        return {f"C_{side}*": self.min_covered, f"uncovered_{side}": self.uncovered_fraction}
+
+
+def coverage_mean(
+    shapes: Mapping[str, torch.Size],
+    layout: Layout,
+    contributions: Iterable[tuple[Plan, Mapping[str, torch.Tensor]]],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Average each element over the clients covering it; return (mean, count).
+
+    ``mean`` is zero where ``count`` is zero, so ``x - lr * mean`` leaves uncovered elements alone.
+    """
+    sums = {n: torch.zeros(shapes[n]) for n in layout.dims}
+    counts = {n: torch.zeros(shapes[n]) for n in layout.dims}
+    for plan, values in contributions:
+        for name, dim_groups in layout.dims.items():
+            value = values[name].detach().to(torch.float32).cpu()
+            if sums[name].ndim == 0:
+                sums[name] += value
+                counts[name] += 1
+                continue
+            index = open_index(dim_groups, shapes[name], plan)
+            sums[name].index_put_(index, value, accumulate=True)
+            counts[name].index_put_(index, torch.ones_like(value), accumulate=True)
+    means = {n: sums[n] / counts[n].clamp(min=1) for n in layout.dims}
+    return means, counts
+
+
+def coverage_of(counts: Mapping[str, torch.Tensor]) -> Coverage:
+    flat = torch.cat([c.reshape(-1) for c in counts.values()]) if counts else torch.zeros(0)
+    covered = flat[flat > 0]
+    return Coverage(
+        min_covered=int(covered.min()) if covered.numel() else 0,
+        uncovered_fraction=float((flat == 0).float().mean()) if flat.numel() else 0.0,
+        elements=int(flat.numel()),
+    )
+
+
+def apply_step(
+    tensors: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], lr: float
+) -> dict[str, torch.Tensor]:
+    """``t - lr * direction`` for every tensor (direction is zero where nobody covered)."""
+    return {n: t - lr * direction[n].to(t.dtype) for n, t in tensors.items()}

@@ -1,0 +1,53 @@
+"""The same server and client computation as the Flower app, in a plain Python loop.
+
+Used by the benchmark to measure Flower's overhead and by tests that need the algorithm's
+numbers without starting Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from clients import BilevelClient
+
+from .federation import BilevelServer, Reply
+from .masks import make_policy
+from .runtime import cached_task, choose_device
+from .scenario import Scenario
+
+
+def run_plain(scenario: Scenario, log: Callable[[dict], None] = lambda r: None, evaluate: bool = True) -> BilevelServer:
+    """Run ``scenario`` without Flower; client sampling matches the strategy's."""
+    task = cached_task(scenario)
+    device = choose_device(scenario)
+    algo = scenario.algorithm
+    x, y = task.init_tensors(scenario.seed)
+    policies = {side: make_policy(getattr(algo, f"mask_{side}"), scenario.seed, algo.rolling_step) for side in ("x", "y")}
+    server = BilevelServer(task.layouts, x, y, policies, algo.alpha, algo.beta)
+    clients = {p: BilevelClient(task, scenario, p, device) for p in range(scenario.clients.num)}
+    if evaluate:
+        log({"iteration": 0, "phase": "eval", **task.evaluate(server.x, server.y, device)})
+    for q in range(1, algo.iterations + 1):
+        count = max(1, math.ceil(scenario.clients.fraction * len(clients)))
+        chosen = sorted(np.random.default_rng([scenario.seed, q]).choice(len(clients), size=count, replace=False))
+        server.plan_iteration(q, {int(p): scenario.capacity(int(p), q) for p in chosen})
+        for phase, apply in (("inner", server.apply_inner), ("outer", server.apply_outer)):
+            start = time.perf_counter()
+            replies, metrics = [], []
+            for p in server.plans:
+                s = server.slices(p)
+                update, m = getattr(clients[p], phase)(q, s["x"], s["y"])
+                replies.append(Reply(p, update))
+                metrics.append(m)
+            coverage = apply(replies)
+            loss = "lower_loss" if phase == "inner" else "upper_loss"
+            log({"iteration": q, "phase": phase, loss: float(np.mean([m[loss] for m in metrics])),
+                 **coverage.as_metrics("y" if phase == "inner" else "x"),
+                 "flops": sum(m["flops"] for m in metrics), "wall_time": time.perf_counter() - start})
+    if evaluate:
+        log({"iteration": algo.iterations, "phase": "eval", **task.evaluate(server.x, server.y, device)})
+    return server

@@ -1,0 +1,12 @@
+"""Prunable models. Each declares a :class:`~rabo_flwr.submodel.Layout` of channel groups.
+
+Models are plain ``nn.Module``s run through ``torch.func.functional_call`` with the client's
+sliced tensors, so one architecture serves every width: a template on the ``meta`` device
+costs no memory and the narrow tensors decide the compute.
+"""
+
+from .conv4 import Conv4
+from .heads import LinearHead, MLPHead, build_head
+from .layout import ModuleLayout
+
+__all__ = ["Conv4", "LinearHead", "MLPHead", "ModuleLayout", "build_head"]

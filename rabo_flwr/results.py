@@ -1,0 +1,64 @@
+"""The results directory of a run: metrics.jsonl, the resolved scenario, the final model.
+
+Every file is written atomically (temporary file, then rename), so an interrupted run never
+leaves a half-written model or scenario behind; metrics are appended line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from .scenario import Scenario
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact visible
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class ResultsWriter:
+    def __init__(self, directory: Path, scenario: Scenario, append: bool = False):
+        self.directory = directory
+        self.metrics_path = directory / "metrics.jsonl"
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "scenario.yaml", lambda f: yaml.safe_dump(scenario.to_dict(), f, sort_keys=False), "w")
+        if not append:
+            self.metrics_path.unlink(missing_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def save_model(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], name: str = "model.pt") -> Path:
+        path = self.directory / name
+        atomic_write(path, lambda f: torch.save({"x": x, "y": y}, f))
+        return path
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

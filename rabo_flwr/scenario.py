@@ -1,0 +1,277 @@
+"""Scenarios: one YAML file describes a whole run; run-config keys override single values.
+
+Validation happens here, before any data is loaded or any client trains, and every error
+names the file and the dotted key, e.g. ``scenarios/x.yaml: clients.capacities[2]: capacity
+must be in (0, 1], got 1.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ALGORITHMS = ("rabo", "rafbo", "fedmbo")
+DEFAULT_ESTIMATOR = {"rabo": "exact", "rafbo": "fd-coordinate", "fedmbo": "neumann"}
+ESTIMATORS = ("exact", "neumann", "fd-coordinate", "fd-directional")
+MASKS = ("off", "static", "rolling", "random", "importance")
+TASKS = ("fewshot", "loss-tuning")
+
+
+class ScenarioError(ValueError):
+    """A scenario or run-config value is wrong; the message names the file and the key."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "fewshot"
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 5  # query images per class; 0 means all remaining images of the class
+    image_size: int = 28
+    lower_l2: float = 0.01  # ridge term that makes the head's problem strongly convex
+    shard_by: str = "alphabet"  # "alphabet" or "character"
+    eval_episodes: int = 100
+    eval_steps: int = 50
+    eval_lr: float = 0.5
+    eval_one_shot_runs: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "conv4"
+    width: int = 64
+    head: str = "linear"
+    head_hidden: int = 64
+
+
+@dataclass
+class CapacityChange:
+    from_iteration: int = 0
+    capacities: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ClientsConfig:
+    num: int = 5
+    capacities: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625])
+    schedule: list[CapacityChange] = field(default_factory=list)
+    fraction: float = 1.0
+    min_available: int = 0  # 0 means all ``num`` clients
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "rafbo"
+    estimator: str = ""  # empty: the algorithm's own (rabo: exact, rafbo: fd-coordinate, fedmbo: neumann)
+    estimator_options: dict[str, Any] = field(default_factory=dict)
+    iterations: int = 100
+    inner_steps: int = 5
+    alpha: float = 0.05
+    beta: float = 0.1
+    mask_x: str = "rolling"
+    mask_y: str = "rolling"
+    rolling_step: int = 1
+
+    @property
+    def resolved_estimator(self) -> str:
+        return self.estimator or DEFAULT_ESTIMATOR[self.name]
+
+
+@dataclass
+class RunConfig:
+    results_dir: str = ""  # empty: results/<name>
+    eval_every: int = 0  # 0: evaluate only iteration 0 and the last
+    device: str = "auto"  # auto: CUDA when available, else CPU
+
+
+@dataclass
+class Scenario:
+    name: str = "quickstart"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def capacity(self, partition: int, iteration: int) -> float:
+        """Capacity of a partition at an iteration: tiers assigned round-robin, optionally rescheduled."""
+        tiers = self.clients.capacities
+        for change in self.clients.schedule:
+            if iteration >= change.from_iteration:
+                tiers = change.capacities
+        return tiers[partition % len(tiers)]
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.run.results_dir or f"results/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def _fail(source: str, key: str, message: str) -> ScenarioError:
+    return ScenarioError(f"{source}: {key}: {message}")
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise _fail(source, key, f"expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, source, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(source, key, f"expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _fail(source, key, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(source, key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(source, key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise _fail(source, dotted, f"unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], source, dotted)
+    return cls(**kwargs)
+
+
+def _check_choice(source, key, value, choices):
+    if value not in choices:
+        raise _fail(source, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(source, key, value, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _fail(source, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_capacities(source, key, capacities):
+    if not capacities:
+        raise _fail(source, key, "needs at least one capacity")
+    for i, r in enumerate(capacities):
+        if not 0.0 < r <= 1.0:
+            raise _fail(source, f"{key}[{i}]", f"capacity must be in (0, 1], got {r}")
+
+
+def validate(s: Scenario, source: str) -> Scenario:
+    """Checks values that types alone cannot; raises ScenarioError naming file and key."""
+    _check_choice(source, "task.name", s.task.name, TASKS)
+    _check_choice(source, "algorithm.name", s.algorithm.name, ALGORITHMS)
+    if s.algorithm.estimator:
+        _check_choice(source, "algorithm.estimator", s.algorithm.estimator, ESTIMATORS)
+    _check_choice(source, "algorithm.mask_x", s.algorithm.mask_x, MASKS)
+    _check_choice(source, "algorithm.mask_y", s.algorithm.mask_y, MASKS)
+    _check_choice(source, "task.shard_by", s.task.shard_by, ("alphabet", "character"))
+    _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))
+    _check_capacities(source, "clients.capacities", s.clients.capacities)
+    for i, change in enumerate(s.clients.schedule):
+        _check_capacities(source, f"clients.schedule[{i}].capacities", change.capacities)
+        _check_positive(source, f"clients.schedule[{i}].from_iteration", change.from_iteration, allow_zero=True)
+    if not 0.0 < s.clients.fraction <= 1.0:
+        raise _fail(source, "clients.fraction", f"must be in (0, 1], got {s.clients.fraction}")
+    if s.clients.min_available > s.clients.num:
+        raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
+    for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
+                "task.image_size", "task.eval_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step"):
+        section, name = key.split(".")
+        _check_positive(source, key, getattr(getattr(s, section), name))
+    for key in ("algorithm.alpha", "algorithm.beta", "task.eval_lr"):
+        section, name = key.split(".")
+        _check_positive(source, key, getattr(getattr(s, section), name))
+    for key in ("task.lower_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
+        section, name = key.split(".")
+        _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
+    if s.algorithm.name == "fedmbo" and any(r != 1.0 for r in s.clients.capacities):
+        raise _fail(source, "clients.capacities", "fedmbo trains the full model: every capacity must be 1")
+    return s
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _fail(source, dotted, f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# Run-config keys that are not scenario values.
+RUN_CONFIG_META_KEYS = ("scenario",)
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None) -> Scenario:
+    """Read, merge overrides (dotted keys, empty string = unset), and validate a scenario."""
+    path = Path(path)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    source = str(path)
+    if not path.is_file():
+        raise ScenarioError(f"{source}: scenario file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: the top level must be a mapping of sections")
+    applied = {k: v for k, v in (overrides or {}).items() if k not in RUN_CONFIG_META_KEYS and v != ""}
+    for dotted, value in applied.items():
+        _set_dotted(data, dotted, value, f"{source} (run config override)")
+    scenario = _build(Scenario, data, source)
+    return validate(scenario, source)
+
+
+def scenario_keys(cls: type = Scenario, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, i.e. what the run config may override."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(scenario_keys(hints[f.name], dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+APP_DIR = Path(__file__).resolve().parent.parent  # holds scenarios/, also inside an installed FAB
+
+
+def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:
+    """The run's scenario: the file named by ``scenario``, with the other run-config keys as overrides."""
+    return load_scenario(str(run_config.get("scenario", "scenarios/quickstart.yaml")), run_config, base_dir=APP_DIR)

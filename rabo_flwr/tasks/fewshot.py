@@ -1,0 +1,150 @@
+"""Few-shot hyper-representation on Omniglot: x = backbone, y = classifier head.
+
+Lower level g: cross-entropy of the head on an episode's support set plus a ridge term
+(which makes g strongly convex in a linear head). Upper level f: cross-entropy on the same
+episode's query set. Characters of the background alphabets are sharded across clients; the
+evaluation alphabets are never trained on.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.omniglot import Episode, EpisodeSampler, load_omniglot, load_one_shot_runs, shard_classes, shard_classes_by_alphabet
+from ..models import build_head
+from ..models.backbones import build_backbone
+from ..scenario import Scenario
+from .base import BilevelTask, ClientBatch, FunctionalModule, Tensors, init_module_tensors
+
+
+def seeded_generator(*entropy: int) -> torch.Generator:
+    """A torch generator from several integers (seed, iteration, partition, ...), stable across runs."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
+
+
+class FewShotTask(BilevelTask):
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        cfg, model = scenario.task, scenario.model
+        self._backbone = lambda: build_backbone(model.backbone, in_channels=1, width=model.width)
+        backbone = FunctionalModule(self._backbone)
+        feature_group, features = backbone.module.out_group, backbone.module.out_features
+        self._head = lambda: build_head(model.head, features, cfg.n_way, feature_group, model.head_hidden)
+        self.backbone = backbone
+        self.head = FunctionalModule(self._head)
+        self.x_layout = backbone.module.layout()
+        self.y_layout = self.head.module.layout()
+        self.num_partitions = scenario.clients.num
+
+    # ------------------------------------------------------------------ data
+
+    @cached_property
+    def _train(self):
+        split = load_omniglot(background=True, image_size=self.scenario.task.image_size)
+        return split, EpisodeSampler(split.images, split.labels)
+
+    @cached_property
+    def _shards(self) -> list[np.ndarray]:
+        split, _ = self._train
+        num, seed = self.scenario.clients.num, self.scenario.seed
+        if self.scenario.task.shard_by == "alphabet":
+            return shard_classes_by_alphabet(split.alphabet_of_class, num, seed)
+        return shard_classes(len(split.alphabet_of_class), num, seed)
+
+    def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
+        cfg = self.scenario.task
+        _, sampler = self._train
+        gen = seeded_generator(self.scenario.seed, iteration, partition)
+        ep = sampler.sample(self._shards[partition], cfg.n_way, cfg.k_shot, cfg.n_query or None, gen)
+        return ClientBatch(lower=(ep.support_x.to(device), ep.support_y.to(device)),
+                           upper=(ep.query_x.to(device), ep.query_y.to(device)),
+                           examples=len(ep.support_y) + len(ep.query_y))
+
+    # ------------------------------------------------------------------ model and losses
+
+    def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
+        torch.manual_seed(seed)
+        backbone, head = self._backbone(), self._head()
+        x = init_module_tensors(backbone, self.x_layout)
+        y = init_module_tensors(head, self.y_layout)
+        return x, {k: torch.zeros_like(v) for k, v in y.items()}
+
+    def _ridge(self, y: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * self.scenario.task.lower_l2 * sum(t.pow(2).sum() for t in y.values())
+
+    def lower_loss(self, x, y, batch):
+        images, labels = batch
+        return F.cross_entropy(self.head(y, self.backbone(x, images)), labels) + self._ridge(y)
+
+    def upper_loss(self, x, y, batch):
+        images, labels = batch
+        return F.cross_entropy(self.head(y, self.backbone(x, images)), labels)
+
+    def lower_objective(self, x, batch):
+        images, labels = batch
+        with torch.no_grad():
+            features = self.backbone(x, images)
+        return lambda y: F.cross_entropy(self.head(y, features), labels) + self._ridge(y)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @cached_property
+    def _eval_episodes(self) -> list[Episode]:
+        """A fixed, seeded set of episodes from the evaluation alphabets (comparable across runs)."""
+        cfg = self.scenario.task
+        split = load_omniglot(background=False, image_size=cfg.image_size)
+        sampler = EpisodeSampler(split.images, split.labels)
+        classes = np.arange(len(split.alphabet_of_class))
+        gen = seeded_generator(self.scenario.seed, 2**31 - 1)
+        return [sampler.sample(classes, cfg.n_way, cfg.k_shot, cfg.n_query or None, gen) for _ in range(cfg.eval_episodes)]
+
+    def _fit_heads(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+        """Ridge-regularised logistic regression per episode, all episodes at once, from zero."""
+        cfg = self.scenario.task
+        episodes, _, dim = support.shape
+        weight = torch.zeros(episodes, n_way, dim, device=support.device, requires_grad=True)
+        bias = torch.zeros(episodes, n_way, device=support.device, requires_grad=True)
+        onehot = F.one_hot(labels, n_way).float()
+        for _ in range(cfg.eval_steps):
+            logits = torch.einsum("end,ecd->enc", support, weight) + bias[:, None, :]
+            loss = -(onehot * logits.log_softmax(-1)).sum(-1).mean(-1).sum()
+            loss = loss + 0.5 * cfg.lower_l2 * (weight.pow(2).sum() + bias.pow(2).sum())
+            gw, gb = torch.autograd.grad(loss, (weight, bias))
+            with torch.no_grad():
+                weight -= cfg.eval_lr * gw
+                bias -= cfg.eval_lr * gb
+        return weight.detach(), bias.detach()
+
+    def _episode_accuracy(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> float:
+        with torch.no_grad():
+            x = {k: v.to(device) for k, v in x.items()}
+            support = torch.stack([self.backbone(x, e.support_x.to(device)) for e in episodes])
+            query = torch.stack([self.backbone(x, e.query_x.to(device)) for e in episodes])
+        support_y = torch.stack([e.support_y for e in episodes]).to(device)
+        query_y = torch.stack([e.query_y for e in episodes]).to(device)
+        with torch.enable_grad():
+            weight, bias = self._fit_heads(support, support_y, n_way)
+        logits = torch.einsum("end,ecd->enc", query, weight) + bias[:, None, :]
+        return float((logits.argmax(-1) == query_y).float().mean())
+
+    def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+        """Adapt a fresh head on each support set with the backbone x; report query accuracy."""
+        metrics = {"test_accuracy": self._episode_accuracy(x, self._eval_episodes, self.scenario.task.n_way, device)}
+        if self.scenario.task.eval_one_shot_runs:
+            metrics["one_shot_runs_accuracy"] = self._episode_accuracy(x, self._one_shot_runs, 20, device)
+        return metrics
+
+    @cached_property
+    def _one_shot_runs(self) -> list[Episode]:
+        """The official 20 runs of 20-way one-shot classification, as episodes."""
+        episodes = []
+        for run in load_one_shot_runs(image_size=self.scenario.task.image_size):
+            to_float = lambda a: torch.from_numpy(a).float().div(255).unsqueeze(1)
+            episodes.append(Episode(to_float(run.train_images), torch.arange(20),
+                                    to_float(run.test_images), torch.from_numpy(run.test_labels), torch.arange(20)))
+        return episodes
