@@ -39,7 +39,14 @@ class TaskConfig:
     eval_episodes: int = 100
     eval_steps: int = 50
     eval_lr: float = 0.5
+    eval_l2: float = 0.1  # ridge of the evaluation heads (fixed, so runs stay comparable)
     eval_one_shot_runs: bool = False
+    # loss-tuning (long-tail CIFAR-10)
+    imbalance_ratio: float = 100.0
+    val_fraction: float = 0.2  # share of each client's data that validates x (upper level)
+    batch_size: int = 128
+    train_subsample: float = 1.0  # fraction of the long-tail training set used (miniature runs)
+    test_subsample: float = 1.0  # fraction of the balanced test set evaluated
 
 
 @dataclass
@@ -48,6 +55,7 @@ class ModelConfig:
     width: int = 64
     head: str = "linear"
     head_hidden: int = 64
+    feature_norm: float = 0.0  # > 0: features L2-normalised to this norm; 0: raw features
 
 
 @dataclass
@@ -212,7 +220,14 @@ def validate(s: Scenario, source: str) -> Scenario:
     for key in ("algorithm.alpha", "algorithm.beta", "task.eval_lr"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
-    for key in ("task.lower_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
+    for key in ("task.imbalance_ratio", "task.batch_size"):
+        section, name = key.split(".")
+        _check_positive(source, key, getattr(getattr(s, section), name))
+    for key in ("task.val_fraction", "task.train_subsample", "task.test_subsample"):
+        value = getattr(s.task, key.split(".")[1])
+        if not 0.0 < value <= 1.0:
+            raise _fail(source, key, f"must be in (0, 1], got {value}")
+    for key in ("model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
     if s.algorithm.name == "fedmbo" and any(r != 1.0 for r in s.clients.capacities):

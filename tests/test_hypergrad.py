@@ -1,12 +1,9 @@
 """Numerical tests of rabo_flwr.hypergrad against closed forms and autograd references."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rabo_flwr.hypergrad import METHODS, hypergradient, hypergradient_with_stats  # noqa: E402
 

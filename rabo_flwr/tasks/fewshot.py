@@ -77,18 +77,24 @@ class FewShotTask(BilevelTask):
     def _ridge(self, y: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return 0.5 * self.scenario.task.lower_l2 * sum(t.pow(2).sum() for t in y.values())
 
+    def features(self, x: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Backbone features, optionally L2-normalised to a fixed norm (bounded logits, stable bilevel)."""
+        features = self.backbone(x, images)
+        scale = self.scenario.model.feature_norm
+        return scale * F.normalize(features, dim=1) if scale else features
+
     def lower_loss(self, x, y, batch):
         images, labels = batch
-        return F.cross_entropy(self.head(y, self.backbone(x, images)), labels) + self._ridge(y)
+        return F.cross_entropy(self.head(y, self.features(x, images)), labels) + self._ridge(y)
 
     def upper_loss(self, x, y, batch):
         images, labels = batch
-        return F.cross_entropy(self.head(y, self.backbone(x, images)), labels)
+        return F.cross_entropy(self.head(y, self.features(x, images)), labels)
 
     def lower_objective(self, x, batch):
         images, labels = batch
         with torch.no_grad():
-            features = self.backbone(x, images)
+            features = self.features(x, images)
         return lambda y: F.cross_entropy(self.head(y, features), labels) + self._ridge(y)
 
     # ------------------------------------------------------------------ evaluation
@@ -113,7 +119,7 @@ class FewShotTask(BilevelTask):
         for _ in range(cfg.eval_steps):
             logits = torch.einsum("end,ecd->enc", support, weight) + bias[:, None, :]
             loss = -(onehot * logits.log_softmax(-1)).sum(-1).mean(-1).sum()
-            loss = loss + 0.5 * cfg.lower_l2 * (weight.pow(2).sum() + bias.pow(2).sum())
+            loss = loss + 0.5 * cfg.eval_l2 * (weight.pow(2).sum() + bias.pow(2).sum())
             gw, gb = torch.autograd.grad(loss, (weight, bias))
             with torch.no_grad():
                 weight -= cfg.eval_lr * gw
@@ -123,8 +129,8 @@ class FewShotTask(BilevelTask):
     def _episode_accuracy(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> float:
         with torch.no_grad():
             x = {k: v.to(device) for k, v in x.items()}
-            support = torch.stack([self.backbone(x, e.support_x.to(device)) for e in episodes])
-            query = torch.stack([self.backbone(x, e.query_x.to(device)) for e in episodes])
+            support = torch.stack([self.features(x, e.support_x.to(device)) for e in episodes])
+            query = torch.stack([self.features(x, e.query_x.to(device)) for e in episodes])
         support_y = torch.stack([e.support_y for e in episodes]).to(device)
         query_y = torch.stack([e.query_y for e in episodes]).to(device)
         with torch.enable_grad():
