@@ -11,6 +11,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from clients.faults import before_phase, corrupt_update, matching
 from rabo_flwr.local import CostMeter, LocalResult, inner_phase, outer_phase
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
@@ -32,6 +33,8 @@ class BilevelClient:
         self.device = device
 
     def _run(self, phase: str, iteration: int, x, y, work) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
+        before_phase(faults)
         x, y = _as_tensors(x, self.device), _as_tensors(y, self.device)
         batch = self.task.client_batch(self.partition, iteration, self.device)
         with CostMeter(self.device) as meter:
@@ -43,7 +46,7 @@ class BilevelClient:
             **result.metrics,
             **meter.metrics(),
         }
-        return {k: v.detach().cpu() for k, v in result.update.items()}, metrics
+        return corrupt_update(faults, {k: v.detach().cpu() for k, v in result.update.items()}), metrics
 
     def inner(self, iteration: int, x: Mapping[str, ArrayLike], y: Mapping[str, ArrayLike]):
         """T steps on g over the y-slices; returns G_i = (y_0 - y_T)/beta and metrics."""

@@ -42,17 +42,23 @@ def _jsonable(value: Any) -> Any:
 
 
 class ResultsWriter:
-    def __init__(self, directory: Path, scenario: Scenario, append: bool = False):
+    """Writes one run's results; ``history`` (from a checkpoint) restarts metrics.jsonl from there."""
+
+    def __init__(self, directory: Path, scenario: Scenario, history: list[dict[str, Any]] | None = None):
         self.directory = directory
         self.metrics_path = directory / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / "scenario.yaml", lambda f: yaml.safe_dump(scenario.to_dict(), f, sort_keys=False), "w")
-        if not append:
-            self.metrics_path.unlink(missing_ok=True)
+        atomic_write(self.metrics_path, lambda f: None, "w")
+        for record in history or []:
+            self.log(record)
 
     def log(self, record: dict[str, Any]) -> None:
+        record = _jsonable(record)
+        self.records.append(record)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(record) + "\n")
 
     def save_model(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], name: str = "model.pt") -> Path:
         path = self.directory / name

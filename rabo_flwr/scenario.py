@@ -21,6 +21,7 @@ DEFAULT_ESTIMATOR = {"rabo": "exact", "rafbo": "fd-coordinate", "fedmbo": "neuma
 ESTIMATORS = ("exact", "neumann", "fd-coordinate", "fd-directional")
 MASKS = ("off", "static", "rolling", "random", "importance")
 TASKS = ("fewshot", "loss-tuning")
+FAULT_KINDS = ("raise", "sleep", "nan", "wrong-shape")
 
 
 class ScenarioError(ValueError):
@@ -92,10 +93,26 @@ class AlgorithmConfig:
 
 
 @dataclass
+class Fault:
+    """A fault to inject, for testing how a run survives it (see clients/faults.py)."""
+
+    partition: int = 0
+    phase: str = "inner"  # inner, outer or any
+    iterations: list[int] = field(default_factory=list)  # empty: every iteration
+    kind: str = "raise"  # raise, sleep, nan, wrong-shape
+    seconds: float = 0.0  # for sleep
+
+
+@dataclass
 class RunConfig:
     results_dir: str = ""  # empty: results/<name>
     eval_every: int = 0  # 0: evaluate only iteration 0 and the last
     device: str = "auto"  # auto: CUDA when available, else CPU
+    phase_timeout: float = 600.0  # seconds a phase waits for replies; stragglers are dropped
+    node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
+    checkpoint_every: int = 0  # 0: no checkpoints
+    resume: bool = False  # continue from results_dir/checkpoint.pt
+    faults: list[Fault] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +223,9 @@ def validate(s: Scenario, source: str) -> Scenario:
     _check_choice(source, "task.shard_by", s.task.shard_by, ("alphabet", "character"))
     _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))
     _check_capacities(source, "clients.capacities", s.clients.capacities)
+    for i, fault in enumerate(s.run.faults):
+        _check_choice(source, f"run.faults[{i}].phase", fault.phase, ("inner", "outer", "any"))
+        _check_choice(source, f"run.faults[{i}].kind", fault.kind, FAULT_KINDS)
     for i, change in enumerate(s.clients.schedule):
         _check_capacities(source, f"clients.schedule[{i}].capacities", change.capacities)
         _check_positive(source, f"clients.schedule[{i}].from_iteration", change.from_iteration, allow_zero=True)
@@ -227,7 +247,9 @@ def validate(s: Scenario, source: str) -> Scenario:
         value = getattr(s.task, key.split(".")[1])
         if not 0.0 < value <= 1.0:
             raise _fail(source, key, f"must be in (0, 1], got {value}")
-    for key in ("model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
+    for key in ("run.phase_timeout", "run.node_wait_timeout"):
+        _check_positive(source, key, getattr(s.run, key.split(".")[1]))
+    for key in ("run.checkpoint_every", "model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
     if s.algorithm.name == "fedmbo" and any(r != 1.0 for r in s.clients.capacities):

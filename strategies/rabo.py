@@ -8,7 +8,6 @@ nodes, builds and checks messages, and logs.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +15,10 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from logging import INFO, WARNING
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -24,7 +26,6 @@ from rabo_flwr.federation import BilevelServer, Reply, check_update
 from rabo_flwr.masks import MaskPolicy
 from rabo_flwr.submodel import Layout
 
-log = logging.getLogger("rabo_flwr")
 
 INNER, OUTER = "inner", "outer"
 
@@ -80,7 +81,7 @@ class RaboStrategy(Strategy):
     # ------------------------------------------------------------------ Flower's Strategy interface
 
     def summary(self) -> None:
-        log.info("RaboStrategy: alpha=%s beta=%s fraction=%s min_available=%s masks=%s",
+        log(INFO, "RaboStrategy: alpha=%s beta=%s fraction=%s min_available=%s masks=%s",
                  self.alpha, self.beta, self.fraction, self.min_available,
                  {side: p.name for side, p in self.policies.items()})
 
@@ -136,9 +137,10 @@ class RaboStrategy(Strategy):
             self._refresh_profiles(grid, timeout)
             self._select(q)
             for phase in (INNER, OUTER):
+                phase_start = time.perf_counter()
                 messages = list(self._phase_messages(phase, q, config, grid))
                 replies = list(grid.send_and_receive(messages, timeout=self.phase_timeout))
-                record = self._aggregate(phase, q, replies, sent=len(messages))
+                record = self._aggregate(phase, q, replies, sent=len(messages), started=phase_start)
                 result.train_metrics_clientapp[q] = MetricRecord(
                     {k: v for k, v in record.items() if isinstance(v, (int, float))})
             if evaluate_fn is not None and (q == num_rounds or (eval_every and q % eval_every == 0)):
@@ -169,7 +171,7 @@ class RaboStrategy(Strategy):
         messages = [Message(RecordDict(), dst_node_id=n, message_type="query.profile") for n in new]
         for reply in grid.send_and_receive(messages, timeout=min(timeout, self.phase_timeout)):
             if reply.has_error():
-                log.warning("node %s did not answer its profile query: %s", reply.metadata.src_node_id, reply.error.reason)
+                log(WARNING, "node %s did not answer its profile query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             metrics = reply.content["profile"]
             announced = float(metrics["capacity"])
@@ -206,35 +208,36 @@ class RaboStrategy(Strategy):
             })
             yield Message(content, dst_node_id=node, message_type=f"train.{phase}", group_id=str(iteration))
 
-    def _aggregate(self, phase: str, iteration: int, replies: Iterable[Message], sent: int | None = None) -> dict:
+    def _aggregate(self, phase: str, iteration: int, replies: Iterable[Message], sent: int | None = None,
+                   started: float | None = None) -> dict:
         start = time.perf_counter()
         side = "y" if phase == INNER else "x"
         accepted, clients, failures, rejected = [], [], 0, 0
         bytes_up = 0
+        loss_key = "lower_loss" if phase == INNER else "upper_loss"
         for reply in replies:
             node = reply.metadata.src_node_id
             partition = self._selected.get(node)
             if reply.has_error() or partition is None:
                 failures += 1
-                log.warning("iteration %d %s: node %s failed: %s", iteration, phase, node,
-                            reply.error.reason if reply.has_error() else "not selected")
+                log(WARNING, "iteration %d %s: node %s failed: %s", iteration, phase, node,
+                    reply.error.reason if reply.has_error() else "not selected")
                 continue
-            update = reply.content["update"].to_torch_state_dict()
-            problem = check_update(update, self.server.expected_shapes(partition, side))
-            if problem:
+            parsed = self._parse_reply(reply, partition, side, loss_key)
+            if isinstance(parsed, str):
                 rejected += 1
-                log.warning("iteration %d %s: rejected the reply of partition %d: %s", iteration, phase, partition, problem)
+                log(WARNING, "iteration %d %s: rejected the reply of partition %d: %s", iteration, phase, partition, parsed)
                 continue
-            metrics = dict(reply.content["metrics"])
-            if "capacity" in metrics and node in self.profiles and metrics["capacity"] > 0:
+            update, metrics, size = parsed
+            if metrics.get("capacity", 0) > 0 and node in self.profiles:
                 self.profiles[node].announced_capacity = float(metrics["capacity"])
-            bytes_up += reply.content["update"].count_bytes()
+            bytes_up += size
             accepted.append(Reply(partition, update))
-            clients.append(metrics | {"bytes_up": reply.content["update"].count_bytes()})
+            clients.append(metrics | {"bytes_up": size})
         sent = len(self._selected) if sent is None else sent
         failures += sent - (len(accepted) + rejected + failures)
+        accepted.sort(key=lambda r: r.client)  # arrival order must not change the floating-point sums
         coverage = self.server.apply_inner(accepted) if phase == INNER else self.server.apply_outer(accepted)
-        loss_key = "lower_loss" if phase == INNER else "upper_loss"
         record = {
             "iteration": iteration,
             "phase": phase,
@@ -249,14 +252,36 @@ class RaboStrategy(Strategy):
             "flops": float(sum(c["flops"] for c in clients)),
             "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
             "aggregation_time": time.perf_counter() - start,
+            "wall_time": time.perf_counter() - (started if started is not None else start),
             "clients": clients,
         }
         record.update(self._coverage_other_side(side))
         self.log_record(record)
-        log.info("iteration %d %s: %d/%d aggregated, %s=%s, C_%s*=%d, uncovered=%.3f",
+        log(INFO, "iteration %d %s: %d/%d aggregated, %s=%s, C_%s*=%d, uncovered=%.3f",
                  iteration, phase, len(accepted), sent, loss_key, record[loss_key], side,
                  coverage.min_covered, coverage.uncovered_fraction)
         return record
+
+    REQUIRED_METRICS = ("flops", "wall_time")
+
+    def _parse_reply(self, reply: Message, partition: int, side: str, loss_key: str):
+        """(update, metrics, bytes) of a well-formed reply, or the reason to reject it."""
+        content = reply.content
+        if "update" not in content.array_records or "metrics" not in content.metric_records:
+            return f"missing records (has {sorted(content.keys())})"
+        record = content["update"]
+        try:
+            update = record.to_torch_state_dict()
+        except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
+            return f"undecodable arrays: {err}"
+        problem = check_update(update, self.server.expected_shapes(partition, side))
+        if problem:
+            return problem
+        metrics = dict(content["metrics"])
+        missing = [k for k in (loss_key, *self.REQUIRED_METRICS) if k not in metrics]
+        if missing:
+            return f"missing metrics {missing}"
+        return update, metrics, record.count_bytes()
 
     def _coverage_other_side(self, side: str) -> dict:
         """C* of the side not updated in this phase, from this iteration's plans (for reporting)."""
@@ -269,4 +294,4 @@ class RaboStrategy(Strategy):
         metrics = dict(metrics, eval_time=time.perf_counter() - start)
         result.evaluate_metrics_serverapp[iteration] = MetricRecord(metrics)
         self.log_record({"iteration": iteration, "phase": "eval", **metrics})
-        log.info("iteration %d evaluation: %s", iteration, metrics)
+        log(INFO, "iteration %d evaluation: %s", iteration, metrics)

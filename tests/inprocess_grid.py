@@ -1,0 +1,70 @@
+"""A Grid that delivers messages to the ClientApp's handlers in this process.
+
+It lets tests drive the real strategy and the real client handlers (faults, bad replies,
+resume) in seconds, without Ray; the end-to-end tests use Flower's real engines.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from rabo_flwr import client_app
+
+HANDLERS = {"train.inner": client_app.inner, "train.outer": client_app.outer, "query.profile": client_app.profile}
+
+
+class InProcessGrid(Grid):
+    """Nodes 101, 102, ... with partition ids 0, 1, ...; ``tamper`` may rewrite or drop a reply."""
+
+    def __init__(self, run_config: dict, num_nodes: int, node_configs: dict[int, dict] | None = None,
+                 tamper: Callable[[Message, Message], Message | None] | None = None):
+        self.contexts = {
+            101 + p: Context(run_id=1, node_id=101 + p,
+                             node_config={"partition-id": p, **(node_configs or {}).get(p, {})},
+                             state=RecordDict(), run_config=dict(run_config))
+            for p in range(num_nodes)
+        }
+        self.tamper = tamper
+        self.sent: list[Message] = []
+        # Messages read the sender's identity from the process; Flower sets it in its own processes.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def set_run(self, run_id: int) -> None:
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            try:
+                reply = HANDLERS[message.metadata.message_type](message, self.contexts[node])
+            except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply, as in Flower
+                from flwr.app import Error
+
+                reply = Message(Error(code=0, reason=repr(err)), reply_to=message)
+            if self.tamper is not None:
+                reply = self.tamper(message, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
