@@ -1,0 +1,49 @@
+"""End to end through Flower's real simulation engine (Ray): `flwr run` on a tiny scenario."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rabo_flwr.flower_run import LocalFederation, processes_mentioning
+from rabo_flwr.results import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = LocalFederation(tmp_path / "flower")
+    yield fed
+    fed.close()
+    assert not processes_mentioning(str(fed.workdir)), "a SuperLink or Ray process outlived the test"
+
+
+def test_flwr_run_simulation_completes_both_phases(federation, tmp_path):
+    results = tmp_path / "results"
+    outcome = federation.run(
+        REPO,
+        run_config={"algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 10, "model.width": 16,
+                    "algorithm.inner_steps": 3, "run.results_dir": str(results)},
+        federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1},
+        timeout=600,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    records = read_metrics(results / "metrics.jsonl")
+    phases = [(r["iteration"], r["phase"]) for r in records if r["phase"] in ("inner", "outer")]
+    assert phases == [(1, "inner"), (1, "outer"), (2, "inner"), (2, "outer")]
+    for r in records:
+        if r["phase"] in ("inner", "outer"):
+            assert r["clients_aggregated"] == 3 and r["failures"] == 0 and r["rejected"] == 0
+            assert r["C_x*"] >= 1 and r["C_y*"] >= 1
+            for key in ("bytes_down", "bytes_up", "flops", "wall_time"):
+                assert math.isfinite(r[key]) and r[key] > 0, key
+            loss = r["lower_loss"] if r["phase"] == "inner" else r["upper_loss"]
+            assert math.isfinite(loss)
+            assert sorted(c["partition"] for c in r["clients"]) == [0, 1, 2]
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert [e["iteration"] for e in evals] == [0, 2]
+    assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in evals)
+    assert (results / "model.pt").is_file() and (results / "scenario.yaml").is_file()
