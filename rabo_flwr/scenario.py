@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class TaskConfig:
     eval_lr: float = 0.5
     eval_l2: float = 0.1  # ridge of the evaluation heads (fixed, so runs stay comparable)
     eval_one_shot_runs: bool = False
+    download: bool = False  # fetch missing archives with torchvision's utilities (needs internet)
     # loss-tuning (long-tail CIFAR-10)
     imbalance_ratio: float = 100.0
     val_fraction: float = 0.2  # share of each client's data that validates x (upper level)
@@ -135,7 +137,9 @@ class Scenario:
 
     @property
     def results_path(self) -> Path:
-        return Path(self.run.results_dir or f"results/{self.name}")
+        """Relative paths resolve against $RABO_RESULTS_ROOT (the SuperLink's working dir may be anywhere)."""
+        path = Path(self.run.results_dir or f"results/{self.name}")
+        return path if path.is_absolute() else Path(os.environ.get("RABO_RESULTS_ROOT", os.getcwd())) / path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -45,7 +45,7 @@ class FewShotTask(BilevelTask):
 
     @cached_property
     def _train(self):
-        split = load_omniglot(background=True, image_size=self.scenario.task.image_size)
+        split = load_omniglot(background=True, image_size=self.scenario.task.image_size, download=self.scenario.task.download)
         return split, EpisodeSampler(split.images, split.labels)
 
     @cached_property
@@ -103,7 +103,7 @@ class FewShotTask(BilevelTask):
     def _eval_episodes(self) -> list[Episode]:
         """A fixed, seeded set of episodes from the evaluation alphabets (comparable across runs)."""
         cfg = self.scenario.task
-        split = load_omniglot(background=False, image_size=cfg.image_size)
+        split = load_omniglot(background=False, image_size=cfg.image_size, download=cfg.download)
         sampler = EpisodeSampler(split.images, split.labels)
         classes = np.arange(len(split.alphabet_of_class))
         gen = seeded_generator(self.scenario.seed, 2**31 - 1)
@@ -149,7 +149,7 @@ class FewShotTask(BilevelTask):
     def _one_shot_runs(self) -> list[Episode]:
         """The official 20 runs of 20-way one-shot classification, as episodes."""
         episodes = []
-        for run in load_one_shot_runs(image_size=self.scenario.task.image_size):
+        for run in load_one_shot_runs(image_size=self.scenario.task.image_size, download=self.scenario.task.download):
             to_float = lambda a: torch.from_numpy(a).float().div(255).unsqueeze(1)
             episodes.append(Episode(to_float(run.train_images), torch.arange(20),
                                     to_float(run.test_images), torch.from_numpy(run.test_labels), torch.arange(20)))
