@@ -56,7 +56,7 @@ def coverage_of(counts: Mapping[str, torch.Tensor]) -> Coverage:
     covered = flat[flat > 0]
     return Coverage(
         min_covered=int(covered.min()) if covered.numel() else 0,
-        uncovered_fraction=float((flat == 0).float().mean()) if flat.numel() else 0.0,
+        uncovered_fraction=int((flat == 0).sum()) / flat.numel() if flat.numel() else 0.0,
         elements=int(flat.numel()),
     )
 

@@ -149,7 +149,9 @@ class Scenario:
 
 
 def _fail(source: str, key: str, message: str) -> ScenarioError:
-    return ScenarioError(f"{source}: {key}: {message}")
+    err = ScenarioError(f"{source}: {key}: {message}")
+    err.key, err.reason = key, message
+    return err
 
 
 def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
@@ -293,8 +295,12 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, 
     applied = {k: v for k, v in (overrides or {}).items() if k not in RUN_CONFIG_META_KEYS and v != ""}
     for dotted, value in applied.items():
         _set_dotted(data, dotted, value, f"{source} (run config override)")
-    scenario = _build(Scenario, data, source)
-    return validate(scenario, source)
+    try:
+        return validate(_build(Scenario, data, source), source)
+    except ScenarioError as err:
+        if getattr(err, "key", "").split("[")[0] in applied:
+            raise _fail(f"{source} (run config override)", err.key, err.reason) from None
+        raise
 
 
 def scenario_keys(cls: type = Scenario, prefix: str = "") -> list[str]:

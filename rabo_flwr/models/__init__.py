@@ -8,5 +8,7 @@ costs no memory and the narrow tensors decide the compute.
 from .conv4 import Conv4
 from .heads import LinearHead, MLPHead, build_head
 from .layout import ModuleLayout
+from .resnet12 import ResNet12
+from .resnet18 import ResNet18, ResNet18Classifier
 
-__all__ = ["Conv4", "LinearHead", "MLPHead", "ModuleLayout", "build_head"]
+__all__ = ["Conv4", "LinearHead", "MLPHead", "ModuleLayout", "ResNet12", "ResNet18", "ResNet18Classifier", "build_head"]

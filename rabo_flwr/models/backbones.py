@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .conv4 import Conv4
+from .resnet12 import ResNet12
+from .resnet18 import ResNet18
 
-BACKBONES = {"conv4": Conv4}
+BACKBONES = {"conv4": Conv4, "resnet12": ResNet12, "resnet18": ResNet18}
 
 
 def build_backbone(name: str, in_channels: int, width: int) -> nn.Module:

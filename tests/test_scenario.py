@@ -1,0 +1,73 @@
+"""Scenarios: every file loads, overrides apply, and bad input names the file and the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rabo_flwr.scenario import ScenarioError, load_scenario, scenario_from_run_config, scenario_keys
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = sorted((REPO / "scenarios").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_scenario_is_valid(path):
+    assert load_scenario(path).name
+
+
+def test_default_run_config_is_the_quickstart():
+    scenario = scenario_from_run_config({"scenario": "scenarios/quickstart.yaml", "algorithm.iterations": ""})
+    assert scenario.name == "quickstart" and scenario.clients.capacities == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    assert scenario.capacity(6, 0) == 0.5  # tiers assigned round-robin
+
+
+def test_run_config_overrides_single_values():
+    scenario = scenario_from_run_config({"scenario": "scenarios/quickstart.yaml", "algorithm.iterations": 3,
+                                         "algorithm.name": "rafbo", "clients.num": 2})
+    assert (scenario.algorithm.iterations, scenario.algorithm.name, scenario.clients.num) == (3, "rafbo", 2)
+    assert scenario.algorithm.resolved_estimator == "fd-coordinate"
+
+
+def test_pyproject_offers_every_scalar_scenario_key():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat = set(config)
+    expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule",
+                                                         "algorithm.estimator_options", "run.faults")}
+    assert flat - {"scenario"} == expected
+
+
+def write(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,key,fragment", [
+    ("clients:\n  capacities: [1.0, 1.5]\n", "clients.capacities[1]", "(0, 1]"),
+    ("clients:\n  capacities: [0]\n", "clients.capacities[0]", "(0, 1]"),
+    ("algorithm:\n  iterations: ten\n", "algorithm.iterations", "integer"),
+    ("algorithm:\n  itertions: 10\n", "algorithm.itertions", "unknown key"),
+    ("algorithm:\n  mask_x: diagonal\n", "algorithm.mask_x", "not one of"),
+    ("algorithm:\n  name: fedmbo\n", "clients.capacities", "every capacity must be 1"),
+    ("run:\n  faults:\n  - kind: explode\n", "run.faults[0].kind", "not one of"),
+    ("task: 3\n", "task", "mapping"),
+])
+def test_bad_scenarios_name_file_and_key(tmp_path, text, key, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}:") and fragment in message
+
+
+def test_bad_override_is_named_as_such(tmp_path):
+    with pytest.raises(ScenarioError, match=r"run config override\): clients.fraction: must be in \(0, 1\]"):
+        load_scenario(REPO / "scenarios" / "quickstart.yaml", {"clients.fraction": 2.0})
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ScenarioError, match="nope.yaml: scenario file not found"):
+        load_scenario(tmp_path / "nope.yaml")
