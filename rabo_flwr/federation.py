@@ -8,8 +8,10 @@ y <- y - beta * avg(G) and x <- x - alpha * avg(H) and reports C_x*, C_y*.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+import math
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .aggregation import Coverage, apply_step, coverage_mean, coverage_of
@@ -25,6 +27,14 @@ class Reply:
 
     client: int
     update: Mapping[str, torch.Tensor]
+
+
+def sample_clients(partitions: Sequence[int], fraction: float, seed: int, iteration: int) -> list[int]:
+    """A seeded fraction of the partitions, at least one; the same for the same (seed, iteration)."""
+    ordered = sorted(partitions)
+    count = max(1, math.ceil(fraction * len(ordered)))
+    chosen = np.random.default_rng([seed, iteration]).choice(len(ordered), size=count, replace=False)
+    return [ordered[i] for i in sorted(chosen)]
 
 
 class BilevelServer:

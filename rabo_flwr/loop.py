@@ -6,7 +6,6 @@ numbers without starting Ray.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from clients import BilevelClient
 
-from .federation import BilevelServer, Reply
+from .federation import BilevelServer, Reply, sample_clients
 from .masks import make_policy
 from .runtime import cached_task, choose_device
 from .scenario import Scenario
@@ -32,9 +31,8 @@ def run_plain(scenario: Scenario, log: Callable[[dict], None] = lambda r: None, 
     if evaluate:
         log({"iteration": 0, "phase": "eval", **task.evaluate(server.x, server.y, device)})
     for q in range(1, algo.iterations + 1):
-        count = max(1, math.ceil(scenario.clients.fraction * len(clients)))
-        chosen = sorted(np.random.default_rng([scenario.seed, q]).choice(len(clients), size=count, replace=False))
-        server.plan_iteration(q, {int(p): scenario.capacity(int(p), q) for p in chosen})
+        chosen = sample_clients(list(clients), scenario.clients.fraction, scenario.seed, q)
+        server.plan_iteration(q, {p: scenario.capacity(p, q) for p in chosen})
         for phase, apply in (("inner", server.apply_inner), ("outer", server.apply_outer)):
             start = time.perf_counter()
             replies, metrics = [], []

@@ -144,7 +144,3 @@ def build_plan(
             plan[group] = policies[side].indices(group, size, capacity, iteration, client)
     return plan
 
-
-def plan_key(plan: Plan) -> tuple:
-    """Hashable identity of a plan, for caches keyed by submodel."""
-    return tuple((g, tuple(idx.tolist())) for g, idx in sorted(plan.items()))

@@ -31,9 +31,6 @@ class Layout:
     groups: Mapping[str, int]
     dims: Mapping[str, DimGroups]
 
-    def tensor_names(self) -> list[str]:
-        return list(self.dims)
-
 
 def kept_count(capacity: float, size: int) -> int:
     """ceil(r * size), at least one channel: the width a client of capacity r trains."""
@@ -105,11 +102,6 @@ def scatter_into(target: torch.Tensor, values: torch.Tensor, dim_groups: DimGrou
     index = tuple(i.to(out.device) for i in open_index(dim_groups, out.shape, plan))
     out.index_put_(index, values.to(out.dtype))
     return out
-
-
-def full_plan(layouts: Mapping[str, Layout]) -> dict[str, torch.Tensor]:
-    """The plan that keeps every channel (capacity 1, or a side whose masking is off)."""
-    return {g: torch.arange(n) for layout in layouts.values() for g, n in layout.groups.items()}
 
 
 def numel_in_plan(tensors: Mapping[str, torch.Tensor], layout: Layout, plan: Plan) -> int:

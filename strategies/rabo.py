@@ -8,7 +8,6 @@ nodes, builds and checks messages, and logs.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -22,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from rabo_flwr.federation import BilevelServer, Reply, check_update
+from rabo_flwr.federation import BilevelServer, Reply, check_update, sample_clients
 from rabo_flwr.masks import MaskPolicy
 from rabo_flwr.submodel import Layout
 
@@ -76,7 +75,7 @@ class RaboStrategy(Strategy):
         self.server: BilevelServer | None = None
         self._selected: dict[int, int] = {}  # node id -> partition, this iteration
         self._capacities: dict[int, float] = {}  # partition -> capacity, this iteration
-        self._bytes_down = 0  # bytes of the arrays sent in the current phase
+        self._bytes_down: dict[int, int] = {}  # partition -> bytes of the arrays sent in this phase
 
     # ------------------------------------------------------------------ Flower's Strategy interface
 
@@ -180,11 +179,9 @@ class RaboStrategy(Strategy):
 
     def _select(self, iteration: int) -> None:
         """A seeded fraction of the known nodes, chosen by partition so runs repeat."""
-        by_partition = sorted((p.partition, node) for node, p in self.profiles.items())
-        count = max(1, math.ceil(self.fraction * len(by_partition)))
-        rng = np.random.default_rng([self.seed, iteration])
-        chosen = sorted(rng.choice(len(by_partition), size=count, replace=False))
-        self._selected = {by_partition[i][1]: by_partition[i][0] for i in chosen}
+        node_of = {p.partition: node for node, p in self.profiles.items()}
+        chosen = sample_clients(list(node_of), self.fraction, self.seed, iteration)
+        self._selected = {node_of[partition]: partition for partition in chosen}
         capacities = {}
         for node, partition in self._selected.items():
             announced = self.profiles[node].announced_capacity
@@ -195,11 +192,11 @@ class RaboStrategy(Strategy):
     # ------------------------------------------------------------------ phases
 
     def _phase_messages(self, phase: str, iteration: int, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._bytes_down = 0
+        self._bytes_down = {}
         for node, partition in self._selected.items():
             slices = self.server.slices(partition)
             x, y = tensors_to_record(slices["x"]), tensors_to_record(slices["y"])
-            self._bytes_down += x.count_bytes() + y.count_bytes()
+            self._bytes_down[partition] = x.count_bytes() + y.count_bytes()
             content = RecordDict({
                 "x": x,
                 "y": y,
@@ -233,7 +230,7 @@ class RaboStrategy(Strategy):
                 self.profiles[node].announced_capacity = float(metrics["capacity"])
             bytes_up += size
             accepted.append(Reply(partition, update))
-            clients.append(metrics | {"bytes_up": size})
+            clients.append(metrics | {"bytes_up": size, "bytes_down": self._bytes_down.get(partition, 0)})
         sent = len(self._selected) if sent is None else sent
         failures += sent - (len(accepted) + rejected + failures)
         accepted.sort(key=lambda r: r.client)  # arrival order must not change the floating-point sums
@@ -247,7 +244,7 @@ class RaboStrategy(Strategy):
             "rejected": rejected,
             loss_key: float(np.mean([c[loss_key] for c in clients])) if clients else float("nan"),
             **coverage.as_metrics(side),
-            "bytes_down": self._bytes_down,
+            "bytes_down": sum(self._bytes_down.values()),
             "bytes_up": bytes_up,
             "flops": float(sum(c["flops"] for c in clients)),
             "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),

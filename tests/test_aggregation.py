@@ -9,7 +9,7 @@ import torch
 from rabo_flwr.aggregation import apply_step, coverage_mean, coverage_of
 from rabo_flwr.masks import RandomMask, build_plan
 from rabo_flwr.models import Conv4, LinearHead
-from rabo_flwr.submodel import open_index, slice_tensors
+from rabo_flwr.submodel import slice_tensors
 from rabo_flwr.tasks.base import init_module_tensors
 
 
