@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .submodel import Layout, Plan, kept_count
+from .submodel import Layout, kept_count
 
 
 @lru_cache(maxsize=4096)
