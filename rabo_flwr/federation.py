@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -94,6 +95,37 @@ class BilevelServer:
         )
         self.tensors[side] = apply_step(self.tensors[side], mean, lr)
         return coverage_of(counts)
+
+    def finish_phase(self, phase: str, iteration: int, replies: list[Reply], clients: list[dict],
+                     sent: int, failures: int = 0, rejected: int = 0, started: float | None = None) -> dict:
+        """Apply a phase's accepted replies and describe it as one metrics record.
+
+        ``clients`` holds each accepted client's metrics (with ``bytes_down``/``bytes_up``); the
+        record gives coverage of both sides (the updated one from the replies, the other as planned).
+        """
+        start = time.perf_counter()
+        side, other = ("y", "x") if phase == "inner" else ("x", "y")
+        replies = sorted(replies, key=lambda r: r.client)  # arrival order must not change the sums
+        coverage = self.apply_inner(replies) if phase == "inner" else self.apply_outer(replies)
+        loss_key = "lower_loss" if phase == "inner" else "upper_loss"
+        return {
+            "iteration": iteration,
+            "phase": phase,
+            "clients_sent": sent,
+            "clients_aggregated": len(replies),
+            "failures": failures,
+            "rejected": rejected,
+            loss_key: float(np.mean([c[loss_key] for c in clients])) if clients else float("nan"),
+            **coverage.as_metrics(side),
+            **self.planned_coverage(other).as_metrics(other),
+            "bytes_down": sum(c["bytes_down"] for c in clients),
+            "bytes_up": sum(c["bytes_up"] for c in clients),
+            "flops": float(sum(c["flops"] for c in clients)),
+            "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
+            "aggregation_time": time.perf_counter() - start,
+            "wall_time": time.perf_counter() - (started if started is not None else start),
+            "clients": clients,
+        }
 
     def apply_inner(self, replies: list[Reply]) -> Coverage:
         """y_{q+1} = y_q - beta * coverage-average of G_i; uncovered elements keep their value."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import numpy as np
 
 from clients import BilevelClient
 
@@ -17,6 +16,11 @@ from .federation import BilevelServer, Reply, sample_clients
 from .masks import make_policy
 from .runtime import cached_task, choose_device
 from .scenario import Scenario
+
+
+def _nbytes(tensors) -> int:
+    """Raw tensor bytes (Flower's count adds a little metadata per array)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def run_plain(scenario: Scenario, log: Callable[[dict], None] = lambda r: None, evaluate: bool = True) -> BilevelServer:
@@ -33,19 +37,15 @@ def run_plain(scenario: Scenario, log: Callable[[dict], None] = lambda r: None, 
     for q in range(1, algo.iterations + 1):
         chosen = sample_clients(list(clients), scenario.clients.fraction, scenario.seed, q)
         server.plan_iteration(q, {p: scenario.capacity(p, q) for p in chosen})
-        for phase, apply in (("inner", server.apply_inner), ("outer", server.apply_outer)):
+        for phase in ("inner", "outer"):
             start = time.perf_counter()
             replies, metrics = [], []
             for p in server.plans:
-                s = server.slices(p)
-                update, m = getattr(clients[p], phase)(q, s["x"], s["y"])
+                sent = server.slices(p)
+                update, m = getattr(clients[p], phase)(q, sent["x"], sent["y"])
                 replies.append(Reply(p, update))
-                metrics.append(m)
-            coverage = apply(replies)
-            loss = "lower_loss" if phase == "inner" else "upper_loss"
-            log({"iteration": q, "phase": phase, loss: float(np.mean([m[loss] for m in metrics])),
-                 **coverage.as_metrics("y" if phase == "inner" else "x"),
-                 "flops": sum(m["flops"] for m in metrics), "wall_time": time.perf_counter() - start})
+                metrics.append(m | {"bytes_down": _nbytes(sent["x"]) + _nbytes(sent["y"]), "bytes_up": _nbytes(update)})
+            log(server.finish_phase(phase, q, replies, metrics, sent=len(replies), started=start))
     if evaluate:
         log({"iteration": algo.iterations, "phase": "eval", **task.evaluate(server.x, server.y, device)})
     return server

@@ -74,6 +74,20 @@ class RollingMask(MaskPolicy):
         return _window(size, kept_count(capacity, size), (iteration * self.step) % size)
 
 
+class StaggeredMask(MaskPolicy):
+    """Client i keeps the window starting at i * ceil(r * C): placement that sets the coverage.
+
+    With equal capacities r = 1/k, clients 0..k-1 hold disjoint windows (C* = 1) and 2k clients
+    hold every window twice (C* = 2): the controlled placement of the paper's C_x* study.
+    """
+
+    name = "staggered"
+
+    def indices(self, group, size, capacity, iteration, client):
+        k = kept_count(capacity, size)
+        return _window(size, k, (client * k) % size)
+
+
 class RandomMask(MaskPolicy):
     """A fresh random subset per round, client and group, seeded so runs repeat."""
 
@@ -117,7 +131,7 @@ class ImportanceMask(MaskPolicy):
         return torch.sort(ranking[: kept_count(capacity, size)]).values
 
 
-POLICIES = {cls.name: cls for cls in (FullMask, StaticMask, RollingMask, RandomMask, ImportanceMask)}
+POLICIES = {cls.name: cls for cls in (FullMask, StaticMask, RollingMask, StaggeredMask, RandomMask, ImportanceMask)}
 
 
 def make_policy(name: str, seed: int = 0, rolling_step: int = 1) -> MaskPolicy:

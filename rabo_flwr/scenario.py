@@ -20,7 +20,7 @@ import yaml
 ALGORITHMS = ("rabo", "rafbo", "fedmbo")
 DEFAULT_ESTIMATOR = {"rabo": "exact", "rafbo": "fd-coordinate", "fedmbo": "neumann"}
 ESTIMATORS = ("exact", "neumann", "fd-coordinate", "fd-directional")
-MASKS = ("off", "static", "rolling", "random", "importance")
+MASKS = ("off", "static", "rolling", "staggered", "random", "importance")
 TASKS = ("fewshot", "loss-tuning")
 FAULT_KINDS = ("raise", "sleep", "nan", "wrong-shape")
 
@@ -226,6 +226,10 @@ def validate(s: Scenario, source: str) -> Scenario:
         _check_choice(source, "algorithm.estimator", s.algorithm.estimator, ESTIMATORS)
     _check_choice(source, "algorithm.mask_x", s.algorithm.mask_x, MASKS)
     _check_choice(source, "algorithm.mask_y", s.algorithm.mask_y, MASKS)
+    from .models.backbones import BACKBONES  # the registry is the single list of names
+
+    _check_choice(source, "model.backbone", s.model.backbone, tuple(BACKBONES))
+    _check_choice(source, "model.head", s.model.head, ("linear", "mlp"))
     _check_choice(source, "task.shard_by", s.task.shard_by, ("alphabet", "character"))
     _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))
     _check_capacities(source, "clients.capacities", s.clients.capacities)
@@ -278,11 +282,15 @@ def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
 RUN_CONFIG_META_KEYS = ("scenario",)
 
 
-def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None) -> Scenario:
-    """Read, merge overrides (dotted keys, empty string = unset), and validate a scenario."""
-    path = Path(path)
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A scenario's mapping; ``base: other.yaml`` (relative to the file) is read first and overlaid."""
     source = str(path)
     if not path.is_file():
         raise ScenarioError(f"{source}: scenario file not found")
@@ -292,6 +300,24 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, 
         raise ScenarioError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise _fail(source, "base", f"expected a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise _fail(source, "base", f"{base} includes itself")
+    return _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None) -> Scenario:
+    """Read (with ``base`` files), merge overrides (dotted keys, empty string = unset), validate."""
+    path = Path(path)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    source = str(path)
+    data = _read_yaml(path)
     applied = {k: v for k, v in (overrides or {}).items() if k not in RUN_CONFIG_META_KEYS and v != ""}
     for dotted, value in applied.items():
         _set_dotted(data, dotted, value, f"{source} (run config override)")

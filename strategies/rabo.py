@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 from logging import INFO, WARNING
 
@@ -210,7 +209,6 @@ class RaboStrategy(Strategy):
         start = time.perf_counter()
         side = "y" if phase == INNER else "x"
         accepted, clients, failures, rejected = [], [], 0, 0
-        bytes_up = 0
         loss_key = "lower_loss" if phase == INNER else "upper_loss"
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -228,35 +226,16 @@ class RaboStrategy(Strategy):
             update, metrics, size = parsed
             if metrics.get("capacity", 0) > 0 and node in self.profiles:
                 self.profiles[node].announced_capacity = float(metrics["capacity"])
-            bytes_up += size
             accepted.append(Reply(partition, update))
             clients.append(metrics | {"bytes_up": size, "bytes_down": self._bytes_down.get(partition, 0)})
         sent = len(self._selected) if sent is None else sent
         failures += sent - (len(accepted) + rejected + failures)
-        accepted.sort(key=lambda r: r.client)  # arrival order must not change the floating-point sums
-        coverage = self.server.apply_inner(accepted) if phase == INNER else self.server.apply_outer(accepted)
-        record = {
-            "iteration": iteration,
-            "phase": phase,
-            "clients_sent": sent,
-            "clients_aggregated": len(accepted),
-            "failures": failures,
-            "rejected": rejected,
-            loss_key: float(np.mean([c[loss_key] for c in clients])) if clients else float("nan"),
-            **coverage.as_metrics(side),
-            "bytes_down": sum(self._bytes_down.values()),
-            "bytes_up": bytes_up,
-            "flops": float(sum(c["flops"] for c in clients)),
-            "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
-            "aggregation_time": time.perf_counter() - start,
-            "wall_time": time.perf_counter() - (started if started is not None else start),
-            "clients": clients,
-        }
-        record.update(self._coverage_other_side(side))
+        record = self.server.finish_phase(phase, iteration, accepted, clients, sent, failures, rejected,
+                                          started if started is not None else start)
         self.log_record(record)
         log(INFO, "iteration %d %s: %d/%d aggregated, %s=%s, C_%s*=%d, uncovered=%.3f",
-                 iteration, phase, len(accepted), sent, loss_key, record[loss_key], side,
-                 coverage.min_covered, coverage.uncovered_fraction)
+            iteration, phase, len(accepted), sent, loss_key, record[loss_key], side,
+            record[f"C_{side}*"], record[f"uncovered_{side}"])
         return record
 
     REQUIRED_METRICS = ("flops", "wall_time")
@@ -279,11 +258,6 @@ class RaboStrategy(Strategy):
         if missing:
             return f"missing metrics {missing}"
         return update, metrics, record.count_bytes()
-
-    def _coverage_other_side(self, side: str) -> dict:
-        """C* of the side not updated in this phase, from this iteration's plans (for reporting)."""
-        other = "x" if side == "y" else "y"
-        return self.server.planned_coverage(other).as_metrics(other)
 
     def _evaluate(self, evaluate_fn, iteration: int, result: Result) -> None:
         start = time.perf_counter()

@@ -54,3 +54,11 @@ def test_off_keeps_everything_and_unknown_policy_is_named():
     assert make_policy("off").indices("g", 10, 0.1, 0, 0).tolist() == list(range(10))
     with pytest.raises(ValueError, match="'bogus'"):
         make_policy("bogus")
+
+
+def test_staggered_placement_sets_coverage():
+    policy = make_policy("staggered")
+    windows = [set(policy.indices("g", 16, 0.25, 0, client).tolist()) for client in range(8)]
+    assert all(len(w) == 4 for w in windows)
+    assert set().union(*windows[:4]) == set(range(16)) and sum(len(w) for w in windows[:4]) == 16
+    assert windows[:4] == windows[4:]

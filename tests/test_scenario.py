@@ -71,3 +71,13 @@ def test_bad_override_is_named_as_such(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ScenarioError, match="nope.yaml: scenario file not found"):
         load_scenario(tmp_path / "nope.yaml")
+
+
+def test_base_files_are_overlaid_and_cycles_named(tmp_path):
+    (tmp_path / "base.yaml").write_text("algorithm:\n  iterations: 7\n  alpha: 0.2\nclients:\n  num: 4\n")
+    (tmp_path / "cell.yaml").write_text("base: base.yaml\nalgorithm:\n  alpha: 0.5\n")
+    scenario = load_scenario(tmp_path / "cell.yaml")
+    assert (scenario.algorithm.iterations, scenario.algorithm.alpha, scenario.clients.num) == (7, 0.5, 4)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ScenarioError, match="loop.yaml: base: loop.yaml includes itself"):
+        load_scenario(tmp_path / "loop.yaml")
