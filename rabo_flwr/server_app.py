@@ -30,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     run, algo, clients = scenario.run, scenario.algorithm, scenario.clients
     resumed = load_checkpoint(scenario.results_path) if run.resume else None
     task = cached_task(scenario)
+    task.prepare()  # missing or corrupt data stops the run here, before any results are written
     device = choose_device(scenario)
     writer = ResultsWriter(scenario.results_path, scenario, history=resumed.metrics if resumed else None)
     x, y = (resumed.x, resumed.y) if resumed else task.init_tensors(scenario.seed)

@@ -167,7 +167,8 @@ class RaboStrategy(Strategy):
         if not new:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type="query.profile") for n in new]
-        for reply in grid.send_and_receive(messages, timeout=min(timeout, self.phase_timeout)):
+        # a node's first message starts its ClientApp (imports, data): give it the node wait, not a phase's time
+        for reply in grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
                 log(WARNING, "node %s did not answer its profile query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
@@ -179,6 +180,8 @@ class RaboStrategy(Strategy):
     def _select(self, iteration: int) -> None:
         """A seeded fraction of the known nodes, chosen by partition so runs repeat."""
         node_of = {p.partition: node for node, p in self.profiles.items()}
+        if not node_of:
+            raise RuntimeError("no node answered the profile query; check the SuperNodes' logs")
         chosen = sample_clients(list(node_of), self.fraction, self.seed, iteration)
         self._selected = {node_of[partition]: partition for partition in chosen}
         capacities = {}

@@ -47,3 +47,37 @@ def test_flwr_run_simulation_completes_both_phases(federation, tmp_path):
     assert [e["iteration"] for e in evals] == [0, 2]
     assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in evals)
     assert (results / "model.pt").is_file() and (results / "scenario.yaml").is_file()
+
+
+def test_straggler_past_the_phase_timeout_is_dropped_and_counted(federation, tmp_path):
+    """Partition 1 sleeps past the 4 s phase timeout in iteration 1's outer phase: the iteration
+    completes with the other two replies, and the run goes on to iteration 2 with all three."""
+    scenario = tmp_path / "straggler.yaml"
+    scenario.write_text(
+        f"base: {REPO / 'scenarios' / 'quickstart.yaml'}\n"
+        "run:\n  phase_timeout: 4.0\n  faults:\n  - {partition: 1, phase: outer, iterations: [1], kind: sleep, seconds: 12}\n")
+    results = tmp_path / "results"
+    outcome = federation.run(
+        REPO,
+        run_config={"scenario": str(scenario), "algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 4,
+                    "model.width": 8, "algorithm.inner_steps": 2, "run.results_dir": str(results)},
+        federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1},
+        timeout=600,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    records = {(r["iteration"], r["phase"]): r for r in read_metrics(results / "metrics.jsonl")}
+    straggled = records[(1, "outer")]
+    assert (straggled["failures"], straggled["clients_aggregated"]) == (1, 2)
+    assert sorted(c["partition"] for c in straggled["clients"]) == [0, 2]
+    assert records[(2, "outer")]["clients_aggregated"] == 3
+
+
+def test_bad_run_config_fails_before_training_naming_file_and_key(federation, tmp_path):
+    results = tmp_path / "results"
+    outcome = federation.run(
+        REPO, run_config={"clients.fraction": 2.0, "run.results_dir": str(results)},
+        federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1}, timeout=300,
+    )
+    assert outcome.status != "finished:completed"
+    assert "scenarios/quickstart.yaml (run config override): clients.fraction: must be in (0, 1], got 2.0" in outcome.log
+    assert not results.exists()

@@ -52,6 +52,10 @@ class BilevelTask:
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Load (and cache) every data set the run needs, so missing or corrupt data stops the
+        server before any client trains."""
+
     def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
         raise NotImplementedError
 

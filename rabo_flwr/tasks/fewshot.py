@@ -56,6 +56,11 @@ class FewShotTask(BilevelTask):
             return shard_classes_by_alphabet(split.alphabet_of_class, num, seed)
         return shard_classes(len(split.alphabet_of_class), num, seed)
 
+    def prepare(self) -> None:
+        self._shards, self._eval_episodes  # noqa: B018 - loads and decodes both splits
+        if self.scenario.task.eval_one_shot_runs:
+            self._one_shot_runs  # noqa: B018
+
     def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
         cfg = self.scenario.task
         _, sampler = self._train
