@@ -70,6 +70,6 @@ def test_coverage_counts_nested_capacities():
         plan = build_plan(layouts, {"x": StaticMask()}, r, 0, client)
         contributions.append((plan, {n: torch.ones_like(t) for n, t in slice_tensors(x, layouts["x"], plan).items()}))
     _, counts = coverage_mean({n: t.shape for n, t in x.items()}, layouts["x"], contributions)
-    conv = counts["blocks.1.0.weight"]
+    conv = counts["blocks.1.0.conv.weight"]
     assert conv[0, 0, 0, 0] == 3 and conv[5, 5, 0, 0] == 2 and conv[15, 15, 0, 0] == 1 and conv[15, 0, 0, 0] == 1
     assert coverage_of(counts).min_covered == 1 and coverage_of(counts).uncovered_fraction == 0.0

@@ -43,7 +43,7 @@ def test_importance_keeps_the_largest_channels_nested():
     model = Conv4(1, 8)
     layout = model.layout()
     tensors = {n: torch.zeros(t.shape) for n, t in model.state_dict().items() if n in layout.dims}
-    tensors["blocks.0.0.weight"][[6, 2, 5]] = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1, 1)
+    tensors["blocks.0.0.conv.weight"][[6, 2, 5]] = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1, 1)
     policy = ImportanceMask()
     policy.begin_round(0, tensors, {"x": layout})
     assert policy.indices("backbone.block0", 8, 0.25, 0, 0).tolist() == [2, 6]

@@ -55,8 +55,8 @@ def test_narrow_client_runs_a_physically_smaller_network():
     y = init_module_tensors(head, layouts["y"])
     plan = build_plan(layouts, {"x": StaticMask(), "y": StaticMask()}, 1 / 16, 0, 0)
     xs, ys = slice_tensors(x, layouts["x"], plan), slice_tensors(y, layouts["y"], plan)
-    assert xs["blocks.0.0.weight"].shape == (4, 1, 3, 3)
-    assert xs["blocks.1.0.weight"].shape == (4, 4, 3, 3)
+    assert xs["blocks.0.0.conv.weight"].shape == (4, 1, 3, 3)
+    assert xs["blocks.1.0.conv.weight"].shape == (4, 4, 3, 3)
     assert ys["fc.weight"].shape == (5, 4)
     full = sum(t.numel() for t in x.values())
     assert numel_in_plan(x, layouts["x"], plan) == sum(t.numel() for t in xs.values()) < full / 100

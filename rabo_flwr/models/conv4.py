@@ -7,6 +7,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
+from .units import ConvBN
 
 
 class Conv4(nn.Module):
@@ -25,12 +26,7 @@ class Conv4(nn.Module):
         channels = in_channels
         for _ in range(4):
             blocks.append(
-                nn.Sequential(
-                    nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width, track_running_stats=False),
-                    nn.ReLU(),
-                    nn.MaxPool2d(2),
-                )
+                nn.Sequential(ConvBN(channels, width, 3), nn.ReLU(), nn.MaxPool2d(2))
             )
             channels = width
         self.blocks = nn.Sequential(*blocks)
@@ -52,7 +48,6 @@ class Conv4(nn.Module):
         previous = None
         for i in range(4):
             group = spec.group(f"block{i}", self.width)
-            spec.conv(f"blocks.{i}.0", group, previous)
-            spec.norm(f"blocks.{i}.1", group)
+            self.blocks[i][0].describe(spec, f"blocks.{i}.0", group, previous)
             previous = group
         return spec.build()

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
-from .resnet12 import ConvBN
+from .units import ConvBN
 
 STAGE_MULTIPLIERS = (1, 2, 4, 8)  # 64-128-256-512 at width 64
 STAGE_STRIDES = (1, 2, 2, 2)

@@ -1,0 +1,365 @@
+"""Speed and accuracy benchmarks of rabo_flwr on this machine, in one run.
+
+    . ./offline.env && python benchmarks/bench.py [--quick] [--out benchmarks/results.json]
+
+1. Flower overhead: time per global iteration of a real ``flwr run`` simulation (Ray) against
+   the same scenario in a plain loop (``rabo_flwr.loop.run_plain``), plus start-up cost.
+2. Hypergradient estimators: time, gradient evaluations, peak memory and error against
+   ``exact`` at one client's (x, y) and batch, for every task that exists.
+3. Time per iteration against the number of clients and against capacity (plain loop).
+
+Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
+(``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
+timings use the same per-client compute. Tests never measure speed; this file does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # clients/ and strategies/ are top-level packages of the repo
+
+from clients.bilevel_client import estimator_options  # noqa: E402
+from rabo_flwr.flower_run import LocalFederation  # noqa: E402
+from rabo_flwr.hypergrad import hypergradient_with_stats  # noqa: E402
+from rabo_flwr.local import CostMeter, inner_phase  # noqa: E402
+from rabo_flwr.loop import run_plain  # noqa: E402
+from rabo_flwr.results import read_metrics  # noqa: E402
+from rabo_flwr.runtime import cached_task  # noqa: E402
+from rabo_flwr.scenario import load_scenario  # noqa: E402
+
+QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
+LOSS_TUNING = REPO / "scenarios" / "loss_tuning_mini.yaml"
+CPU = torch.device("cpu")
+TINY_EVAL = {"task.eval_episodes": 10, "task.eval_steps": 5}  # Flower always evaluates at 0 and the end
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Sizes of every part; ``--quick`` exercises every code path in under two minutes."""
+    if quick:
+        return {"flower": {"clients.num": 3, "algorithm.iterations": 3, "model.width": 16},
+                "plain_threads": [1], "repeats": 1, "resnet12_width": 8,
+                "neumann_K": [5], "fd_coords": [16],
+                "scaling_iterations": 2, "scaling_base": {"model.width": 16},
+                "clients": [2, 4], "capacities": [1.0, 0.0625]}
+    return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
+            "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
+            "neumann_K": [5, 20], "fd_coords": [16, 64, 256],
+            "scaling_iterations": 3, "scaling_base": {},
+            "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625]}
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    return {"cpu_model": model, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(int(mem) / 2**20, 1),
+            "gpu": torch.cuda.is_available(), "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "flwr": importlib.metadata.version("flwr")}
+
+
+def per_iteration(records: list[dict]) -> dict[str, Any]:
+    """Wall time of each global iteration (inner + outer record) and the clients' compute in it.
+
+    Iteration 1 carries warm-up (in Flower: each actor imports the ClientApp and builds the
+    task), so the median over iterations is the steady-state figure.
+    """
+    wall, clients, phase = defaultdict(float), defaultdict(float), defaultdict(dict)
+    for r in records:
+        if r["phase"] in ("inner", "outer"):
+            wall[r["iteration"]] += r["wall_time"]
+            clients[r["iteration"]] += sum(c["wall_time"] for c in r["clients"])
+            phase[r["phase"]][r["iteration"]] = r["wall_time"]
+    its = sorted(wall)
+    return {"iterations": [wall[q] for q in its], "median_s": statistics.median(wall.values()),
+            "first_s": wall[its[0]], "total_s": sum(wall.values()),
+            "median_clients_compute_s": statistics.median(clients.values()),
+            **{f"median_{p}_s": statistics.median(phase[p].values()) for p in ("inner", "outer")}}
+
+
+# ---------------------------------------------------------------- part 1: Flower overhead
+
+
+def flower_run(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One ``flwr run`` (fresh SuperLink and Ray) of the scenario; times from its metrics.jsonl."""
+    results = work / "flower-results"
+    num = overrides["clients.num"]
+    federation = LocalFederation(work / "flower", env={"OMP_NUM_THREADS": "1"})
+    try:
+        start = time.perf_counter()
+        outcome = federation.run(REPO, run_config={"scenario": str(QUICKSTART), **overrides,
+                                                   "run.results_dir": str(results)},
+                                 federation_config={"num-supernodes": num, "client-resources-num-cpus": 1},
+                                 timeout=900)
+        whole = time.perf_counter() - start
+    finally:
+        federation.close()
+    if outcome.status != "finished:completed":
+        raise RuntimeError(f"flwr run ended {outcome.status}:\n{outcome.log[-3000:]}")
+    records = read_metrics(results / "metrics.jsonl")
+    out = per_iteration(records)
+    evaluation = sum(r.get("eval_time", 0.0) for r in records if r["phase"] == "eval")
+    # Everything outside the iterations and the server's evaluation: SuperLink and Ray start,
+    # app loading, node registration, shutdown.
+    return out | {"flwr_run_s": whole, "eval_s": evaluation, "startup_s": whole - out["total_s"] - evaluation,
+                  "first_iteration_excess_s": out["first_s"] - out["median_s"]}
+
+
+def plain_run(overrides: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``run_plain`` in this process, data loaded beforehand so iteration 1 times no decoding."""
+    torch.set_num_threads(threads)
+    scenario = load_scenario(QUICKSTART, overrides)
+    cached_task(scenario).prepare()
+    records: list[dict] = []
+    start = time.perf_counter()
+    run_plain(scenario, records.append, evaluate=False)
+    return per_iteration(records) | {"run_s": time.perf_counter() - start}
+
+
+def flower_overhead(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+    overrides = cfg["flower"] | TINY_EVAL
+    flower = flower_run(overrides, work)
+    plain = {t: plain_run(overrides, t) for t in cfg["plain_threads"]}
+    torch.set_num_threads(threads)
+    return {"scenario": str(QUICKSTART.relative_to(REPO)), "overrides": overrides, "flower": flower,
+            "plain": {f"{t}_threads": p | {"flower_over_plain": flower["median_s"] / p["median_s"]}
+                      for t, p in plain.items()}}
+
+
+# ---------------------------------------------------------------- part 2: hypergradient estimators
+
+
+def estimator_configs(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
+    """(label, method, options, inside CostMeter). ``fd-target`` is fd-coordinate's own target,
+    grad_x f - beta H_xy grad_y f, by autograd (a Neumann series of one term with step beta)."""
+    return ([("exact", "exact", {"max_iter": 100, "tol": 1e-10}, False),
+             ("exact in CostMeter", "exact", {"max_iter": 100, "tol": 1e-10}, True)]
+            + [(f"neumann K={k}", "neumann", {"K": k}, False) for k in cfg["neumann_K"]]
+            + [("fd-coord target (autograd)", "fd-target", {}, False)]
+            + [(f"fd-coordinate n={n}", "fd-coordinate", {"num_coords": n}, False) for n in cfg["fd_coords"]]
+            + [("fd-directional neumann K=10", "fd-directional", {"inverse": "neumann", "K": 10}, False),
+               ("fd-directional one-step", "fd-directional", {"inverse": "one-step"}, False)])
+
+
+def _memory_kib(field: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def hypergradient_worker(spec: dict[str, Any]) -> None:
+    """In a fresh process: one estimator at client 0's (x, y_T) on its iteration-1 batch.
+
+    y_T is y after the scenario's inner steps from y_0 (``inner_phase``), as in a real outer
+    phase. Peak memory: the kernel's resident high-water mark (VmHWM), reset to the current RSS
+    after set-up through /proc/self/clear_refs, so it sees torch's CPU allocations (tracemalloc
+    does not) and nothing from set-up or from another estimator.
+    """
+    torch.set_num_threads(spec["threads"])
+    method, options = spec["method"], dict(spec["options"])
+    scenario = load_scenario(spec["scenario"], spec["overrides"] | (
+        {} if method == "fd-target" else {"algorithm.estimator": method, "algorithm.estimator_options": options}))
+    algo = scenario.algorithm
+    if method == "fd-target":
+        method, options = "neumann", {"K": 1, "step": algo.beta}
+    else:
+        options = estimator_options(scenario, 1, 0)  # fd-coordinate: scale -beta and a seeded sample
+    task = cached_task(scenario)
+    batch = task.client_batch(0, 1, CPU)
+    x, y = task.init_tensors(scenario.seed)
+    step = inner_phase(task, batch, x, y, algo.inner_steps, algo.beta).update
+    y = {k: y[k] - algo.beta * step[k] for k in y}
+    xn, yn = list(x), list(y)
+
+    def upper(xs, ys):
+        return task.upper_loss(dict(zip(xn, xs)), dict(zip(yn, ys)), batch.upper)
+
+    def lower(xs, ys):
+        return task.lower_loss(dict(zip(xn, xs)), dict(zip(yn, ys)), batch.lower)
+
+    def once():
+        start = time.perf_counter()
+        if spec["meter"]:
+            with CostMeter(CPU):
+                out = hypergradient_with_stats(upper, lower, list(x.values()), list(y.values()), method, **options)
+        else:
+            out = hypergradient_with_stats(upper, lower, list(x.values()), list(y.values()), method, **options)
+        return time.perf_counter() - start, out
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline = _memory_kib("VmRSS")
+    except OSError:
+        baseline = None
+    _, (grads, stats) = once()  # warm-up, counted in the peak
+    times = [once()[0] for _ in range(spec["repeats"])]
+    peak = (_memory_kib("VmHWM") - baseline) * 1024 if baseline is not None else None
+    torch.save({"times": times, "stats": stats, "peak_bytes": peak, "options": options,
+                "grad": torch.cat([g.reshape(-1) for g in grads]),
+                "point": float(sum(t.sum() for t in y.values()) + sum(t.sum() for t in x.values()))}, spec["out"])
+
+
+def errors(h: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    h, ref = h.double(), ref.double()
+    return {"cosine": float(h @ ref / (h.norm() * ref.norm())), "rel_error": float((h - ref).norm() / ref.norm())}
+
+
+def hypergradient_tasks(cfg: dict[str, Any]) -> list[tuple[str, Path, dict[str, Any]]]:
+    tasks = [("few-shot Conv4 w64", QUICKSTART, {})]
+    if (REPO / "rabo_flwr" / "models" / "resnet12.py").exists():
+        w = cfg["resnet12_width"]
+        tasks.append((f"few-shot ResNet12 w{w}", QUICKSTART, {"model.backbone": "resnet12", "model.width": w}))
+    if (REPO / "rabo_flwr" / "tasks" / "loss_tuning.py").exists() and LOSS_TUNING.exists():
+        tasks.append(("loss-tuning", LOSS_TUNING, {}))
+    else:
+        print("note: loss-tuning task (rabo_flwr/tasks/loss_tuning.py, scenarios/loss_tuning_mini.yaml) "
+              "not found: skipped", flush=True)
+    return tasks
+
+
+def hypergradient_benchmark(cfg: dict[str, Any], threads: int, work: Path) -> list[dict[str, Any]]:
+    """Every estimator of every task, each in its own process (clean timing and peak memory)."""
+    rows = []
+    for task_label, scenario, overrides in hypergradient_tasks(cfg):
+        results = {}
+        for label, method, options, meter in estimator_configs(cfg):
+            out = work / f"hg-{len(rows)}-{len(results)}.pt"
+            spec = {"scenario": str(scenario), "overrides": overrides, "method": method, "options": options,
+                    "meter": meter, "repeats": cfg["repeats"], "threads": threads, "out": str(out)}
+            subprocess.run([sys.executable, __file__, "--hypergradient-worker", json.dumps(spec)], check=True)
+            results[label] = torch.load(out)
+            print(f"  {task_label}: {label} {statistics.median(results[label]['times']):.3f} s", flush=True)
+        exact, target = results["exact"], results["fd-coord target (autograd)"]
+        for label, r in results.items():
+            assert r["point"] == exact["point"], "estimators saw different (x, y)"
+            row = {"task": task_label, "estimator": label, "options": r["options"],
+                   "time_s": statistics.median(r["times"]), "times_s": r["times"], **r["stats"],
+                   "peak_mib": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
+                   "dim_x": r["grad"].numel(), "vs_exact": errors(r["grad"], exact["grad"])}
+            if label.startswith("fd-coordinate"):
+                row["vs_own_target"] = errors(r["grad"], target["grad"])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- part 3: clients and capacity
+
+
+def scaling(cfg: dict[str, Any], threads: int) -> dict[str, list[dict[str, Any]]]:
+    """Plain-loop time per iteration as clients grow (quickstart's capacity tiers, round-robin)
+    and as every client's capacity shrinks (5 clients). Omniglot has 30 background alphabets,
+    so more clients than that are sharded by character."""
+    base = cfg["scaling_base"] | {"algorithm.iterations": cfg["scaling_iterations"]}
+
+    def run(overrides):
+        return plain_run(base | overrides, threads)
+
+    by_clients = [{"clients": n, **run({"clients.num": n, "task.shard_by": "character" if n > 30 else "alphabet"})}
+                  for n in cfg["clients"]]
+    by_capacity = [{"capacity": c, **run({"clients.num": 5, "clients.capacities": [c]})} for c in cfg["capacities"]]
+    return {"clients": by_clients, "capacity": by_capacity}
+
+
+# ---------------------------------------------------------------- output
+
+
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (printed, and pasted into benchmarks/README.md)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict[str, Any]) -> str:
+    parts = []
+    if "flower_overhead" in results:
+        fo = results["flower_overhead"]
+        f = fo["flower"]
+        rows = [["Flower simulation (2 actors x 1 thread)", f["median_s"], f["median_inner_s"], f["median_outer_s"],
+                 f["median_clients_compute_s"], f["first_s"], 1.0]]
+        rows += [[f"plain loop, sequential, {k.replace('_', ' ')}", p["median_s"], p["median_inner_s"],
+                  p["median_outer_s"], p["median_clients_compute_s"], p["first_s"], p["flower_over_plain"]]
+                 for k, p in fo["plain"].items()]
+        parts.append(table("Flower overhead: time per global iteration (s, median)",
+                           ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
+                            "Flower / this"], rows))
+        parts.append(table("Flower start-up (s)", ["flwr run wall", "iterations", "evaluation",
+                                                   "start-up + shutdown (rest)", "iteration-1 excess"],
+                           [[f["flwr_run_s"], f["total_s"], f["eval_s"], f["startup_s"], f["first_iteration_excess_s"]]]))
+    if "hypergradients" in results:
+        rows = [[r["task"], r["estimator"], r["time_s"], r["grad_evals"], r["hvp_evals"], r["peak_mib"],
+                 r["vs_exact"]["cosine"], r["vs_exact"]["rel_error"],
+                 r.get("vs_own_target", {}).get("cosine"), r.get("vs_own_target", {}).get("rel_error")]
+                for r in results["hypergradients"]]
+        parts.append(table("Hypergradient estimators (one client, full model)",
+                           ["task", "estimator", "time (s)", "grad evals", "hvp evals", "peak mem (MiB)",
+                            "cos vs exact", "rel err vs exact", "cos vs own target", "rel err vs own target"], rows))
+    if "scaling" in results:
+        for key, label in (("clients", "clients"), ("capacity", "capacity (all clients)")):
+            rows = [[r[key], r["median_s"], r["median_inner_s"], r["median_outer_s"],
+                     r["median_s"] / (r["clients"] if key == "clients" else 5)] for r in results["scaling"][key]]
+            parts.append(table(f"Plain loop: time per iteration vs {label} (s, median)",
+                               [label, "iteration", "inner", "outer", "per client"], rows))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (< 2 min)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
+    parser.add_argument("--parts", default="flower,hypergradients,scaling", help="comma-separated subset")
+    parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hypergradient_worker:
+        return hypergradient_worker(json.loads(args.hypergradient_worker))
+    if "RABO_DATA_DIR" not in os.environ:
+        sys.exit("source ./offline.env first (it sets RABO_DATA_DIR and the offline Flower variables)")
+    torch.set_num_threads(args.threads)
+    cfg = settings(args.quick)
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "threads": args.threads,
+                               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                               "settings": cfg}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rabo-bench-") as tmp:
+        if "flower" in parts:
+            print("part 1: Flower overhead", flush=True)
+            results["flower_overhead"] = flower_overhead(cfg, args.threads, Path(tmp))
+        if "hypergradients" in parts:
+            print("part 2: hypergradient estimators", flush=True)
+            results["hypergradients"] = hypergradient_benchmark(cfg, args.threads, Path(tmp))
+        if "scaling" in parts:
+            print("part 3: clients and capacity", flush=True)
+            results["scaling"] = scaling(cfg, args.threads)
+    results["bench_wall_s"] = time.perf_counter() - started
+    print()
+    print(report(results))
+    print(f"total {results['bench_wall_s']:.0f} s; machine: {results['machine']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
