@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))  # clients/ and strategies/ are top-level packages
 
 from clients.bilevel_client import estimator_options  # noqa: E402
 from rabo_flwr.flower_run import LocalFederation  # noqa: E402
-from rabo_flwr.hypergrad import hypergradient_with_stats  # noqa: E402
+from rabo_flwr.hypergrad import _sample_coords, hypergradient_with_stats  # noqa: E402
 from rabo_flwr.local import CostMeter, inner_phase  # noqa: E402
 from rabo_flwr.loop import run_plain  # noqa: E402
 from rabo_flwr.results import read_metrics  # noqa: E402
@@ -61,7 +61,7 @@ def settings(quick: bool) -> dict[str, Any]:
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256],
-            "scaling_iterations": 3, "scaling_base": {},
+            "scaling_iterations": 4, "scaling_base": {},
             "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625]}
 
 
@@ -147,8 +147,10 @@ def flower_overhead(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, 
 
 def estimator_configs(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
     """(label, method, options, inside CostMeter). ``fd-target`` is fd-coordinate's own target,
-    grad_x f - beta H_xy grad_y f, by autograd (a Neumann series of one term with step beta)."""
+    grad_x f - beta H_xy grad_y f, by autograd (a Neumann series of one term with step beta);
+    a step of 0 leaves grad_x f alone, the baseline that ignores y's dependence on x."""
     return ([("exact", "exact", {"max_iter": 100, "tol": 1e-10}, False),
+             ("grad_x f only", "neumann", {"K": 1, "step": 0.0}, False),
              ("exact in CostMeter", "exact", {"max_iter": 100, "tol": 1e-10}, True)]
             + [(f"neumann K={k}", "neumann", {"K": k}, False) for k in cfg["neumann_K"]]
             + [("fd-coord target (autograd)", "fd-target", {}, False)]
@@ -253,6 +255,11 @@ def hypergradient_benchmark(cfg: dict[str, Any], threads: int, work: Path) -> li
                    "dim_x": r["grad"].numel(), "vs_exact": errors(r["grad"], exact["grad"])}
             if label.startswith("fd-coordinate"):
                 row["vs_own_target"] = errors(r["grad"], target["grad"])
+                # Sampling aside: the finite differences on the sampled coordinates P against the
+                # autograd mixed term there (both estimates minus grad_x f; the weight dim/|P| removed).
+                coords, weight = _sample_coords(r["options"]["num_coords"], row["dim_x"], r["options"]["seed"])
+                p, fx = torch.tensor(list(coords)), results["grad_x f only"]["grad"]
+                row["fd_on_sampled"] = errors((r["grad"] - fx)[p] / weight, (target["grad"] - fx)[p])
             rows.append(row)
     return rows
 
@@ -271,7 +278,8 @@ def scaling(cfg: dict[str, Any], threads: int) -> dict[str, list[dict[str, Any]]
 
     by_clients = [{"clients": n, **run({"clients.num": n, "task.shard_by": "character" if n > 30 else "alphabet"})}
                   for n in cfg["clients"]]
-    by_capacity = [{"capacity": c, **run({"clients.num": 5, "clients.capacities": [c]})} for c in cfg["capacities"]]
+    by_capacity = [{"capacity": c, "clients": 5, **run({"clients.num": 5, "clients.capacities": [c]})}
+                   for c in cfg["capacities"]]
     return {"clients": by_clients, "capacity": by_capacity}
 
 
@@ -297,7 +305,7 @@ def report(results: dict[str, Any]) -> str:
         f = fo["flower"]
         rows = [["Flower simulation (2 actors x 1 thread)", f["median_s"], f["median_inner_s"], f["median_outer_s"],
                  f["median_clients_compute_s"], f["first_s"], 1.0]]
-        rows += [[f"plain loop, sequential, {k.replace('_', ' ')}", p["median_s"], p["median_inner_s"],
+        rows += [[f"plain loop, sequential, {k.split('_')[0]} torch thread(s)", p["median_s"], p["median_inner_s"],
                   p["median_outer_s"], p["median_clients_compute_s"], p["first_s"], p["flower_over_plain"]]
                  for k, p in fo["plain"].items()]
         parts.append(table("Flower overhead: time per global iteration (s, median)",
@@ -309,15 +317,17 @@ def report(results: dict[str, Any]) -> str:
     if "hypergradients" in results:
         rows = [[r["task"], r["estimator"], r["time_s"], r["grad_evals"], r["hvp_evals"], r["peak_mib"],
                  r["vs_exact"]["cosine"], r["vs_exact"]["rel_error"],
-                 r.get("vs_own_target", {}).get("cosine"), r.get("vs_own_target", {}).get("rel_error")]
+                 r.get("vs_own_target", {}).get("cosine"), r.get("vs_own_target", {}).get("rel_error"),
+                 r.get("fd_on_sampled", {}).get("rel_error")]
                 for r in results["hypergradients"]]
         parts.append(table("Hypergradient estimators (one client, full model)",
                            ["task", "estimator", "time (s)", "grad evals", "hvp evals", "peak mem (MiB)",
-                            "cos vs exact", "rel err vs exact", "cos vs own target", "rel err vs own target"], rows))
+                            "cos vs exact", "rel err vs exact", "cos vs own target", "rel err vs own target",
+                            "FD rel err on sampled coords"], rows))
     if "scaling" in results:
         for key, label in (("clients", "clients"), ("capacity", "capacity (all clients)")):
             rows = [[r[key], r["median_s"], r["median_inner_s"], r["median_outer_s"],
-                     r["median_s"] / (r["clients"] if key == "clients" else 5)] for r in results["scaling"][key]]
+                     r["median_s"] / r["clients"]] for r in results["scaling"][key]]
             parts.append(table(f"Plain loop: time per iteration vs {label} (s, median)",
                                [label, "iteration", "inner", "outer", "per client"], rows))
     return "\n".join(parts)
@@ -326,11 +336,13 @@ def report(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (< 2 min)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.json")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results.json, "
+                        "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--parts", default="flower,hypergradients,scaling", help="comma-separated subset")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or REPO / "benchmarks" / ("results-quick.json" if args.quick else "results.json")
     if args.hypergradient_worker:
         return hypergradient_worker(json.loads(args.hypergradient_worker))
     if "RABO_DATA_DIR" not in os.environ:

@@ -37,7 +37,7 @@ class BilevelClient:
         before_phase(faults)
         x, y = _as_tensors(x, self.device), _as_tensors(y, self.device)
         batch = self.task.client_batch(self.partition, iteration, self.device)
-        with CostMeter(self.device) as meter:
+        with CostMeter(self.device, self.scenario.run.count_flops) as meter:
             result: LocalResult = work(batch, x, y)
         metrics = {
             "partition": self.partition,

@@ -120,7 +120,7 @@ class BilevelServer:
             **self.planned_coverage(other).as_metrics(other),
             "bytes_down": sum(c["bytes_down"] for c in clients),
             "bytes_up": sum(c["bytes_up"] for c in clients),
-            "flops": float(sum(c["flops"] for c in clients)),
+            "flops": float(sum(c["flops"] for c in clients)) if all(c["flops"] >= 0 for c in clients) else -1.0,
             "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
             "aggregation_time": time.perf_counter() - start,
             "wall_time": time.perf_counter() - (started if started is not None else start),

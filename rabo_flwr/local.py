@@ -26,36 +26,58 @@ class LocalResult:
 
 
 class CostMeter:
-    """FLOPs (``torch.utils.flop_counter``), wall time and peak memory of one phase."""
+    """FLOPs (``torch.utils.flop_counter``), wall time and peak memory of one phase.
 
-    def __init__(self, device: torch.device):
+    Counting FLOPs dispatches every operator through Python and roughly triples a phase's
+    wall time on a CPU (benchmarks/README.md); ``count_flops=False`` skips it (flops = -1).
+    """
+
+    def __init__(self, device: torch.device, count_flops: bool = True):
         self.device = device
-        self.counter = FlopCounterMode(display=False)
+        self.counter = FlopCounterMode(display=False) if count_flops else None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
         self.start = time.perf_counter()
-        self.counter.__enter__()
+        if self.counter is not None:
+            self.counter.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.counter.__exit__(*exc)
+        if self.counter is not None:
+            self.counter.__exit__(*exc)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.wall_time = time.perf_counter() - self.start
         return False
 
     def metrics(self) -> dict[str, float]:
-        out = {"flops": float(self.counter.get_total_flops()), "wall_time": self.wall_time}
-        out["peak_memory"] = float(_peak_memory(self.device))
-        return out
+        flops = float(self.counter.get_total_flops()) if self.counter is not None else -1.0
+        return {"flops": flops, "wall_time": self.wall_time, "peak_memory": float(_peak_memory(self.device))}
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS count, so the peak is this phase's, not the process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's lifetime peak
 
 
 def _peak_memory(device: torch.device) -> int:
-    """CUDA peak allocation on GPU; the process's peak resident set size on CPU."""
+    """CUDA peak allocation on GPU; on CPU the peak resident set size since the phase began."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -26,6 +26,7 @@ def _nbytes(tensors) -> int:
 def run_plain(scenario: Scenario, log: Callable[[dict], None] = lambda r: None, evaluate: bool = True) -> BilevelServer:
     """Run ``scenario`` without Flower; client sampling matches the strategy's."""
     task = cached_task(scenario)
+    task.prepare()
     device = choose_device(scenario)
     algo = scenario.algorithm
     x, y = task.init_tensors(scenario.seed)

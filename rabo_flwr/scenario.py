@@ -112,6 +112,7 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     phase_timeout: float = 600.0  # seconds a phase waits for replies; stragglers are dropped
     node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
+    count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter (slows clients ~3x on CPU)
     checkpoint_every: int = 0  # 0: no checkpoints
     resume: bool = False  # continue from results_dir/checkpoint.pt
     faults: list[Fault] = field(default_factory=list)
