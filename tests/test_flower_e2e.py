@@ -81,3 +81,19 @@ def test_bad_run_config_fails_before_training_naming_file_and_key(federation, tm
     assert outcome.status != "finished:completed"
     assert "scenarios/quickstart.yaml (run config override): clients.fraction: must be in (0, 1], got 2.0" in outcome.log
     assert not results.exists()
+
+
+def test_flwr_run_loss_tuning_miniature(federation, tmp_path):
+    """The paper's second task, miniature: long-tail CIFAR-10, VS-loss hyperparameters as x."""
+    results = tmp_path / "results"
+    outcome = federation.run(
+        REPO, run_config={"scenario": "scenarios/loss_tuning_mini.yaml", "run.results_dir": str(results)},
+        federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1}, timeout=600,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    records = read_metrics(results / "metrics.jsonl")
+    assert [(r["iteration"], r["phase"]) for r in records if r["phase"] in ("inner", "outer")] == \
+        [(1, "inner"), (1, "outer"), (2, "inner"), (2, "outer")]
+    assert all(r["clients_aggregated"] == 3 and r["uncovered_x"] == 0.0 for r in records if r["phase"] == "outer")
+    final = [r for r in records if r["phase"] == "eval"][-1]
+    assert len(final["per_class_accuracy"]) == 10 and 0.0 <= final["balanced_accuracy"] <= 1.0

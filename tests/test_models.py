@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rabo_flwr.masks import RandomMask, RollingMask, StaticMask, build_plan
-from rabo_flwr.models import Conv4, LinearHead, MLPHead, ResNet12, ResNet18, ResNet18Classifier
+from rabo_flwr.models import Classifier, Conv4, LinearHead, MLPHead, ResNet12, ResNet18
 from rabo_flwr.models.backbones import build_backbone
 from rabo_flwr.submodel import Layout, numel_in_plan, slice_tensors
 from rabo_flwr.tasks.base import FunctionalModule, init_module_tensors
@@ -105,7 +105,7 @@ CASES = {
     "conv4": Case(lambda w: Conv4(1, w), (1, 28, 28), conv4_count, 8),
     "resnet12": Case(lambda w: ResNet12(1, w), (1, 28, 28), resnet12_count, 8),
     "resnet18": Case(lambda w: ResNet18(3, w), (3, 16, 16), resnet18_count, 8),
-    "resnet18_classifier": Case(lambda w: ResNet18Classifier(3, CLASSES, w), (3, 16, 16), resnet18_classifier_count, 8),
+    "resnet18_classifier": Case(lambda w: Classifier(ResNet18(3, w), CLASSES), (3, 16, 16), resnet18_classifier_count, 8),
     "linear_head": Case(lambda w: LinearHead(w, CLASSES, FEATURES), None, linear_head_count, 16),
     "mlp_head": Case(lambda w: MLPHead(w, CLASSES, FEATURES, hidden=w), None, mlp_head_count, 16),
 }

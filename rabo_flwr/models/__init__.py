@@ -9,6 +9,7 @@ from .conv4 import Conv4
 from .heads import LinearHead, MLPHead, build_head
 from .layout import ModuleLayout
 from .resnet12 import ResNet12
-from .resnet18 import ResNet18, ResNet18Classifier
+from .classifier import Classifier
+from .resnet18 import ResNet18
 
-__all__ = ["Conv4", "LinearHead", "MLPHead", "ModuleLayout", "ResNet12", "ResNet18", "ResNet18Classifier", "build_head"]
+__all__ = ["Classifier", "Conv4", "LinearHead", "MLPHead", "ModuleLayout", "ResNet12", "ResNet18", "build_head"]

@@ -90,25 +90,3 @@ class ResNet18(nn.Module):
         spec = ModuleLayout(self.prefix)
         self.describe(spec)
         return spec.build()
-
-
-class ResNet18Classifier(nn.Module):
-    """ResNet18 features and a linear layer to the classes: one module, one layout.
-
-    The linear layer's inputs follow the features' group; the class outputs are never pruned.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, width: int = 64, prefix: str = "classifier"):
-        super().__init__()
-        self.prefix = prefix
-        self.features = ResNet18(in_channels, width, prefix)
-        self.fc = nn.Linear(self.features.out_features, num_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(images))
-
-    def layout(self) -> Layout:
-        spec = ModuleLayout(self.prefix)
-        features = self.features.describe(spec, "features.")
-        spec.linear("fc", None, features)
-        return spec.build()

@@ -11,6 +11,10 @@ def build_task(scenario: Scenario) -> BilevelTask:
         from .fewshot import FewShotTask
 
         return FewShotTask(scenario)
+    if scenario.task.name == "loss-tuning":
+        from .loss_tuning import LossTuningTask
+
+        return LossTuningTask(scenario)
     raise ValueError(f"unknown task {scenario.task.name!r}")
 
 
