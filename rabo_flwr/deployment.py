@@ -3,11 +3,11 @@
 Simulation (:class:`rabo_flwr.flower_run.LocalFederation`) runs every client inside one Ray
 cluster; a deployment runs each client in its own ``flower-supernode`` process, as on edge
 devices, with its capacity announced in its node config. This module starts those processes on
-127.0.0.1 in LocalFederation's private Flower home (same offline environment and cleanup), adds
-the SuperLink to that home's ``config.toml`` (deployments are named there, not in
-pyproject.toml), reads a run's real status with ``flwr ls`` (``flwr run`` exits 0 even when the
-run fails), and stops every process it started by pid, with their children: Flower starts its
-SuperExec in a new session, so neither a process group nor a command line finds those.
+127.0.0.1 in LocalFederation's private Flower home and offline environment, names the SuperLink
+in that home's ``config.toml`` (deployments are named there, not in pyproject.toml), reads a
+run's real status with ``flwr ls`` (``flwr run`` exits 0 even when the run fails), and stops
+every process it started by pid, with their descendants: Flower starts each SuperExec in a new
+session, so neither a process group nor a command line finds them all.
 """
 
 from __future__ import annotations
@@ -182,8 +182,9 @@ class LocalDeployment:
     inherits it.
     """
 
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None):
+    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, connection: str = "local-deployment"):
         self.home = LocalFederation(workdir, {"PYTHONUNBUFFERED": "1", **(env or {})})
+        self.connection = connection  # the SuperLink's name in config.toml: `flwr run APP CONNECTION`
         self.flwr_home = Path(self.home.env["FLWR_HOME"])
         self.logs = self.home.workdir / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -198,9 +199,8 @@ class LocalDeployment:
         self.services.append(service)
         return service
 
-    def start_superlink(self, connection: str = "local-deployment", tls: TlsFiles | None = None,
-                        supernode_auth: bool = False, timeout: float = 60) -> Service:
-        """``flower-superlink`` (no ``--simulation``) on a free port, written into config.toml as ``connection``.
+    def start_superlink(self, tls: TlsFiles | None = None, supernode_auth: bool = False, timeout: float = 60) -> Service:
+        """``flower-superlink`` (no ``--simulation``) on a free port, named ``self.connection`` in config.toml.
 
         One HTTP port serves the Fleet API (SuperNodes), the Control API (``flwr``) and the
         ServerApp's runtime API. ``supernode_auth`` admits only SuperNodes whose public key was
@@ -214,8 +214,14 @@ class LocalDeployment:
             args.append("--enable-supernode-auth")
         service = self._start("superlink", args, f"{HOST}:{port}")
         _wait_for_port(service, timeout)
-        write_connection(self.flwr_home, connection, service.address, tls.ca if tls else None)
+        write_connection(self.flwr_home, self.connection, service.address, tls.ca if tls else None)
         return service
+
+    def register_supernode(self, public_key: Path) -> None:
+        """``flwr supernode register``: admit the SuperNode holding the matching private key."""
+        done = self.home.flwr("supernode", "register", str(public_key), self.connection)
+        if done.returncode != 0:
+            raise RuntimeError(f"`flwr supernode register {public_key}` failed: {done.stdout}{done.stderr}")
 
     def start_supernode(self, superlink: Service, node_config: Mapping[str, Any], root_certificates: Path | None = None,
                         auth_private_key: Path | None = None) -> Service:
@@ -230,36 +236,35 @@ class LocalDeployment:
         args += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
         if auth_private_key is not None:
             args += ["--auth-supernode-private-key", str(auth_private_key)]
-        return self._start(f"supernode-{sum(s.name.startswith('supernode') for s in self.services)}", args,
-                           f"{HOST}:{port}")
+        number = sum(s.name.startswith("supernode") for s in self.services)
+        return self._start(f"supernode-{number}", args, f"{HOST}:{port}")
 
-    def online_nodes(self, connection: str = "local-deployment") -> int:
+    def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink sees online (``flwr supernode ls``)."""
-        listing = self.home.flwr("supernode", "ls", connection, "--format", "json")
+        listing = self.home.flwr("supernode", "ls", self.connection, "--format", "json")
         try:
             nodes = json.loads(listing.stdout)["nodes"]
         except (ValueError, KeyError) as err:
             raise RuntimeError(f"`flwr supernode ls` gave no node list: {listing.stdout!r} {listing.stderr!r}") from err
         return sum(node.get("status") == "online" for node in nodes)
 
-    def wait_for_nodes(self, count: int, connection: str = "local-deployment", timeout: float = 60) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
         """Fail early, with the logs, if SuperNodes die or never connect (the run would wait for them)."""
         deadline = time.monotonic() + timeout
-        while self.online_nodes(connection) < count:
+        while self.online_nodes() < count:
             dead = [s for s in self.services if s.process.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"{count} SuperNodes not online (exited: {[s.name for s in dead]})\n{self.logs_tail()}")
             time.sleep(1)
 
-    def run(self, app_dir: Path, connection: str = "local-deployment", run_config: Mapping[str, Any] | None = None,
-            timeout: float = 1800) -> RunOutcome:
+    def run(self, app_dir: Path, run_config: Mapping[str, Any] | None = None, timeout: float = 1800) -> RunOutcome:
         """``flwr run APP CONNECTION --stream``; returns the outcome read back with ``flwr ls CONNECTION``."""
-        args = ["run", str(app_dir), connection, "--stream"]
+        args = ["run", str(app_dir), self.connection, "--stream"]
         if run_config:
             args += ["--run-config", format_config(run_config)]
         done = self.home.flwr(*args, timeout=timeout, cwd=app_dir)
         log = done.stdout + done.stderr
-        listing = self.home.flwr("ls", connection, "--format", "json")
+        listing = self.home.flwr("ls", self.connection, "--format", "json")
         try:
             latest = max(json.loads(listing.stdout)["runs"], key=lambda r: r.get("pending-at", ""))
         except (ValueError, KeyError) as err:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from rabo_flwr.deployment import LocalDeployment
+from rabo_flwr.deployment import LocalDeployment, TlsFiles
 from rabo_flwr.masks import build_plan, make_policy
 from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
@@ -23,13 +25,12 @@ from rabo_flwr.submodel import numel_in_plan
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = REPO / "scenarios" / "quickstart.yaml"  # the run config's default scenario
 CAPACITIES = {0: 0.25, 1: 1.0, 2: 0.5}  # partition -> announced capacity (the scenario's profile gives 1.0, 0.5, 0.25)
-CONNECTION = "rabo-test"
 
 
 @pytest.fixture
 def deployment(tmp_path):
     env = {k: os.environ[k] for k in ("RABO_DATA_DIR", "RABO_CACHE_DIR")}
-    dep = LocalDeployment(tmp_path / "flower", env=env | {"OMP_NUM_THREADS": "1"})  # 3 clients share 2 cores
+    dep = LocalDeployment(tmp_path / "flower", env=env | {"OMP_NUM_THREADS": "1"}, connection="rabo-test")  # 3 clients, 2 cores
     try:
         yield dep
     finally:
@@ -48,15 +49,15 @@ def expected_x_elements(run_config: dict, capacity: float, iteration: int, parti
 
 
 def test_deployment_superlink_and_three_supernodes_train_their_announced_submodels(deployment, tmp_path):
-    superlink = deployment.start_superlink(CONNECTION)
+    superlink = deployment.start_superlink()
     for partition, capacity in CAPACITIES.items():
         deployment.start_supernode(superlink, {"partition-id": partition, "capacity": capacity})
-    deployment.wait_for_nodes(len(CAPACITIES), CONNECTION)
+    deployment.wait_for_nodes(len(CAPACITIES))
 
     results = tmp_path / "results"
     run_config = {"algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 10, "model.width": 16,
                   "algorithm.inner_steps": 3, "run.results_dir": str(results)}
-    outcome = deployment.run(REPO, CONNECTION, run_config, timeout=300)
+    outcome = deployment.run(REPO, run_config, timeout=300)
     assert outcome.status == "finished:completed", outcome.log[-3000:] + "\n" + deployment.logs_tail()
 
     records = read_metrics(results / "metrics.jsonl")
@@ -81,3 +82,26 @@ def test_deployment_superlink_and_three_supernodes_train_their_announced_submode
     evals = [r for r in records if r["phase"] == "eval"]
     assert [e["iteration"] for e in evals] == [0, 2]
     assert (results / "model.pt").is_file()
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+def test_tls_superlink_admits_only_registered_supernodes(deployment, tmp_path):
+    """The README's secure set-up: certificates from scripts/make_test_certs.sh, SuperNode keys
+    registered with `flwr supernode register`; an unregistered SuperNode is turned away."""
+    subprocess.run([REPO / "scripts" / "make_test_certs.sh", tmp_path / "certs"], check=True, capture_output=True)
+    keys = {}
+    for name in ("registered", "stranger"):
+        keys[name] = tmp_path / "keys" / name
+        keys[name].parent.mkdir(exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", keys[name]], check=True)
+    tls = TlsFiles.in_dir(tmp_path / "certs")
+    superlink = deployment.start_superlink(tls=tls, supernode_auth=True)
+    deployment.register_supernode(keys["registered"].with_suffix(".pub"))
+    for partition, name in enumerate(keys):
+        deployment.start_supernode(superlink, {"partition-id": partition, "capacity": 1.0},
+                                   root_certificates=tls.ca, auth_private_key=keys[name])
+    deployment.wait_for_nodes(1)
+    stranger = deployment.services[-1]
+    assert stranger.process.wait(timeout=60) != 0, stranger.log_tail()
+    assert "Failed to activate SuperNode" in stranger.log.read_text()
+    assert deployment.online_nodes() == 1
