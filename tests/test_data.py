@@ -28,7 +28,6 @@ from rabo_flwr.data import (
     load_omniglot,
     load_one_shot_runs,
     long_tail_indices,
-    sample_episode,
     shard_classes,
     shard_classes_by_alphabet,
     split_clients,
@@ -287,9 +286,7 @@ def test_episode_determinism_and_all_remaining_queries(background):
     sampler = EpisodeSampler(background.images, background.labels)
     classes = np.arange(964)
     a = sampler.sample(classes, 20, 5, None, torch.Generator().manual_seed(3))
-    b = sample_episode(
-        background.images, background.labels, classes, 20, 5, None, torch.Generator().manual_seed(3)
-    )
+    b = EpisodeSampler(background.images, background.labels).sample(classes, 20, 5, None, torch.Generator().manual_seed(3))
     c = sampler.sample(classes, 20, 5, None, torch.Generator().manual_seed(4))
     fields = ("support_x", "support_y", "query_x", "query_y", "classes")
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)

@@ -12,7 +12,6 @@ from .omniglot import (
     OneShotRun,
     load_omniglot,
     load_one_shot_runs,
-    sample_episode,
     shard_classes,
     shard_classes_by_alphabet,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "load_omniglot",
     "load_one_shot_runs",
     "long_tail_indices",
-    "sample_episode",
     "shard_classes",
     "shard_classes_by_alphabet",
     "split_clients",

@@ -303,19 +303,6 @@ class EpisodeSampler:
         )
 
 
-def sample_episode(
-    images: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor,
-    classes: Sequence[int] | np.ndarray | torch.Tensor,
-    n_way: int,
-    k_shot: int,
-    n_query: int | None,
-    generator: torch.Generator,
-) -> Episode:
-    """One-off episode; build an :class:`EpisodeSampler` once to sample many (it indexes labels)."""
-    return EpisodeSampler(images, labels).sample(classes, n_way, k_shot, n_query, generator)
-
-
 def shard_classes_by_alphabet(
     alphabet_of_class: np.ndarray, num_shards: int, seed: int
 ) -> list[np.ndarray]:
