@@ -39,7 +39,7 @@ SETS: dict[str, list[str]] = {
 REDUCED: dict[str, dict[str, Any]] = {
     "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 40, "task.n_query": 5,
                 "task.eval_episodes": 200, "run.eval_every": 10},
-    "loss-tuning": {"model.width": 16, "algorithm.iterations": 10, "task.batch_size": 32,
+    "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 10, "task.batch_size": 32,
                     "task.train_subsample": 0.2, "task.test_subsample": 0.2, "run.eval_every": 5},
 }
 
