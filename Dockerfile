@@ -1,7 +1,7 @@
 # rabo_flwr: one image for every role. Build once:  docker build -t rabo-flwr .
 #   simulation (default):  docker run --rm -v /path/to/data:/data rabo-flwr
-#   SuperLink:             docker run --rm -p 9091-9093:9091-9093 rabo-flwr superlink
-#   SuperNode:             docker run --rm -v /path/to/data:/data -e SUPERLINK=host:9092 \
+#   SuperLink:             docker run --rm -p 8000:8000 -v /path/to/data:/data -v $PWD/results:/results rabo-flwr superlink
+#   SuperNode:             docker run --rm -v /path/to/data:/data -e SUPERLINK=host:8000 \
 #                              -e PARTITION_ID=0 -e CAPACITY=0.5 rabo-flwr supernode
 FROM python:3.11-slim
 

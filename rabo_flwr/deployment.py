@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
-from .flower_run import FLWR, LocalFederation, RunFailed, RunOutcome, format_config, free_port, processes_mentioning
+from .flower_run import FLWR, LocalFederation, RunFailed, RunOutcome, ancestors, format_config, free_port, processes_mentioning
 
 FLOWER_SUPERLINK = str(Path(FLWR).with_name("flower-superlink"))
 FLOWER_SUPERNODE = str(Path(FLWR).with_name("flower-supernode"))
@@ -110,14 +110,6 @@ def process_tree(pids: Iterable[int]) -> set[int]:
             tree.add(pid)
             todo += children.get(pid, [])
     return tree
-
-
-def _ancestors() -> set[int]:
-    parents, pid, found = _parents(), os.getpid(), set()
-    while pid in parents and pid not in found:
-        found.add(pid)
-        pid = parents[pid]
-    return found
 
 
 def _running(pid: int) -> bool:
@@ -280,7 +272,7 @@ class LocalDeployment:
         Our own ancestors are left out: the command that started us may name the work directory.
         """
         pids = set(processes_with_env("FLWR_HOME", str(self.flwr_home))) | set(processes_mentioning(str(self.home.workdir)))
-        return sorted(p for p in pids - _ancestors() if _running(p))
+        return sorted(p for p in pids - ancestors() if _running(p))
 
     def close(self) -> None:
         """Stop every started process and its descendants, then whatever else still runs in the private home."""

@@ -56,11 +56,23 @@ def format_config(values: Mapping[str, Any]) -> str:
                     for k, v in values.items())
 
 
+def ancestors() -> set[int]:
+    """This process and its parents, which a cleanup must never signal."""
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Pids whose command line mentions ``text`` (our private FLWR_HOME or Ray temp dir)."""
-    pids = []
+    pids, spared = [], ancestors()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

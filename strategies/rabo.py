@@ -173,9 +173,15 @@ class RaboStrategy(Strategy):
                 log(WARNING, "node %s did not answer its profile query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             metrics = reply.content["profile"]
-            announced = float(metrics["capacity"])
-            self.profiles[reply.metadata.src_node_id] = NodeProfile(
-                int(metrics["partition"]), announced if announced > 0 else None)
+            node, announced, partition = reply.metadata.src_node_id, float(metrics["capacity"]), int(metrics["partition"])
+            if not 0.0 <= announced <= 1.0:
+                log(WARNING, "node %s announced capacity %s outside (0, 1]; it is left out", node, announced)
+                continue
+            if any(p.partition == partition for p in self.profiles.values()):
+                log(WARNING, "node %s announced partition %d, which another node already has; it is left out",
+                    node, partition)
+                continue
+            self.profiles[node] = NodeProfile(partition, announced if announced > 0 else None)
 
     def _select(self, iteration: int) -> None:
         """A seeded fraction of the known nodes, chosen by partition so runs repeat."""
@@ -227,7 +233,7 @@ class RaboStrategy(Strategy):
                 log(WARNING, "iteration %d %s: rejected the reply of partition %d: %s", iteration, phase, partition, parsed)
                 continue
             update, metrics, size = parsed
-            if metrics.get("capacity", 0) > 0 and node in self.profiles:
+            if 0 < metrics.get("capacity", 0) <= 1 and node in self.profiles:
                 self.profiles[node].announced_capacity = float(metrics["capacity"])
             accepted.append(Reply(partition, update))
             clients.append(metrics | {"bytes_up": size, "bytes_down": self._bytes_down.get(partition, 0)})

@@ -97,11 +97,11 @@ def test_tls_superlink_admits_only_registered_supernodes(deployment, tmp_path):
     tls = TlsFiles.in_dir(tmp_path / "certs")
     superlink = deployment.start_superlink(tls=tls, supernode_auth=True)
     deployment.register_supernode(keys["registered"].with_suffix(".pub"))
-    for partition, name in enumerate(keys):
-        deployment.start_supernode(superlink, {"partition-id": partition, "capacity": 1.0},
-                                   root_certificates=tls.ca, auth_private_key=keys[name])
+    deployment.start_supernode(superlink, {"partition-id": 0, "capacity": 1.0}, root_certificates=tls.ca,
+                               auth_private_key=keys["registered"])
     deployment.wait_for_nodes(1)
-    stranger = deployment.services[-1]
+    stranger = deployment.start_supernode(superlink, {"partition-id": 1, "capacity": 1.0}, root_certificates=tls.ca,
+                                          auth_private_key=keys["stranger"])
     assert stranger.process.wait(timeout=60) != 0, stranger.log_tail()
     assert "Failed to activate SuperNode" in stranger.log.read_text()
     assert deployment.online_nodes() == 1

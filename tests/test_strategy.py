@@ -148,3 +148,10 @@ def test_resume_without_checkpoint_stops_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         run(path, {"run.resume": True})
     assert not (tmp_path / "results" / "metrics.jsonl").exists()
+
+
+def test_node_announcing_an_impossible_capacity_is_left_out(tmp_path, caplog):
+    records = run(tiny_scenario(tmp_path), node_configs={1: {"capacity": 1.5}})
+    for r in phase_records(records, "inner").values():
+        assert r["clients_sent"] == 2 and sorted(c["partition"] for c in r["clients"]) == [0, 2]
+    assert "announced capacity 1.5 outside (0, 1]" in caplog.text
