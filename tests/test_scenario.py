@@ -81,3 +81,17 @@ def test_base_files_are_overlaid_and_cycles_named(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ScenarioError, match="loop.yaml: base: loop.yaml includes itself"):
         load_scenario(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_scenario_gives_its_estimator_only_options_it_takes(path):
+    import inspect
+
+    from clients.bilevel_client import estimator_options
+    from rabo_flwr.hypergrad import METHODS
+
+    scenario = load_scenario(path)
+    method = scenario.algorithm.resolved_estimator
+    accepted = {name for name, p in inspect.signature(METHODS[method]).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(estimator_options(scenario, 1, 0)) <= accepted
