@@ -273,6 +273,11 @@ METHODS: dict[str, Callable[..., Vec]] = {
 }
 
 
+def method_options(method: str) -> list[str]:
+    """The options an estimator takes (its keyword-only arguments)."""
+    return [name for name, p in inspect.signature(METHODS[method]).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
 def hypergradient_with_stats(upper: Loss, lower: Loss, x: Sequence[Tensor], y: Sequence[Tensor],
                              method: str = "exact", **options) -> tuple[Vec, dict[str, int]]:
     """Hypergradient estimate and its cost.
@@ -285,8 +290,7 @@ def hypergradient_with_stats(upper: Loss, lower: Loss, x: Sequence[Tensor], y: S
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; known: {sorted(METHODS)}")
     estimator = METHODS[method]
-    allowed = [name for name, p in inspect.signature(estimator).parameters.items()
-               if p.kind is p.KEYWORD_ONLY]
+    allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}")

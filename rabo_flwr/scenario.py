@@ -225,6 +225,12 @@ def validate(s: Scenario, source: str) -> Scenario:
     _check_choice(source, "algorithm.name", s.algorithm.name, ALGORITHMS)
     if s.algorithm.estimator:
         _check_choice(source, "algorithm.estimator", s.algorithm.estimator, ESTIMATORS)
+    from .hypergrad import method_options
+
+    unknown = sorted(set(s.algorithm.estimator_options) - set(method_options(s.algorithm.resolved_estimator)))
+    if unknown:
+        raise _fail(source, "algorithm.estimator_options", f"{unknown} not options of "
+                    f"{s.algorithm.resolved_estimator} (it takes {method_options(s.algorithm.resolved_estimator)})")
     _check_choice(source, "algorithm.mask_x", s.algorithm.mask_x, MASKS)
     _check_choice(source, "algorithm.mask_y", s.algorithm.mask_y, MASKS)
     from .models.backbones import BACKBONES  # the registry is the single list of names

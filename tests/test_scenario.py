@@ -54,6 +54,7 @@ def write(tmp_path, text):
     ("algorithm:\n  name: fedmbo\n", "clients.capacities", "every capacity must be 1"),
     ("run:\n  faults:\n  - kind: explode\n", "run.faults[0].kind", "not one of"),
     ("task: 3\n", "task", "mapping"),
+    ("algorithm:\n  name: rabo\n  estimator_options: {K: 5}\n", "algorithm.estimator_options", "not options of exact"),
 ])
 def test_bad_scenarios_name_file_and_key(tmp_path, text, key, fragment):
     path = write(tmp_path, text)
@@ -81,17 +82,3 @@ def test_base_files_are_overlaid_and_cycles_named(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ScenarioError, match="loop.yaml: base: loop.yaml includes itself"):
         load_scenario(tmp_path / "loop.yaml")
-
-
-@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shipped_scenario_gives_its_estimator_only_options_it_takes(path):
-    import inspect
-
-    from clients.bilevel_client import estimator_options
-    from rabo_flwr.hypergrad import METHODS
-
-    scenario = load_scenario(path)
-    method = scenario.algorithm.resolved_estimator
-    accepted = {name for name, p in inspect.signature(METHODS[method]).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(estimator_options(scenario, 1, 0)) <= accepted
