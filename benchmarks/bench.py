@@ -222,16 +222,10 @@ def errors(h: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def hypergradient_tasks(cfg: dict[str, Any]) -> list[tuple[str, Path, dict[str, Any]]]:
-    tasks = [("few-shot Conv4 w64", QUICKSTART, {})]
-    if (REPO / "rabo_flwr" / "models" / "resnet12.py").exists():
-        w = cfg["resnet12_width"]
-        tasks.append((f"few-shot ResNet12 w{w}", QUICKSTART, {"model.backbone": "resnet12", "model.width": w}))
-    if (REPO / "rabo_flwr" / "tasks" / "loss_tuning.py").exists() and LOSS_TUNING.exists():
-        tasks.append(("loss-tuning", LOSS_TUNING, {}))
-    else:
-        print("note: loss-tuning task (rabo_flwr/tasks/loss_tuning.py, scenarios/loss_tuning_mini.yaml) "
-              "not found: skipped", flush=True)
-    return tasks
+    w = cfg["resnet12_width"]
+    return [("few-shot Conv4 w64", QUICKSTART, {}),
+            (f"few-shot ResNet12 w{w}", QUICKSTART, {"model.backbone": "resnet12", "model.width": w}),
+            ("loss-tuning Conv4 w8", LOSS_TUNING, {})]
 
 
 def hypergradient_benchmark(cfg: dict[str, Any], threads: int, work: Path) -> list[dict[str, Any]]:

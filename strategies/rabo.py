@@ -83,6 +83,8 @@ class RaboStrategy(Strategy):
                  self.alpha, self.beta, self.fraction, self.min_available,
                  {side: p.name for side, p in self.policies.items()})
 
+    # Flower's Strategy interface covers one training round; ``start`` drives both phases of an
+    # iteration through ``_phase_messages``/``_aggregate``, which these wrap for the inner phase.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Messages of the inner phase (``train.inner``)."""
         return self._phase_messages(INNER, server_round, config, grid)
@@ -91,13 +93,6 @@ class RaboStrategy(Strategy):
         """y_{q+1} from the inner replies that arrived and passed the checks."""
         record = self._aggregate(INNER, server_round, replies)
         return tensors_to_record(self.server.y), MetricRecord({k: v for k, v in record.items() if isinstance(v, (int, float))})
-
-    def configure_outer(self, server_round: int, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Messages of the outer phase (``train.outer``)."""
-        return self._phase_messages(OUTER, server_round, config, grid)
-
-    def aggregate_outer(self, server_round: int, replies: Iterable[Message]) -> dict:
-        return self._aggregate(OUTER, server_round, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         """Evaluation is centralised on the server's held-out episodes; no client round."""
