@@ -5,11 +5,9 @@
 #                              -e PARTITION_ID=0 -e CAPACITY=0.5 rabo-flwr supernode
 FROM python:3.11-slim
 
+# offline.env (sourced by the entrypoint) turns off Flower's runtime installs, telemetry and update check
 ENV PYTHONUNBUFFERED=1 \
-    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
-    FLWR_TELEMETRY_ENABLED=0 \
-    FLWR_DISABLE_UPDATE_CHECK=1 \
-    RAY_USAGE_STATS_ENABLED=0 \
+    RABO_OFFLINE=1 \
     RABO_DATA_DIR=/data \
     RABO_CACHE_DIR=/cache \
     RABO_RESULTS_ROOT=/results

@@ -1,5 +1,5 @@
-"""Client classes: a client's two phases on plain arrays, with cost metrics."""
+"""The client side of a phase on plain tensors, with fault injection; Flower-free."""
 
-from .bilevel_client import BilevelClient
+from .client import Client
 
-__all__ = ["BilevelClient"]
+__all__ = ["Client"]

@@ -1,7 +1,8 @@
 """Injected faults, so tests (and users rehearsing a deployment) can see a run survive them.
 
 A scenario's ``run.faults`` names partitions, phases and iterations; the matching client then
-raises, sleeps past the phase timeout, or returns a malformed update that the server must reject.
+raises, sleeps past the phase timeout, or returns an update the server must reject: NaN values,
+a wrong shape, or a huge but finite one (what a diverging client sends).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Sequence
 import torch
 
 from rabo_flwr.scenario import Fault
+
+HUGE = 1e6  # a "huge" update is the real one times this: finite, far outside any phase's spread
 
 
 class InjectedFault(RuntimeError):
@@ -34,12 +37,17 @@ def before_phase(faults: Sequence[Fault]) -> None:
             time.sleep(fault.seconds)
 
 
-def corrupt_update(faults: Sequence[Fault], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Faults that spoil the reply: NaN values or a wrong shape."""
+def corrupt_updates(faults: Sequence[Fault], updates: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Faults that spoil the reply, applied to the first tensor of the first side (NaN, wrong shape)
+    or to all of it (huge)."""
+    side = next(iter(updates))
+    name = next(iter(updates[side]))
     for fault in faults:
-        name = next(iter(update))
+        first = updates[side][name]
         if fault.kind == "nan":
-            update = dict(update, **{name: torch.full_like(update[name], float("nan"))})
+            updates = updates | {side: updates[side] | {name: torch.full_like(first, float("nan"))}}
         elif fault.kind == "wrong-shape":
-            update = dict(update, **{name: torch.zeros(update[name].numel() + 1)})
-    return update
+            updates = updates | {side: updates[side] | {name: torch.zeros(first.numel() + 1)}}
+        elif fault.kind == "huge":
+            updates = updates | {side: {k: v * HUGE for k, v in updates[side].items()}}
+    return updates

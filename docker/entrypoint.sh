@@ -3,6 +3,7 @@
 set -euo pipefail
 role="${1:-simulation}"
 shift || true
+cd /app && . ./offline.env
 
 # --insecure unless the arguments bring TLS: flower-superlink ignores certificates given with
 # --insecure, and flower-supernode refuses --root-certificates together with it.

@@ -1,7 +1,8 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped.
 
 Mask policies, client sampling and episodes are all seeded by (seed, iteration, client), so
-the global x and y, the iteration and the metrics so far are the whole state; the file is
+the global x and y, the iteration, the metrics so far and the loop's bookkeeping (which
+elements were ever trained, FLOP estimates for failed clients) are the whole state; the file is
 written atomically, so a crash mid-write leaves the previous checkpoint intact.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .results import atomic_write
+from .files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -25,6 +26,7 @@ class Checkpoint:
     y: dict[str, torch.Tensor]
     metrics: list[dict[str, Any]]
     scenario: dict[str, Any]
+    state: dict[str, Any]
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:

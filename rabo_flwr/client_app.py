@@ -1,55 +1,47 @@
-"""ClientApp: message handlers around :class:`clients.BilevelClient`."""
+"""ClientApp: message handlers around :class:`clients.Client` (messages in, tensors through, messages out)."""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import BilevelClient
+from clients import Client
 
+from .protocol import CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASES, PROFILE, update_key
 from .runtime import cached_task, choose_device
 from .scenario import scenario_from_run_config
 
 app = ClientApp()
 
 
-def _partition(context: Context) -> int:
-    return int(context.node_config["partition-id"])
-
-
 def _announced_capacity(context: Context) -> float:
     """The node's own ``capacity`` (deployment ``--node-config``); 0 leaves it to the scenario's profile."""
-    return float(context.node_config.get("capacity", 0.0))
-
-
-def _client(context: Context) -> BilevelClient:
-    scenario = scenario_from_run_config(context.run_config)
-    return BilevelClient(cached_task(scenario), scenario, _partition(context), choose_device(scenario))
+    return float(context.node_config.get(NODE_CAPACITY, 0.0))
 
 
 def _handle(phase: str, message: Message, context: Context) -> Message:
-    client = _client(context)
-    iteration = int(message.content["config"]["iteration"])
-    x = message.content["x"].to_torch_state_dict()
-    y = message.content["y"].to_torch_state_dict()
-    update, metrics = getattr(client, phase)(iteration, x, y)
-    metrics["capacity"] = _announced_capacity(context)
-    return Message(RecordDict({"update": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=message)
+    """Run ``phase`` for the partition named in the message (in simulation one node serves several)."""
+    scenario = scenario_from_run_config(context.run_config)
+    config = message.content[CONFIG]
+    client = Client(cached_task(scenario), scenario, int(config[PARTITION]), choose_device(scenario))
+    arrays = {side: record.to_torch_state_dict() for side, record in message.content.array_records.items()}
+    updates, metrics = client.run(phase, int(config[ITERATION]), arrays)
+    metrics[CAPACITY] = _announced_capacity(context)
+    content = RecordDict({update_key(side): ArrayRecord(u) for side, u in updates.items()})
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=message)
 
 
-@app.train("inner")
-def inner(message: Message, context: Context) -> Message:
-    return _handle("inner", message, context)
+def _register(phase: str) -> None:
+    app.train(phase)(lambda message, context: _handle(phase, message, context))
 
 
-@app.train("outer")
-def outer(message: Message, context: Context) -> Message:
-    return _handle("outer", message, context)
+for _phase in PHASES:
+    _register(_phase)
 
 
-@app.query("profile")
+@app.query(PROFILE)
 def profile(message: Message, context: Context) -> Message:
     """Partition id and announced capacity (0 when the node leaves it to the scenario)."""
-    profile = {"partition": _partition(context), "capacity": _announced_capacity(context)}
-    return Message(RecordDict({"profile": MetricRecord(profile)}),
-                   reply_to=message)
+    reply = {PARTITION: int(context.node_config[NODE_PARTITION]), CAPACITY: _announced_capacity(context)}
+    return Message(RecordDict({PROFILE: MetricRecord(reply)}), reply_to=message)

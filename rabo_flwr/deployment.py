@@ -1,32 +1,29 @@
 """A real Flower deployment on this machine: one SuperLink, SuperNodes, ``flwr run``, clean stop.
 
-Simulation (:class:`rabo_flwr.flower_run.LocalFederation`) runs every client inside one Ray
-cluster; a deployment runs each client in its own ``flower-supernode`` process, as on edge
-devices, with its capacity announced in its node config. This module starts those processes on
-127.0.0.1 in LocalFederation's private Flower home and offline environment, names the SuperLink
-in that home's ``config.toml`` (deployments are named there, not in pyproject.toml), reads a
-run's real status with ``flwr ls`` (``flwr run`` exits 0 even when the run fails), and stops
-every process it started by pid, with their descendants: Flower starts each SuperExec in a new
-session, so neither a process group nor a command line finds them all.
+Simulation runs every client inside one Ray cluster; a deployment runs each client in its own
+``flower-supernode`` process, as on edge devices, with its capacity announced in its node
+config. This module starts those processes on 127.0.0.1 in a private
+:class:`~rabo_flwr.flower_run.FlowerHome` (offline environment, run-and-status, cleanup), names
+the SuperLink in that home's ``config.toml`` (deployments are named there, not in
+pyproject.toml), and stops every process it started, with their descendants.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
-from .flower_run import FLWR, LocalFederation, RunFailed, RunOutcome, ancestors, format_config, free_port, processes_mentioning
+from .files import atomic_write
+from .flower_run import FLWR, FlowerHome, RunOutcome, format_config
+from .processes import free_port, stop_processes
 
 FLOWER_SUPERLINK = str(Path(FLWR).with_name("flower-superlink"))
 FLOWER_SUPERNODE = str(Path(FLWR).with_name("flower-supernode"))
@@ -73,83 +70,15 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
         entry["insecure"] = True
     else:
         entry["root-certificates"] = str(Path(root_certificates).resolve())  # flwr wants an absolute path
-    if not path.exists():  # start from Flower's own default, so `flwr run` without a name still finds "local"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(DEFAULT_FLOWER_CONFIG_TOML)
-    existing = tomllib.loads(path.read_text())
-    current = existing.get("superlink", {}).get(name)
+    # start from Flower's own default, so `flwr run` without a name still finds "local"
+    text = path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
+    current = tomllib.loads(text).get("superlink", {}).get(name)
     if current == entry:
         return
     if current is not None:
         raise ValueError(f"{path} already defines [superlink.{name}] as {current}; choose another name")
     lines = [f"\n[superlink.{json.dumps(name)}]"] + [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
-    with path.open("a") as file:
-        file.write("\n".join(lines) + "\n")
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process (``/proc/PID/task/*/children`` is not always available)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return parents
-
-
-def process_tree(pids: Iterable[int]) -> set[int]:
-    """The pids and all their descendants (collected before a parent's death re-parents them)."""
-    children: dict[int, list[int]] = {}
-    for pid, parent in _parents().items():
-        children.setdefault(parent, []).append(pid)
-    tree, todo = set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in tree:
-            tree.add(pid)
-            todo += children.get(pid, [])
-    return tree
-
-
-def _running(pid: int) -> bool:
-    """Exists and is not a zombie (a zombie holds its pid until its parent reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return False
-
-
-def processes_with_env(key: str, value: str) -> list[int]:
-    """Pids whose environment has ``key=value``: every descendant of a process we started inherits it."""
-    marker = f"{key}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def stop_processes(pids: Iterable[int], grace: float = 10.0) -> None:
-    """SIGTERM the pids and their descendants, SIGKILL what is left after ``grace`` seconds."""
-    tree = process_tree(pids)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        tree |= process_tree(p for p in tree if _running(p))
-        for pid in tree:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while any(_running(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not any(_running(p) for p in tree):
-            return
+    atomic_write(path, lambda file: file.write(text + "\n".join(lines) + "\n"), "w")
 
 
 def _wait_for_port(service: Service, timeout: float) -> None:
@@ -169,15 +98,14 @@ def _wait_for_port(service: Service, timeout: float) -> None:
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1 in a private Flower home; a context manager that stops them.
 
-    ``env`` adds to LocalFederation's offline environment, e.g. ``RABO_DATA_DIR``; every
-    process started here (and the ServerApp and ClientApp processes Flower starts from them)
-    inherits it.
+    ``env`` adds to the home's offline environment, e.g. ``RABO_DATA_DIR``; every process
+    started here (and the ServerApp and ClientApp processes Flower starts from them) inherits it.
     """
 
     def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, connection: str = "local-deployment"):
-        self.home = LocalFederation(workdir, {"PYTHONUNBUFFERED": "1", **(env or {})})
+        self.home = FlowerHome(workdir, {"PYTHONUNBUFFERED": "1", **(env or {})})
         self.connection = connection  # the SuperLink's name in config.toml: `flwr run APP CONNECTION`
-        self.flwr_home = Path(self.home.env["FLWR_HOME"])
+        self.flwr_home = self.home.flwr_home
         self.logs = self.home.workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.services: list[Service] = []
@@ -250,36 +178,22 @@ class LocalDeployment:
             time.sleep(1)
 
     def run(self, app_dir: Path, run_config: Mapping[str, Any] | None = None, timeout: float = 1800) -> RunOutcome:
-        """``flwr run APP CONNECTION --stream``; returns the outcome read back with ``flwr ls CONNECTION``."""
-        args = ["run", str(app_dir), self.connection, "--stream"]
-        if run_config:
-            args += ["--run-config", format_config(run_config)]
-        done = self.home.flwr(*args, timeout=timeout, cwd=app_dir)
-        log = done.stdout + done.stderr
-        listing = self.home.flwr("ls", self.connection, "--format", "json")
-        try:
-            latest = max(json.loads(listing.stdout)["runs"], key=lambda r: r.get("pending-at", ""))
-        except (ValueError, KeyError) as err:
-            raise RunFailed(f"`flwr ls` gave no run list ({listing.stdout!r} {listing.stderr!r}); run log:\n{log}") from err
-        return RunOutcome(str(latest["run-id"]), latest["status"], latest, log)
+        """``flwr run APP CONNECTION --stream``; the outcome as ``flwr ls CONNECTION`` reports it."""
+        return self.home.run(app_dir, self.connection, run_config, timeout=timeout)
 
     def logs_tail(self, chars: int = 3000) -> str:
         return "\n".join(s.log_tail(chars) for s in self.services)
 
     def leftovers(self) -> list[int]:
-        """Processes still running in this deployment's Flower home (by environment or command line).
-
-        Our own ancestors are left out: the command that started us may name the work directory.
-        """
-        pids = set(processes_with_env("FLWR_HOME", str(self.flwr_home))) | set(processes_mentioning(str(self.home.workdir)))
-        return sorted(p for p in pids - ancestors() if _running(p))
+        """Processes still running in this deployment's Flower home."""
+        return self.home.leftovers()
 
     def close(self) -> None:
         """Stop every started process and its descendants, then whatever else still runs in the private home."""
         stop_processes([s.process.pid for s in self.services] + self.leftovers())
         for service in self.services:
             service.process.wait(timeout=5)  # reap our own children
-        shutil.rmtree(self.home.ray_dir, ignore_errors=True)  # LocalFederation's; a deployment starts no Ray
+        self.home.close()
 
     def __enter__(self) -> "LocalDeployment":
         return self

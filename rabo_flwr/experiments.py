@@ -1,11 +1,17 @@
-"""The paper's experiment sets, one command each: run every cell, then write CSV, plots and a table.
+"""The paper's experiments, one command per set: run every cell, then write CSV, Markdown and plots.
 
-    python -m rabo_flwr.experiments table2 --reduced            # CPU-sized, labelled "reduced"
-    python -m rabo_flwr.experiments cost --engine plain         # same computation without Flower
+    python -m rabo_flwr.experiments table2 --column 5w1s          # Table II, one column, every row
+    python -m rabo_flwr.experiments cx-star                       # the C_x* study (Fig. 3)
+    python -m rabo_flwr.experiments loss-tuning                   # the loss-tuning rows (Fig. 5)
 
-Cells are the scenario files under ``scenarios/paper/``; ``--reduced`` applies the overrides
-in ``REDUCED`` (Conv4 instead of ResNet12, fewer iterations, less data) so a set runs on a CPU.
-Reduced results are labelled as such everywhere they are written; they are not the paper's setting.
+A cell is a scenario file under ``scenarios/paper/`` plus overrides (the column, the scale).
+``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a Conv4 backbone instead of
+ResNet12, a small CNN instead of ResNet18, and early stopping; ``--scale paper`` runs the files
+as they are (a GPU's work). Every output is labelled with its scale. Cells run in parallel
+processes (``--jobs``, one torch thread each when more than one), through the plain engine
+(the same loop and client code as Flower's, without it) or ``--engine flower`` (``flwr run``).
+A cell whose results directory already holds a finished run of the same scenario is not run
+again, so an interrupted set resumes and ``--plot-only`` redraws from what is there.
 """
 
 from __future__ import annotations
@@ -13,7 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -27,158 +39,318 @@ from .scenario import APP_DIR, Scenario, load_scenario  # noqa: E402
 
 PAPER = APP_DIR / "scenarios" / "paper"
 
-SETS: dict[str, list[str]] = {
-    "table2": sorted(str(p.relative_to(PAPER)) for p in (PAPER / "table2").glob("*.yaml")),
-    "table3": sorted(str(p.relative_to(PAPER)) for p in (PAPER / "table3").glob("*.yaml")),
-    "cx-star": ["cx_star/rafbo_c1.yaml", "cx_star/rafbo_c2.yaml"],
-    "scalability": [f"scalability/rafbo_{n}.yaml" for n in (10, 20, 30, 50)],
-    "cost": ["table2/fedmbo_5w1s.yaml", "table2/rabo_5w1s.yaml", "table2/rafbo_5w1s.yaml",
-             "table3/fedmbo.yaml", "table3/rabo.yaml", "table3/rafbo.yaml"],
+# Table II: rows in the paper's order, columns as task overrides; the paper's accuracies.
+TABLE2_ROWS = ["dist-protonet", "dist-maml", "fedmbo", "static", "oap", "fedrolex", "fiarse", "rabo", "rafbo"]
+COLUMNS = {"5w1s": {"task.n_way": 5, "task.k_shot": 1}, "5w5s": {"task.n_way": 5, "task.k_shot": 5},
+           "20w1s": {"task.n_way": 20, "task.k_shot": 1}, "20w5s": {"task.n_way": 20, "task.k_shot": 5}}
+PAPER_TABLE2 = {  # arXiv 2512.24667, Table II (ResNet12, 10 clients)
+    "dist-protonet": (80.76, 89.33, 60.05, 78.01), "dist-maml": (81.46, 92.01, 61.36, 78.35),
+    "fedmbo": (82.66, 93.69, 63.18, 81.64), "static": (72.34, 85.09, 42.99, 51.01), "oap": (73.58, 86.16, 45.45, 51.92),
+    "fedrolex": (73.74, 86.95, 47.25, 55.29), "fiarse": (74.33, 87.78, 49.52, 55.87), "rabo": (76.05, 89.12, 54.97, 77.41),
+    "rafbo": (75.09, 88.57, 51.37, 71.16)}
+PAPER_COST = {"rabo": 0.267, "rafbo": 0.178}  # FLOPs relative to FedMBO (Fig. 4); bytes: 0.267 for both
+LOSS_TUNING_ROWS = ["ce", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
+
+# What each scale changes, per task. "paper" runs the scenario files unchanged.
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 1000,
+                    "run.eval_every": 25, "run.patience": 4, "run.min_delta": 0.005},
+        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 300,
+                        "run.eval_every": 20},
+    },
+    "paper": {"fewshot": {}, "loss-tuning": {}},
 }
 
-REDUCED: dict[str, dict[str, Any]] = {
-    "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 40, "task.n_query": 5,
-                "task.eval_episodes": 200, "run.eval_every": 10},
-    "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 10, "task.batch_size": 32,
-                    "task.train_subsample": 0.2, "task.test_subsample": 0.2, "run.eval_every": 5},
+
+# Step-size sweep: every family gets the same grid size and budget, judged on evaluation episodes
+# drawn with another seed than the test episodes of the tables.
+SWEEP = {
+    "rabo": [{"algorithm.alpha": a} for a in (0.1, 0.3, 1.0)],
+    "fedrolex": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3)],
+    "dist-protonet": [{"algorithm.alpha": lr} for lr in (0.03, 0.1, 0.3)],
+    "dist-maml": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3)],
 }
-
-# What the paper reports (arXiv 2512.24667), where we have it; other cells are left blank.
-PAPER_COST = {"fewshot": {"rabo": {"flops": 0.267, "bytes": 0.267}, "rafbo": {"flops": 0.178, "bytes": 0.267}}}
-
-
-def resolve(cell: str, reduced: bool, out: Path) -> Scenario:
-    base = load_scenario(PAPER / cell)
-    overrides = dict(REDUCED[base.task.name]) if reduced else {}
-    overrides["run.results_dir"] = str(out / base.name)
-    return load_scenario(PAPER / cell, overrides)
+SWEEP_BUDGET = {"algorithm.iterations": 200, "run.eval_every": 100, "task.eval_episodes": 200, "task.eval_seed": 1,
+                "run.patience": 0}
 
 
-def run_cell(scenario_path: Path, overrides: dict[str, Any], scenario: Scenario, engine: str, work: Path) -> None:
+@dataclass
+class Cell:
+    """One run: a scenario file, the overrides that make it this cell, and where its results go."""
+
+    label: str
+    path: Path
+    overrides: dict[str, Any]
+
+    def scenario(self) -> Scenario:
+        return load_scenario(self.path, self.overrides)
+
+
+def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path) -> list[Cell]:
+    """The cells of a set, every scenario validated before anything runs."""
+    if name == "table2":
+        paths = {row: PAPER / "table2" / f"{row}.yaml" for row in rows or TABLE2_ROWS}
+        extra = COLUMNS[column]
+    elif name == "cx-star":
+        paths = {f"{a}-c{c}": PAPER / "cx_star" / f"{a}_c{c}.yaml" for a in ("rabo", "rafbo") for c in (1, 2)}
+        extra = {}
+    elif name == "loss-tuning":
+        paths = {row: PAPER / "losstuning" / f"{row}.yaml" for row in rows or LOSS_TUNING_ROWS}
+        extra = {}
+    elif name == "lr-sweep":
+        cells = [Cell(f"{row}-{'-'.join(str(v) for v in point.values())}", PAPER / "table2" / f"{row}.yaml",
+                      SCALES[scale]["fewshot"] | COLUMNS[column] | SWEEP_BUDGET | point
+                      | {"run.results_dir": str(out / "runs" / f"{row}-{'-'.join(str(v) for v in point.values())}")})
+                 for row in rows or SWEEP for point in SWEEP[row]]
+        for cell in cells:
+            cell.scenario()
+        return cells
+    else:
+        raise ValueError(f"unknown set {name!r}")
+    cells = []
+    for label, path in paths.items():
+        task = load_scenario(path).task.name
+        overrides = SCALES[scale][task] | extra | {"run.results_dir": str(out / "runs" / label)}
+        cells.append(Cell(label, path, overrides))
+    for cell in cells:
+        cell.scenario()  # a bad file or override stops the set here, before any cell runs
+    return cells
+
+
+def finished(scenario: Scenario) -> bool:
+    """The results directory holds a completed run of exactly this scenario."""
+    directory = scenario.results_path
+    try:
+        import yaml
+
+        same = yaml.safe_load((directory / "scenario.yaml").read_text()) == scenario.to_dict()
+        return same and read_metrics(directory / "metrics.jsonl")[-1]["phase"] == "done"
+    except (OSError, ValueError, IndexError, KeyError):
+        return False
+
+
+def run_cell(cell: Cell, engine: str, threads: int) -> str:
+    """Run one cell (in a worker process); its log goes to ``run.log`` in its results directory."""
+    import torch
+
+    torch.set_num_threads(threads)
+    scenario = cell.scenario()
+    if finished(scenario):
+        return f"{cell.label}: already finished in {scenario.results_path}"
+    scenario.results_path.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"rabo_flwr.experiments.{cell.label}")
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(scenario.results_path / "run.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
     if engine == "plain":
         from .loop import run_plain
-        from .results import ResultsWriter
 
-        writer = ResultsWriter(scenario.results_path, scenario)
-        server = run_plain(scenario, writer.log)
-        writer.save_model(server.x, server.y)
-        return
-    from .flower_run import LocalFederation, RunFailed
+        run_plain(scenario, logger)
+        return f"{cell.label}: done"
+    from .flower_run import FlowerHome, RunFailed
 
-    with LocalFederation(work / "flower") as federation:
-        outcome = federation.run(
-            APP_DIR, run_config={"scenario": str(scenario_path), **overrides},
-            federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1})
+    with FlowerHome(scenario.results_path / "_flower", {"OMP_NUM_THREADS": str(threads)}) as home:
+        outcome = home.run(APP_DIR, run_config={"scenario": str(cell.path), **cell.overrides},
+                           federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1})
+    (scenario.results_path / "run.log").write_text(outcome.log)
     if outcome.status != "finished:completed":
-        raise RunFailed(f"{scenario_path}: run ended {outcome.status}\n{outcome.log[-4000:]}")
+        raise RunFailed(f"{cell.label}: run ended {outcome.status}\n{outcome.log[-4000:]}")
+    return f"{cell.label}: done"
 
 
-def summarize(scenario: Scenario, reduced: bool) -> dict[str, Any]:
+def run_cells(cells: list[Cell], engine: str, jobs: int) -> None:
+    threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells)):
+            print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def summarize(cell: Cell, scale: str) -> dict[str, Any]:
+    """One row of a set's table from a cell's metrics.jsonl."""
+    scenario = cell.scenario()
     records = read_metrics(scenario.results_path / "metrics.jsonl")
-    phases = [r for r in records if r["phase"] in ("inner", "outer")]
+    phases = [r for r in records if r["phase"] not in ("eval", "done")]
     evals = [r for r in records if r["phase"] == "eval"]
-    final = evals[-1] if evals else {}
-    return {
-        "cell": scenario.name,
-        "scale": "reduced (CPU)" if reduced else "full",
-        "task": scenario.task.name,
-        "algorithm": scenario.algorithm.name,
-        "estimator": scenario.algorithm.resolved_estimator,
-        "backbone": scenario.model.backbone,
-        "clients": scenario.clients.num,
-        "iterations": scenario.algorithm.iterations,
-        "accuracy_start": evals[0].get("test_accuracy") if evals else math.nan,
-        "accuracy": final.get("test_accuracy", math.nan),
-        "balanced_accuracy": final.get("balanced_accuracy", math.nan),
-        "one_shot_runs_accuracy": final.get("one_shot_runs_accuracy", math.nan),
-        "C_x*": min((r["C_x*"] for r in phases), default=0),
-        "C_y*": min((r["C_y*"] for r in phases), default=0),
-        "flops": sum(r["flops"] for r in phases),
+    done = records[-1]
+    key = "test_accuracy" if scenario.task.name == "fewshot" else "balanced_accuracy"
+    best = max(evals, key=lambda r: r[key])
+    row = {
+        "cell": cell.label, "scale": scale, "task": scenario.task.name, "algorithm": scenario.algorithm.name,
+        "estimator": scenario.algorithm.resolved_estimator, "backbone": scenario.model.backbone,
+        "clients": scenario.clients.num, "iterations_run": done["iteration"], "stopped_early": done["stopped_early"],
+        "metric": key, "start": evals[0][key], "final": evals[-1][key], "final_se": evals[-1].get(f"{key}_se", math.nan),
+        "best": best[key], "best_iteration": best["iteration"],
+        "C_x*": min((r["C_x*"] for r in phases if "C_x*" in r), default=0),
+        "trained_x": phases[-1]["trained_x"], "trained_y": phases[-1]["trained_y"],
+        "flops": sum(r["flops"] for r in phases), "wasted_flops": sum(r["wasted_flops"] for r in phases),
         "bytes": sum(r["bytes_down"] + r["bytes_up"] for r in phases),
-        "wall_time": sum(r["wall_time"] for r in phases if "wall_time" in r),
-        "curve": [(r["iteration"], r["test_accuracy"]) for r in evals],
+        "wasted_bytes": sum(r["wasted_bytes"] for r in phases),
+        "rejected": sum(r["rejected"] for r in phases), "failures": sum(r["failures"] for r in phases),
+        "negative_curvature_replies": sum(r["negative_curvature_clients"] for r in phases),
+        "flops_per_iteration": sum(r["flops"] for r in phases) / max(1, done["iteration"]),
+        "wall_time": done["wall_time"],
+        "curve": [(r["iteration"], r[key], r.get(f"{key}_se", 0.0)) for r in evals],
     }
+    if scenario.task.name == "loss-tuning":
+        final = evals[-1]
+        row |= {"head_accuracy": final["head_accuracy"], "tail_accuracy": final["tail_accuracy"],
+                "per_class_accuracy": final["per_class_accuracy"], "w": final["w"], "l": final["l"], "Delta": final["Delta"]}
+    return row
 
 
 def add_cost_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each run's FLOPs and bytes relative to FedMBO's on the same task (the paper's Figs. 4 and 6)."""
+    """FLOPs and bytes relative to FedMBO's on the same task: per iteration (the paper's Figs. 4 and 6)
+    and in total to the end of the run (rows stop at different iterations)."""
     fedmbo = {r["task"]: r for r in rows if r["algorithm"] == "fedmbo"}
     for row in rows:
         ref = fedmbo.get(row["task"])
-        row["flops_vs_fedmbo"] = row["flops"] / ref["flops"] if ref and ref["flops"] else math.nan
-        row["bytes_vs_fedmbo"] = row["bytes"] / ref["bytes"] if ref and ref["bytes"] else math.nan
+        per = lambda r, k: r[k] / max(1, r["iterations_run"])  # noqa: E731
+        row["flops_vs_fedmbo"] = per(row, "flops") / per(ref, "flops") if ref and ref["flops"] > 0 else math.nan
+        row["bytes_vs_fedmbo"] = per(row, "bytes") / per(ref, "bytes") if ref and ref["bytes"] else math.nan
+        row["total_flops_vs_fedmbo"] = row["flops"] / ref["flops"] if ref and ref["flops"] > 0 else math.nan
 
 
-def write_outputs(name: str, rows: list[dict[str, Any]], out: Path) -> None:
+def _pct(value: float, se: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{100 * value:.2f}%" + (f" ± {100 * se:.2f}" if se and not math.isnan(se) else "")
+
+
+def _ratio(value: float) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, paper_column: int | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    columns = [k for k in rows[0] if k != "curve"]
+    flat = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
     with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
+    with open(out / f"{name}_curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", "iteration", rows[0]["metric"], "se"])
+        for r in rows:
+            writer.writerows([r["cell"], *point] for point in r["curve"])
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    _plot_curves(name, rows, out, title)
+    if any(r["algorithm"] == "fedmbo" for r in rows):
+        _plot_cost(name, rows, out, title)
+    if rows[0]["task"] == "loss-tuning":
+        _plot_hyperparameters(name, rows, out, title)
+    _write_markdown(name, rows, out, title, paper_column)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        if row["curve"]:
-            its, accs = zip(*row["curve"])
-            ax.plot(its, accs, marker="o", label=row["cell"])
+
+def _plot_curves(name, rows, out, title):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        its, acc, se = zip(*r["curve"])
+        line, = ax.plot(its, [100 * a for a in acc], label=r["cell"], lw=1.4)
+        ax.fill_between(its, [100 * (a - s) for a, s in zip(acc, se)], [100 * (a + s) for a, s in zip(acc, se)],
+                        color=line.get_color(), alpha=0.15)
     ax.set_xlabel("global iteration")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{name} ({rows[0]['scale']})")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"{rows[0]['metric'].replace('_', ' ')} (%)")
+    ax.set_title(f"{title} ({rows[0]['scale']} scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / f"{name}_accuracy.png", dpi=120)
     plt.close(fig)
 
-    if any(r["algorithm"] == "fedmbo" for r in rows):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        labels = [r["cell"] for r in rows]
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["flops_vs_fedmbo"] for r in rows], width=0.4, label="FLOPs")
-        ax.bar([x + 0.2 for x in xs], [r["bytes_vs_fedmbo"] for r in rows], width=0.4, label="bytes")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("relative to FedMBO")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_cost.png", dpi=120)
-        plt.close(fig)
 
-    lines = [f"# {name} ({rows[0]['scale']})", "",
-             "| cell | backbone | accuracy start -> end | balanced acc. | C_x* | FLOPs vs FedMBO (paper) | bytes vs FedMBO (paper) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+def _plot_cost(name, rows, out, title):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["flops_vs_fedmbo"] for r in rows], width=0.4, label="FLOPs per iteration")
+    ax.bar([x + 0.2 for x in xs], [r["bytes_vs_fedmbo"] for r in rows], width=0.4, label="bytes per iteration")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs), [r["cell"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("relative to FedMBO")
+    ax.set_title(f"{title}: cost ({rows[0]['scale']} scale)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_cost.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_hyperparameters(name, rows, out, title):
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    for ax, key in zip(axes, ("w", "l", "Delta")):
+        for r in rows:
+            ax.plot(range(10), r[key], marker="o", ms=3, label=r["cell"])
+        ax.set_title(key)
+        ax.set_xlabel("class (0 = most frequent)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: learned VS-loss hyperparameters ({rows[0]['scale']} scale)")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_hyperparameters.png", dpi=120)
+    plt.close(fig)
+
+
+def _write_markdown(name, rows, out, title, paper_column):
+    metric = rows[0]["metric"].replace("_", " ")
+    lines = [f"# {title} ({rows[0]['scale']} scale)", ""]
+    header = ["row", f"final {metric} ± SE", "best (iteration)", "iterations run", "C_x*",
+              "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "wasted FLOPs", "rejected"]
+    if paper_column is not None:
+        header.insert(1, "paper")
+    if rows[0]["task"] == "loss-tuning":
+        header[3:3] = ["head classes", "tail classes"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        paper = PAPER_COST.get(r["task"], {}).get(r["algorithm"], {})
-        fmt = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-        lines.append(f"| {r['cell']} | {r['backbone']} | {fmt(r['accuracy_start'])} -> {fmt(r['accuracy'])} | "
-                     f"{fmt(r['balanced_accuracy'])} | {r['C_x*']} | {fmt(r.get('flops_vs_fedmbo'))} ({fmt(paper.get('flops'))}) | "
-                     f"{fmt(r.get('bytes_vs_fedmbo'))} ({fmt(paper.get('bytes'))}) |")
-    lines += ["", "Paper columns in parentheses are the paper's reported ratios where we have them (few-shot task:",
-              "RABO 26.7% and RAFBO 17.8% of FedMBO's computation, 73.3% less communication for both)."]
+        cells = [r["cell"], _pct(r["final"], r["final_se"]), f"{_pct(r['best'])} ({r['best_iteration']})",
+                 f"{r['iterations_run']}{' (stopped)' if r['stopped_early'] else ''}", str(r["C_x*"]),
+                 _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)),
+                 f"{r['wasted_flops']:.3g}", str(r["rejected"])]
+        if paper_column is not None:
+            paper = PAPER_TABLE2.get(r["algorithm"])
+            cells.insert(1, f"{paper[paper_column]:.2f}%" if paper and r["cell"] == r["algorithm"] else "")
+        if r["task"] == "loss-tuning":
+            cells[3:3] = [_pct(r["head_accuracy"]), _pct(r["tail_accuracy"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Scale: {rows[0]['scale']}; overrides: `{json.dumps(SCALES[rows[0]['scale']][rows[0]['task']])}`.",
+              "Final = the last evaluation (the run's end, or where early stopping stopped it); SE = standard error "
+              "over the evaluation episodes. Cost ratios are per global iteration, over all work sent "
+              "(rejected and failed replies included; `wasted FLOPs` is that part)."]
+    if paper_column is not None:
+        lines.append("Paper = Table II of arXiv 2512.24667 (ResNet12, full scale); paper cost ratios: RABO 0.267, "
+                     "RAFBO 0.178 of FedMBO's FLOPs, 0.267 of its bytes.")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
+              "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}"}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("set", choices=sorted(SETS))
-    parser.add_argument("--reduced", action="store_true", help="CPU-sized runs (labelled 'reduced')")
-    parser.add_argument("--engine", choices=("flower", "plain"), default="flower")
-    parser.add_argument("--out", type=Path, default=Path("results/experiments"))
-    parser.add_argument("--only", nargs="*", help="run only these cells (file names under scenarios/paper)")
+    parser.add_argument("set", choices=sorted(SET_TITLES))
+    parser.add_argument("--column", choices=sorted(COLUMNS), default="5w1s", help="Table II column (table2 only)")
+    parser.add_argument("--rows", nargs="*", help="run only these rows (file names without .yaml)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--engine", choices=("plain", "flower"), default="plain")
+    parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="cells run at once")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/experiments/<scale>/<set>")
+    parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
     args = parser.parse_args(argv)
-    out = args.out.resolve() / args.set
-    cells = [c for c in SETS[args.set] if not args.only or c in args.only]
-    scenarios = [resolve(cell, args.reduced, out) for cell in cells]  # every file validated before any run
-    rows = []
-    for cell, scenario in zip(cells, scenarios):
-        overrides = dict(REDUCED[scenario.task.name]) if args.reduced else {}
-        overrides["run.results_dir"] = str(scenario.results_path)
-        print(f"running {cell} ({'reduced' if args.reduced else 'full'}, {args.engine})", flush=True)
-        run_cell(PAPER / cell, overrides, scenario, args.engine, out / "_work" / scenario.name)
-        rows.append(summarize(scenario, args.reduced))
+    name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep") else args.set
+    out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
+    cells = cells_for(args.set, args.column, args.rows, args.scale, out)
+    if not args.plot_only:
+        run_cells(cells, args.engine, args.jobs)
+    rows = [summarize(cell, args.scale) for cell in cells if finished(cell.scenario())]
+    if not rows:
+        sys.exit(f"no finished runs under {out / 'runs'}")
     add_cost_ratios(rows)
-    write_outputs(args.set, rows, out)
-    print((out / f"{args.set}.md").read_text())
+    title = SET_TITLES[args.set].format(column=args.column)
+    write_outputs(name, rows, out, title, list(COLUMNS).index(args.column) if args.set == "table2" else None)
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,33 +1,21 @@
-"""Server side of one RABO/RAFBO global iteration, in plain PyTorch.
-
-The strategy (a Flower adapter) asks this class for each client's plan and slices, ships
-them, and hands back whatever replies arrived; this class does the coverage-counted updates
-y <- y - beta * avg(G) and x <- x - alpha * avg(H) and reports C_x*, C_y*.
+"""The server's state across a run, in plain PyTorch: global x and y, this iteration's submodels,
+coverage-counted steps, and the checks a reply must pass before it may be aggregated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-import time
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .aggregation import Coverage, apply_step, coverage_mean, coverage_of
-from .masks import MaskPolicy, build_plan
+from .masks import MaskPolicy, begin_round, build_plan
 from .submodel import Layout, Plan, slice_tensors, sliced_shape
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class Reply:
-    """One client's answer in a phase: its plan (known to the server) and its update slices."""
-
-    client: int
-    update: Mapping[str, torch.Tensor]
+SIDES = ("x", "y")
 
 
 def sample_clients(partitions: Sequence[int], fraction: float, seed: int, iteration: int) -> list[int]:
@@ -38,16 +26,13 @@ def sample_clients(partitions: Sequence[int], fraction: float, seed: int, iterat
     return [ordered[i] for i in sorted(chosen)]
 
 
-class BilevelServer:
-    """Holds the global x and y and applies the two phases of every global iteration."""
+class ServerState:
+    """Holds the global x and y, plans each iteration's submodels and applies coverage-counted steps."""
 
-    def __init__(self, layouts: Mapping[str, Layout], x: Tensors, y: Tensors,
-                 policies: Mapping[str, MaskPolicy], alpha: float, beta: float):
+    def __init__(self, layouts: Mapping[str, Layout], x: Tensors, y: Tensors, policies: Mapping[str, MaskPolicy]):
         self.layouts = dict(layouts)
         self.tensors = {"x": dict(x), "y": dict(y)}
         self.policies = dict(policies)
-        self.alpha = alpha
-        self.beta = beta
         self.plans: dict[int, Plan] = {}
 
     @property
@@ -59,85 +44,50 @@ class BilevelServer:
         return self.tensors["y"]
 
     def plan_iteration(self, iteration: int, capacities: Mapping[int, float]) -> dict[int, Plan]:
-        """Submodels of this iteration's clients, from their reported capacities."""
-        every = self.tensors["x"] | self.tensors["y"]
-        for policy in self.policies.values():
-            policy.begin_round(iteration, every, self.layouts)
+        """Submodels of this iteration's clients, from their capacities and the current global model."""
+        begin_round(self.layouts, self.policies, iteration, self.x | self.y)
         self.plans = {
             client: build_plan(self.layouts, self.policies, capacity, iteration, client)
             for client, capacity in capacities.items()
         }
         return self.plans
 
-    def slices(self, client: int) -> dict[str, Tensors]:
-        """What a client receives: its slices of the current x and y."""
+    def slices(self, client: int, sides: Iterable[str] = SIDES) -> dict[str, Tensors]:
+        """What a client receives: its slices of the current global tensors of ``sides``."""
         plan = self.plans[client]
-        return {side: slice_tensors(self.tensors[side], self.layouts[side], plan) for side in ("x", "y")}
-
-    def planned_coverage(self, side: str) -> Coverage:
-        """Coverage of ``side`` if every planned client replies (reported for the side a phase does not update)."""
-        shapes = {n: t.shape for n, t in self.tensors[side].items()}
-        ones = ((plan, {n: torch.ones(s) for n, s in self._sliced_shapes(plan, side).items()}) for plan in self.plans.values())
-        return coverage_of(coverage_mean(shapes, self.layouts[side], ones)[1])
-
-    def _sliced_shapes(self, plan: Plan, side: str) -> dict[str, tuple[int, ...]]:
-        layout = self.layouts[side]
-        return {n: sliced_shape(t.shape, layout.dims[n], plan) for n, t in self.tensors[side].items()}
+        return {side: slice_tensors(self.tensors[side], self.layouts[side], plan) for side in sides}
 
     def expected_shapes(self, client: int, side: str) -> dict[str, tuple[int, ...]]:
         """Shapes a client's update for ``side`` must have (used to reject malformed replies)."""
-        return self._sliced_shapes(self.plans[client], side)
+        layout = self.layouts[side]
+        return {n: sliced_shape(t.shape, layout.dims[n], self.plans[client]) for n, t in self.tensors[side].items()}
 
-    def _apply(self, side: str, replies: list[Reply], lr: float) -> Coverage:
+    def planned_coverage(self, side: str) -> Coverage:
+        """Coverage of ``side`` if every planned client replied (reported for sides a phase sends but does not step)."""
+        ones = ((plan, {n: torch.ones(s) for n, s in self.expected_shapes(client, side).items()})
+                for client, plan in self.plans.items())
+        return coverage_of(self._mean(side, ones)[1])
+
+    def _mean(self, side, contributions):
         shapes = {n: t.shape for n, t in self.tensors[side].items()}
-        mean, counts = coverage_mean(
-            shapes, self.layouts[side], ((self.plans[r.client], r.update) for r in replies)
-        )
-        self.tensors[side] = apply_step(self.tensors[side], mean, lr)
-        return coverage_of(counts)
+        return coverage_mean(shapes, self.layouts[side], contributions)
 
-    def finish_phase(self, phase: str, iteration: int, replies: list[Reply], clients: list[dict],
-                     sent: int, failures: int = 0, rejected: int = 0, started: float | None = None) -> dict:
-        """Apply a phase's accepted replies and describe it as one metrics record.
+    def step(self, side: str, updates: Mapping[int, Mapping[str, torch.Tensor]], lr: float) -> dict[str, torch.Tensor]:
+        """``side <- side - lr * coverage-mean(updates)``; uncovered elements keep their value.
 
-        ``clients`` holds each accepted client's metrics (with ``bytes_down``/``bytes_up``); the
-        record gives coverage of both sides (the updated one from the replies, the other as planned).
+        ``updates`` maps each contributing client to its update slices; returns the coverage
+        counts per tensor. Clients are summed in a fixed order, so arrival order never changes
+        the result.
         """
-        start = time.perf_counter()
-        side, other = ("y", "x") if phase == "inner" else ("x", "y")
-        replies = sorted(replies, key=lambda r: r.client)  # arrival order must not change the sums
-        coverage = self.apply_inner(replies) if phase == "inner" else self.apply_outer(replies)
-        loss_key = "lower_loss" if phase == "inner" else "upper_loss"
-        return {
-            "iteration": iteration,
-            "phase": phase,
-            "clients_sent": sent,
-            "clients_aggregated": len(replies),
-            "failures": failures,
-            "rejected": rejected,
-            loss_key: float(np.mean([c[loss_key] for c in clients])) if clients else float("nan"),
-            **coverage.as_metrics(side),
-            **self.planned_coverage(other).as_metrics(other),
-            "bytes_down": sum(c["bytes_down"] for c in clients),
-            "bytes_up": sum(c["bytes_up"] for c in clients),
-            "flops": float(sum(c["flops"] for c in clients)) if all(c["flops"] >= 0 for c in clients) else -1.0,
-            "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
-            "aggregation_time": time.perf_counter() - start,
-            "wall_time": time.perf_counter() - (started if started is not None else start),
-            "clients": clients,
-        }
-
-    def apply_inner(self, replies: list[Reply]) -> Coverage:
-        """y_{q+1} = y_q - beta * coverage-average of G_i; uncovered elements keep their value."""
-        return self._apply("y", replies, self.beta)
-
-    def apply_outer(self, replies: list[Reply]) -> Coverage:
-        """x_{q+1} = x_q - alpha * coverage-average of H_i."""
-        return self._apply("x", replies, self.alpha)
+        mean, counts = self._mean(side, ((self.plans[c], updates[c]) for c in sorted(updates)))
+        self.tensors[side] = apply_step(self.tensors[side], mean, lr)
+        return counts
 
 
-def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+def check_update(update: Mapping[str, torch.Tensor] | None, expected: Mapping[str, tuple[int, ...]]) -> str | None:
     """Why a client's update must not be aggregated (wrong names, shapes, dtype, non-finite), or None."""
+    if update is None:
+        return "missing update"
     if set(update) != set(expected):
         missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
         return f"wrong array names (missing {missing}, unexpected {extra})"
@@ -150,3 +100,25 @@ def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, tupl
         if not torch.isfinite(value).all():
             return f"{name}: contains NaN or infinite values"
     return None
+
+
+def update_rms(updates: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
+    """Root mean square over every element of a reply's updates: comparable across submodel sizes."""
+    total = sum(float(t.double().pow(2).sum()) for side in updates.values() for t in side.values())
+    count = sum(t.numel() for side in updates.values() for t in side.values())
+    return math.sqrt(total / count) if count else 0.0
+
+
+def divergent(rms: Mapping[int, float], factor: float) -> dict[int, float]:
+    """Replies whose RMS exceeds ``factor`` times the phase's median RMS, with their ratio.
+
+    The median is the lower median (with two replies, the smaller), so one divergent reply
+    cannot drag the reference up with it; ``factor = 0`` turns the guard off.
+    """
+    if not factor or len(rms) < 2:
+        return {}
+    values = sorted(rms.values())
+    reference = values[(len(values) - 1) // 2]
+    if reference <= 0:  # most replies changed nothing: no scale to judge the others by
+        return {}
+    return {c: v / reference for c, v in rms.items() if v > factor * reference}

@@ -1,35 +1,35 @@
-"""Run the app with ``flwr run`` in an isolated Flower home, check its real status, clean up.
+"""``flwr`` in a private Flower home: run an app, read its real status, stop what it started.
 
-``flwr run`` exits 0 even when the run fails, and its local SuperLink outlives the run. This
-module gives tests, the experiment harness and users one place that: sets the offline
-environment, uses its own ``FLWR_HOME``/``HOME``/``RAY_TMPDIR``/ports, reads the final status
-with ``flwr ls --format json``, and stops every process it started (by pid).
+``flwr run`` exits 0 even when the run fails, and its local SuperLink outlives the run. A
+:class:`FlowerHome` gives tests, the experiment harness, the benchmark and the deployment helper
+one place that: sets the offline environment (``offline.env``), uses its own
+``FLWR_HOME``/``HOME``/``RAY_TMPDIR``/``TMPDIR`` and ports, runs ``flwr run`` and reads the final
+status with ``flwr ls --format json``, and stops every process started in that home, by pid.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-OFFLINE_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else `uv sync` runs and the run fails (code 608)
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
+from .processes import free_port, processes_marked, stop_processes
+from .scenario import APP_DIR
 
 FLWR = str(Path(sys.executable).with_name("flwr"))  # the CLI of this environment, not whatever is on PATH
+
+
+def offline_env(path: Path = APP_DIR / "offline.env") -> dict[str, str]:
+    """The literal ``export KEY=VALUE`` lines of ``offline.env``: the one list of offline variables."""
+    pattern = re.compile(r"^export ([A-Z_][A-Z0-9_]*)=([^$\s]+)\s*(#.*)?$")
+    return {m.group(1): m.group(2) for line in path.read_text().splitlines() if (m := pattern.match(line))}
 
 
 class RunFailed(RuntimeError):
@@ -44,54 +44,18 @@ class RunOutcome:
     log: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def format_config(values: Mapping[str, Any]) -> str:
     """``{"a.b": 1, "c": "x"}`` -> ``a.b=1 c="x"`` (TOML values, as ``flwr run`` expects)."""
     return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
                     for k, v in values.items())
 
 
-def ancestors() -> set[int]:
-    """This process and its parents, which a cleanup must never signal."""
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
+class FlowerHome:
+    """A private Flower home with its own local SuperLink ports; a context manager that cleans up.
 
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line mentions ``text`` (our private FLWR_HOME or Ray temp dir)."""
-    pids, spared = [], ancestors()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in spared:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-class LocalFederation:
-    """A private Flower home with its own local SuperLink ports; a context manager that cleans up."""
+    ``env`` adds to the offline environment (e.g. ``RABO_DATA_DIR``); every process started
+    here, and every process Flower starts from them, inherits it.
+    """
 
     def __init__(self, workdir: Path, env: Mapping[str, str] | None = None):
         self.workdir = Path(workdir).resolve()
@@ -99,9 +63,10 @@ class LocalFederation:
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
         # Ray's socket paths must stay under 107 bytes, so its temp dir is short, beside the rest
         self.ray_dir = Path(tempfile.mkdtemp(prefix="rabo-ray-", dir="/tmp"))
-        self.env = dict(os.environ) | OFFLINE_ENV | {
+        self.flwr_home = self.workdir / "flwr"
+        self.env = dict(os.environ) | offline_env() | {
             "HOME": str(self.workdir / "home"),
-            "FLWR_HOME": str(self.workdir / "flwr"),
+            "FLWR_HOME": str(self.flwr_home),
             "RAY_TMPDIR": str(self.ray_dir),
             "TMPDIR": str(self.workdir / "tmp"),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -114,39 +79,37 @@ class LocalFederation:
         return subprocess.run([FLWR, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
-    def run(self, app_dir: Path, run_config: Mapping[str, Any] | None = None,
+    def run(self, app_dir: Path, connection: str | None = None, run_config: Mapping[str, Any] | None = None,
             federation_config: Mapping[str, Any] | None = None, timeout: float = 1800) -> RunOutcome:
-        """``flwr run APP --stream``; returns the outcome read back with ``flwr ls``."""
-        args = ["run", str(app_dir), "--stream"]
+        """``flwr run APP [CONNECTION] --stream``; the outcome as ``flwr ls`` reports it afterwards.
+
+        Without ``connection`` the run goes to Flower's local SuperLink (simulation).
+        """
+        target = [str(app_dir)] + ([connection] if connection else [])
+        args = ["run", *target, "--stream"]
         if run_config:
             args += ["--run-config", format_config(run_config)]
         if federation_config:
             args += ["--federation-config", format_config(federation_config)]
         done = self.flwr(*args, timeout=timeout, cwd=app_dir)
         log = done.stdout + done.stderr
-        listing = self.flwr("ls", "--format", "json", cwd=app_dir)
+        listing = self.flwr("ls", *([connection] if connection else []), "--format", "json", cwd=app_dir)
         try:
-            runs = json.loads(listing.stdout)["runs"]
+            latest = max(json.loads(listing.stdout)["runs"], key=lambda r: r.get("pending-at", ""))
         except (ValueError, KeyError) as err:
             raise RunFailed(f"`flwr ls` gave no run list ({listing.stdout!r} {listing.stderr!r}); run log:\n{log}") from err
-        latest = max(runs, key=lambda r: r.get("pending-at", ""))
         return RunOutcome(str(latest["run-id"]), latest["status"], latest, log)
 
-    def close(self) -> None:
-        """Stop the SuperLink and any Ray or simulation process this federation started."""
-        def alive() -> list[int]:
-            return [p for m in (str(self.workdir), str(self.ray_dir)) for p in processes_mentioning(m)]
+    def leftovers(self) -> list[int]:
+        """Processes still running in this home (the SuperLink, Ray, app processes)."""
+        return sorted(set(processes_marked(str(self.workdir))) | set(processes_marked(str(self.ray_dir))))
 
-        for pid in alive():
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in alive():
-            _signal(pid, signal.SIGKILL)
+    def close(self) -> None:
+        """Stop every process started in this home, with its descendants."""
+        stop_processes(self.leftovers())
         shutil.rmtree(self.ray_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> "FlowerHome":
         return self
 
     def __exit__(self, *exc) -> None:

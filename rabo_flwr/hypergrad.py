@@ -10,22 +10,40 @@ first-order gradients only (``fd-coordinate``, ``fd-directional``), which is wha
 clients can afford. As in torchopt, the linear solvers only see a matrix-free ``matvec`` on
 lists of tensors, so one Neumann solver serves autograd and finite-difference products alike.
 
-``f`` is the ``upper`` callable and ``g`` the ``lower`` one; both take ``(x, y)`` as lists of
-tensors and return a scalar tensor.
+Non-convex lower levels (a network's loss in its weights) have indefinite ``H_yy``, where
+``[H_yy]^-1 grad_y f`` is not a hypergradient any more. The solvers detect it and stop in a
+stated way instead of returning whatever the iteration produced:
+
+- conjugate gradient stops at the first direction of non-positive curvature and returns the
+  iterate it has (truncated CG, Nocedal & Wright, Numerical Optimization, 2nd ed., Alg. 7.1;
+  at the very first direction that iterate is 0, i.e. the implicit term is left out, since
+  no curvature scale is known for anything else);
+- the Neumann series takes its step from a power-iteration estimate of the largest curvature
+  (``step = 1 / lambda_max``, inside the convergence range ``(0, 2 / lambda_max)``) unless a
+  step is given, and stops adding terms once they grow (which only negative curvature, or a
+  step that is too long, makes them do).
+
+Every estimator reports what it saw (iterations, residual, negative curvature, step) next to
+the estimate. ``f`` is the ``upper`` callable and ``g`` the ``lower`` one; both take ``(x, y)``
+as lists of tensors and return a scalar tensor.
 """
 
 from __future__ import annotations
 
 import bisect
 import inspect
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .cost import CostMeter, shapes
+
 Vec = list[Tensor]
 Loss = Callable[[Vec, Vec], Tensor]
 MatVec = Callable[[Vec], Vec]
+Diagnostics = dict[str, float]
 
 
 # --- vector operations on lists of tensors (one flat vector split over several shapes) ---
@@ -55,42 +73,95 @@ def norm(x: Sequence[Tensor]) -> Tensor:
 
 
 def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
-                       max_iter: int = 100) -> Vec:
-    """Solve ``A v = b`` for symmetric positive definite ``A`` by conjugate gradient.
+                       max_iter: int = 100) -> tuple[Vec, Diagnostics]:
+    """Solve ``A v = b`` by conjugate gradient, truncated at non-positive curvature.
 
-    Stops once ``||b - A v|| <= tol * ||b||`` or after ``max_iter`` products: unlike Neumann it
-    needs no step size and converges in about ``sqrt(cond(A))`` products.
+    Stops once ``||b - A v|| <= tol * ||b||``, after ``max_iter`` products, or at the first
+    search direction ``p`` with ``p'Ap <= 0`` (``A`` is not positive definite there; the
+    iterate so far is returned). Diagnostics: ``iterations`` (CG steps taken), ``residual``
+    (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
     """
     v = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = r
     rr = dot(r, r)
-    stop = tol**2 * rr
+    b_norm = float(rr.sqrt())
+    steps, negative = 0, False
     for _ in range(max_iter):
-        if rr <= stop:
+        if float(rr.sqrt()) <= tol * b_norm:
             break
         ap = matvec(p)
-        alpha = rr / dot(p, ap)
+        curvature = dot(p, ap)
+        if not curvature > 0:  # also catches NaN
+            negative = True
+            break
+        alpha = rr / curvature
         v = axpy(alpha, p, v)
         r = axpy(-alpha, ap, r)
         rr, rr_old = dot(r, r), rr
         p = axpy(rr / rr_old, p, r)
-    return v
+        steps += 1
+    residual = float(rr.sqrt()) / b_norm if b_norm > 0 else 0.0
+    return v, {"iterations": float(steps), "residual": residual, "negative_curvature": float(negative),
+               "converged": float(residual <= tol)}
 
 
-def neumann_series(matvec: MatVec, b: Sequence[Tensor], K: int = 10, step: float = 0.1) -> Vec:
-    """Approximate ``A^-1 b`` by ``step * sum_{k<K} (I - step A)^k b``.
+def neumann_series(matvec: MatVec, b: Sequence[Tensor], K: int = 10, step: float = 0.1) -> tuple[Vec, Diagnostics]:
+    """Approximate ``A^-1 b`` by ``step * sum_{k<K} (I - step A)^k b``, truncated where terms grow.
 
-    Converges for ``0 < step < 2 / lambda_max(A)`` with error ``~ (1 - step lambda_min)^K``;
-    costs ``K - 1`` products, none for ``K = 1`` (``v = step * b``, the one-step estimate).
+    Converges for ``0 < step < 2 / lambda_max(A)`` and positive definite ``A``, with error
+    ``~ (1 - step lambda_min)^K``; costs ``K - 1`` products, none for ``K = 1`` (``v = step * b``,
+    the one-step estimate). A term longer than the one before can only come from negative
+    curvature or a step that is too long: the series stops before adding it. Diagnostics:
+    ``iterations`` (terms summed), ``truncated`` (1 if stopped by a growing term), ``step``.
     """
     if K < 1:
         raise ValueError(f"Neumann series needs K >= 1, got K={K}")
     term = total = list(b)
+    length = norm(term)
+    terms, truncated = 1, False
     for _ in range(K - 1):
         term = axpy(-step, matvec(term), term)
+        new_length = norm(term)
+        if not new_length <= length:  # growing (or NaN): the series diverges from here
+            truncated = True
+            break
         total = axpy(1.0, term, total)
-    return scal(step, total)
+        length = new_length
+        terms += 1
+    return scal(step, total), {"iterations": float(terms), "truncated": float(truncated), "step": float(step)}
+
+
+def power_iteration(matvec: MatVec, like: Sequence[Tensor], iterations: int = 10, seed: int = 0) -> tuple[float, float]:
+    """``(|lambda|, rayleigh)`` of the eigenvalue of largest magnitude, by power iteration.
+
+    Starts from a seeded random vector; ``rayleigh < 0`` means that eigenvalue is negative
+    (the matrix is indefinite). Costs ``iterations`` products.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    u = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in like]
+    u = scal(1 / norm(u), u)
+    magnitude, rayleigh = 0.0, 0.0
+    for _ in range(iterations):
+        w = matvec(u)
+        rayleigh = float(dot(u, w))
+        length = norm(w)
+        magnitude = float(length)
+        if not magnitude > 0:
+            break
+        u = scal(1 / length, w)
+    return magnitude, rayleigh
+
+
+def safe_neumann_step(matvec: MatVec, like: Sequence[Tensor], iterations: int, seed: int) -> Diagnostics:
+    """``step = 1 / lambda_max`` from power iteration, with what it measured.
+
+    Power iteration approaches ``lambda_max`` from below, so ``1 / estimate`` stays below the
+    divergence bound ``2 / lambda_max`` as long as the estimate reaches half of it.
+    """
+    magnitude, rayleigh = power_iteration(matvec, like, iterations, seed)
+    step = 1.0 / magnitude if magnitude > 0 and math.isfinite(magnitude) else 0.0
+    return {"step": step, "lambda_max": magnitude, "negative_curvature": float(rayleigh < 0)}
 
 
 # --- differentiation ---
@@ -110,24 +181,33 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], **kwargs) -> Vec:
 
 
 class _Oracle:
-    """Gradients of ``upper``/``lower`` at given points, counted for cost benchmarks."""
+    """Gradients of ``upper``/``lower`` at given points, counted, and metered by ``meter``.
 
-    def __init__(self, upper: Loss, lower: Loss):
-        self.upper, self.lower = upper, lower
+    Every model evaluation runs as a named unit of a :class:`~rabo_flwr.cost.CostMeter`
+    (when one is given), so its FLOPs are counted once per shape and reused after that.
+    """
+
+    def __init__(self, upper: Loss, lower: Loss, x: Vec, y: Vec, meter: CostMeter | None):
+        self.losses = {"upper": upper, "lower": lower}
+        self.meter = meter
+        self.signature = shapes(x, y)
         self.stats = {"grad_evals": 0, "hvp_evals": 0}
 
-    def grad(self, loss: Loss, x: Vec, y: Vec, wrt: str) -> Vec:
-        """Gradient of ``loss`` at ``(x, y)`` w.r.t. one side, ``wrt`` = "x" or "y"."""
+    def _run(self, unit: str, work):
+        return work() if self.meter is None else self.meter.unit(unit, self.signature, work)
+
+    def grad(self, loss: str, x: Vec, y: Vec, wrt: str) -> Vec:
+        """Gradient of ``loss`` ("upper" or "lower") at ``(x, y)`` w.r.t. one side, ``wrt`` = "x" or "y"."""
         xs = _leaves(x) if wrt == "x" else x
         ys = _leaves(y) if wrt == "y" else y
         self.stats["grad_evals"] += 1
-        return _grad(loss(xs, ys), xs if wrt == "x" else ys)
+        return self._run(f"{loss}.grad_{wrt}", lambda: _grad(self.losses[loss](xs, ys), xs if wrt == "x" else ys))
 
-    def grad_xy(self, loss: Loss, x: Vec, y: Vec) -> tuple[Vec, Vec]:
+    def grad_xy(self, loss: str, x: Vec, y: Vec) -> tuple[Vec, Vec]:
         """``(grad_x, grad_y)`` of ``loss`` at ``(x, y)`` from one backward pass."""
         xs, ys = _leaves(x), _leaves(y)
         self.stats["grad_evals"] += 1
-        g = _grad(loss(xs, ys), xs + ys)
+        g = self._run(f"{loss}.grad_xy", lambda: _grad(self.losses[loss](xs, ys), xs + ys))
         return g[: len(xs)], g[len(xs):]
 
     def second_order(self, x: Vec, y: Vec) -> tuple[MatVec, MatVec]:
@@ -137,15 +217,15 @@ class _Oracle:
         """
         xs, ys = _leaves(x), _leaves(y)
         self.stats["grad_evals"] += 1
-        gy = _grad(self.lower(xs, ys), ys, create_graph=True)
+        gy = self._run("lower.grad_y_graph", lambda: _grad(self.losses["lower"](xs, ys), ys, create_graph=True))
 
-        def product(wrt: Vec) -> MatVec:
+        def product(wrt: Vec, unit: str) -> MatVec:
             def matvec(u: Vec) -> Vec:
                 self.stats["hvp_evals"] += 1
-                return _grad(dot(gy, u), wrt, retain_graph=True)
+                return self._run(unit, lambda: _grad(dot(gy, u), wrt, retain_graph=True))
             return matvec
 
-        return product(ys), product(xs)
+        return product(ys, "lower.hvp_yy"), product(xs, "lower.hvp_xy")
 
 
 def _central_difference(grad_at: Callable[[Tensor], Vec], direction: Vec, size: float) -> Vec:
@@ -165,51 +245,71 @@ def _shift(x: Vec, i: int, j: int, delta: float) -> Vec:
     return x[:i] + [t] + x[i + 1:]
 
 
-def _sample_coords(num_coords: int | str, dim: int, seed: int) -> tuple[Sequence[int], float]:
-    """Coordinates ``P`` (without replacement) and the weight ``dim / |P|`` that unbiases them."""
+def _sample_coords(num_coords: int | str, dim: int, seed: int) -> Sequence[int]:
+    """The coordinate set ``P`` (sorted, without replacement; all when ``num_coords >= dim``)."""
     if num_coords == "all":
-        return range(dim), 1.0
+        return range(dim)
     if isinstance(num_coords, bool) or not isinstance(num_coords, int) or num_coords < 1:
         raise ValueError(f"num_coords must be 'all' or a positive int, got {num_coords!r}")
     if num_coords >= dim:
-        return range(dim), 1.0
+        return range(dim)
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(dim, generator=generator)[:num_coords]
-    return sorted(chosen.tolist()), dim / num_coords
+    return sorted(torch.randperm(dim, generator=generator)[:num_coords].tolist())
 
 
-# --- estimators: (oracle, x, y, **options) -> hypergradient; options are keyword-only ---
+def _neumann_inverse(hvp: MatVec, b: Vec, K: int, step: float | None, power_iters: int, seed: int) -> tuple[Vec, Diagnostics]:
+    """Neumann series with the given step, or a safe one from power iteration (``step=None``)."""
+    if step is None:
+        measured = safe_neumann_step(hvp, b, power_iters, seed)
+        if measured["step"] == 0.0:  # no curvature measured: nothing to invert
+            return [torch.zeros_like(t) for t in b], measured | {"iterations": 0.0, "truncated": 1.0}
+        v, info = neumann_series(hvp, b, K, measured["step"])
+        return v, measured | info
+    v, info = neumann_series(hvp, b, K, step)
+    return v, info | {"lambda_max": math.nan}
 
 
-def _implicit(oracle: _Oracle, x: Vec, y: Vec, solve: Callable[[MatVec, Vec], Vec]) -> Vec:
-    """``grad_x f - H_xy v`` with ``v = solve(H_yy, grad_y f)`` on autograd products."""
-    fx, fy = oracle.grad_xy(oracle.upper, x, y)
-    hvp_yy, hvp_xy = oracle.second_order(x, y)
-    return axpy(-1.0, hvp_xy(solve(hvp_yy, fy)), fx)
+# --- estimators: (oracle, x, y, **options) -> (hypergradient, diagnostics); options are keyword-only ---
 
 
 def _exact(oracle: _Oracle, x: Vec, y: Vec, *, tol: float = 1e-10, max_iter: int = 100,
-           damping: float = 0.0) -> Vec:
-    """Implicit differentiation, ``(H_yy + damping I) v = grad_y f`` solved by CG: the reference."""
-    return _implicit(oracle, x, y, lambda hvp, b: conjugate_gradient(
-        lambda u: axpy(damping, u, hvp(u)), b, tol, max_iter))
+           damping: float = 0.0) -> tuple[Vec, Diagnostics]:
+    """Implicit differentiation, ``(H_yy + damping I) v = grad_y f`` by truncated CG: the reference.
+
+    On a strongly convex lower level this is the hypergradient to the solver's tolerance; where
+    ``H_yy + damping I`` has non-positive curvature CG stops there (see the module docstring).
+    """
+    fx, fy = oracle.grad_xy("upper", x, y)
+    hvp_yy, hvp_xy = oracle.second_order(x, y)
+    v, info = conjugate_gradient(lambda u: axpy(damping, u, hvp_yy(u)), fy, tol, max_iter)
+    return axpy(-1.0, hvp_xy(v), fx), info | {"damping": float(damping)}
 
 
-def _neumann(oracle: _Oracle, x: Vec, y: Vec, *, K: int = 10, step: float = 0.1) -> Vec:
-    """Implicit differentiation with FedMBO's K-term Neumann inverse on autograd products."""
-    return _implicit(oracle, x, y, lambda hvp, b: neumann_series(hvp, b, K, step))
+def _neumann(oracle: _Oracle, x: Vec, y: Vec, *, K: int = 10, step: float | None = None,
+             power_iters: int = 10, seed: int = 0) -> tuple[Vec, Diagnostics]:
+    """Implicit differentiation with FedMBO's K-term Neumann inverse on autograd products.
+
+    ``step=None`` (default) takes ``1 / lambda_max`` from ``power_iters`` products of power
+    iteration (seeded by ``seed``), so the series converges wherever ``H_yy`` is positive definite.
+    """
+    fx, fy = oracle.grad_xy("upper", x, y)
+    hvp_yy, hvp_xy = oracle.second_order(x, y)
+    v, info = _neumann_inverse(hvp_yy, fy, K, step, power_iters, seed)
+    return axpy(-1.0, hvp_xy(v), fx), info
 
 
 def _fd_coordinate(oracle: _Oracle, x: Vec, y: Vec, *, num_coords: int | str = "all",
                    mu: float = 1e-3, difference: str = "forward", scale: float | None = None,
-                   beta: float = 0.01, seed: int = 0) -> Vec:
+                   beta: float = 0.01, seed: int = 0, weight: str = "paper") -> tuple[Vec, Diagnostics]:
     """RAFBO's Algorithm 2: ``grad_x f + scale * sum_{p in P} <delta_p, grad_y f> e_p``.
 
     ``delta_p ~ d grad_y g / dx_p`` is a forward or central difference of ``grad_y g`` in
     coordinate ``p`` of the flattened ``x`` (step ``mu``), so only first-order gradients are
     used: one ``grad_y g`` per perturbed point, the base gradient shared by all coordinates.
-    With ``num_coords < dim`` a random ``P`` (``seed``) is drawn and its term weighted by
-    ``dim / num_coords``, which makes the estimate unbiased over ``P``.
+    With ``num_coords < dim`` a random ``P`` (``seed``) is drawn. ``weight="paper"`` (default)
+    corrects only the sampled coordinates, as Algorithm 2 does; ``weight="unbiased"`` multiplies
+    the correction by ``dim / |P|``, which makes it unbiased over ``P`` but, with ``|P|`` far
+    below ``dim``, very noisy (benchmarks/README.md).
 
     Scale: the paper's Algorithm 2 uses scale s = +1, which amounts to approximating
     ``[H_yy]^-1`` by ``-I`` (wrong sign: it points uphill). The one-step-unrolled Jacobian
@@ -219,18 +319,21 @@ def _fd_coordinate(oracle: _Oracle, x: Vec, y: Vec, *, num_coords: int | str = "
     """
     if difference not in ("forward", "central"):
         raise ValueError(f"difference must be 'forward' or 'central', got {difference!r}")
-    fx, fy = oracle.grad_xy(oracle.upper, x, y)
+    if weight not in ("paper", "unbiased"):
+        raise ValueError(f"weight must be 'paper' or 'unbiased', got {weight!r}")
+    fx, fy = oracle.grad_xy("upper", x, y)
     starts = [0]
     for t in x:
         starts.append(starts[-1] + t.numel())
-    coords, weight = _sample_coords(num_coords, starts[-1], seed)
+    coords = _sample_coords(num_coords, starts[-1], seed)
+    factor = starts[-1] / len(coords) if weight == "unbiased" else 1.0
 
     def probe(i: int, j: int, delta: float) -> Tensor:
         """``<grad_y g(x + delta e_p, y), grad_y f>``: all the coordinate loop needs."""
-        return dot(oracle.grad(oracle.lower, _shift(x, i, j, delta), y, "y"), fy)
+        return dot(oracle.grad("lower", _shift(x, i, j, delta), y, "y"), fy)
 
     if difference == "forward":
-        base = dot(oracle.grad(oracle.lower, x, y, "y"), fy)
+        base = dot(oracle.grad("lower", x, y, "y"), fy)
     mixed = [t.new_zeros(t.numel()) for t in x]
     for p in coords:
         i = bisect.bisect_right(starts, p) - 1
@@ -240,32 +343,36 @@ def _fd_coordinate(oracle: _Oracle, x: Vec, y: Vec, *, num_coords: int | str = "
         else:
             mixed[i][j] = (probe(i, j, mu) - probe(i, j, -mu)) / (2 * mu)
     s = -beta if scale is None else scale
-    return axpy(s * weight, [m.view(t.shape) for m, t in zip(mixed, x)], fx)
+    estimate = axpy(s * factor, [m.view(t.shape) for m, t in zip(mixed, x)], fx)
+    return estimate, {"iterations": float(len(coords)), "scale": float(s * factor)}
 
 
 def _fd_directional(oracle: _Oracle, x: Vec, y: Vec, *, inverse: str = "neumann", K: int = 10,
-                    step: float = 0.1, mu: float = 1e-3, eps: float = 1e-3) -> Vec:
+                    step: float | None = None, power_iters: int = 10, seed: int = 0, mu: float = 1e-3,
+                    eps: float = 1e-3) -> tuple[Vec, Diagnostics]:
     """Second-order-free full-vector estimate ``grad_x f - H_xy v``.
 
     ``v ~ [H_yy]^-1 grad_y f`` is a Neumann series (``inverse="neumann"``, ``K`` terms) whose
     products ``H_yy u`` are central differences of ``grad_y g`` along ``u`` (probe size
-    ``eps``), or ``v = step * grad_y f`` (``inverse="one-step"``, i.e. ``K = 1``; ``K`` is
-    ignored). ``H_xy v`` is a central difference of ``grad_x g`` along ``v`` (probe size ``mu``).
+    ``eps``), or ``v = step * grad_y f`` (``inverse="one-step"``, i.e. ``K = 1``). ``step=None``
+    takes ``1 / lambda_max`` from power iteration on the same difference products. ``H_xy v``
+    is a central difference of ``grad_x g`` along ``v`` (probe size ``mu``).
     """
     if inverse not in ("neumann", "one-step"):
         raise ValueError(f"inverse must be 'neumann' or 'one-step', got {inverse!r}")
-    fx, fy = oracle.grad_xy(oracle.upper, x, y)
+    fx, fy = oracle.grad_xy("upper", x, y)
 
     def hvp_yy(u: Vec) -> Vec:
-        return _central_difference(
-            lambda h: oracle.grad(oracle.lower, x, axpy(h, u, y), "y"), u, eps)
+        return _central_difference(lambda h: oracle.grad("lower", x, axpy(h, u, y), "y"), u, eps)
 
-    v = neumann_series(hvp_yy, fy, K if inverse == "neumann" else 1, step)
-    mixed = _central_difference(lambda h: oracle.grad(oracle.lower, x, axpy(h, v, y), "x"), v, mu)
-    return axpy(-1.0, mixed, fx)
+    v, info = _neumann_inverse(hvp_yy, fy, K if inverse == "neumann" else 1, step, power_iters, seed)
+    if not any(bool(t.any()) for t in v):
+        return fx, info
+    mixed = _central_difference(lambda h: oracle.grad("lower", x, axpy(h, v, y), "x"), v, mu)
+    return axpy(-1.0, mixed, fx), info
 
 
-METHODS: dict[str, Callable[..., Vec]] = {
+METHODS: dict[str, Callable[..., tuple[Vec, Diagnostics]]] = {
     "exact": _exact,
     "neumann": _neumann,
     "fd-coordinate": _fd_coordinate,
@@ -279,28 +386,30 @@ def method_options(method: str) -> list[str]:
 
 
 def hypergradient_with_stats(upper: Loss, lower: Loss, x: Sequence[Tensor], y: Sequence[Tensor],
-                             method: str = "exact", **options) -> tuple[Vec, dict[str, int]]:
-    """Hypergradient estimate and its cost.
+                             method: str = "exact", meter: CostMeter | None = None,
+                             **options: Any) -> tuple[Vec, dict[str, float]]:
+    """Hypergradient estimate, its cost and the estimator's diagnostics.
 
-    Returns ``(grads, stats)``: ``grads`` is a detached list shaped like ``x``; ``stats`` has
-    ``"grad_evals"`` (first-order gradient evaluations) and ``"hvp_evals"`` (second-order
-    autograd products). ``x`` and ``y`` are only read, through detached copies. Raises
-    ``ValueError`` for an unknown ``method`` or option.
+    Returns ``(grads, info)``: ``grads`` is a detached list shaped like ``x``; ``info`` has
+    ``"grad_evals"`` (first-order gradient evaluations), ``"hvp_evals"`` (second-order autograd
+    products) and the estimator's diagnostics (see each estimator). ``x`` and ``y`` are only
+    read, through detached copies; ``meter`` (optional) counts the FLOPs of every evaluation.
+    Raises ``ValueError`` for an unknown ``method`` or option.
     """
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; known: {sorted(METHODS)}")
-    estimator = METHODS[method]
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}")
-    oracle = _Oracle(upper, lower)
+    x, y = [t.detach() for t in x], [t.detach() for t in y]
+    oracle = _Oracle(upper, lower, x, y, meter)
     with torch.enable_grad():  # callers often sit inside torch.no_grad() (e.g. server updates)
-        grads = estimator(oracle, [t.detach() for t in x], [t.detach() for t in y], **options)
-    return [g.detach() for g in grads], dict(oracle.stats)
+        grads, diagnostics = METHODS[method](oracle, x, y, **options)
+    return [g.detach() for g in grads], {k: float(v) for k, v in oracle.stats.items()} | diagnostics
 
 
 def hypergradient(upper: Loss, lower: Loss, x: Sequence[Tensor], y: Sequence[Tensor],
-                  method: str = "exact", **options) -> Vec:
+                  method: str = "exact", **options: Any) -> Vec:
     """Hypergradient estimate ``dPhi/dx`` at ``(x, y)`` by ``method`` (see ``METHODS``)."""
     return hypergradient_with_stats(upper, lower, x, y, method, **options)[0]

@@ -17,12 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
-ALGORITHMS = ("rabo", "rafbo", "fedmbo")
-DEFAULT_ESTIMATOR = {"rabo": "exact", "rafbo": "fd-coordinate", "fedmbo": "neumann"}
-ESTIMATORS = ("exact", "neumann", "fd-coordinate", "fd-directional")
-MASKS = ("off", "static", "rolling", "staggered", "random", "importance")
 TASKS = ("fewshot", "loss-tuning")
-FAULT_KINDS = ("raise", "sleep", "nan", "wrong-shape")
+FAULT_KINDS = ("raise", "sleep", "nan", "wrong-shape", "huge")
 
 
 class ScenarioError(ValueError):
@@ -43,13 +39,18 @@ class TaskConfig:
     eval_lr: float = 0.5
     eval_l2: float = 0.1  # ridge of the evaluation heads (fixed, so runs stay comparable)
     eval_one_shot_runs: bool = False
-    download: bool = False  # fetch missing archives with torchvision's utilities (needs internet)
+    eval_seed: int = -1  # seed of the fixed evaluation episodes; -1: the scenario's seed (tuning uses another)
+    download: bool = True  # fetch missing archives with torchvision's utilities; RABO_OFFLINE=1 turns it off
     # loss-tuning (long-tail CIFAR-10)
     imbalance_ratio: float = 100.0
     val_fraction: float = 0.2  # share of each client's data that validates x (upper level)
     batch_size: int = 128
     train_subsample: float = 1.0  # fraction of the long-tail training set used (miniature runs)
     test_subsample: float = 1.0  # fraction of the balanced test set evaluated
+    upper_objective: str = "balanced-ce"  # "balanced-ce" or "vs" (the paper's printed one; see tasks/loss_tuning.py)
+    x_init: str = "neutral"  # "neutral" (plain cross-entropy) or "vs-recommended" (Kini et al.'s fixed values)
+    vs_gamma: float = 0.3  # VS loss's recommended Delta_c = (n_c / n_max)^gamma
+    vs_tau: float = 1.0  # VS loss's recommended l_c = tau * log(prior_c)
 
 
 @dataclass
@@ -78,20 +79,32 @@ class ClientsConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "rafbo"
+    name: str = "rabo"
     estimator: str = ""  # empty: the algorithm's own (rabo: exact, rafbo: fd-coordinate, fedmbo: neumann)
     estimator_options: dict[str, Any] = field(default_factory=dict)
-    iterations: int = 100
-    inner_steps: int = 5
-    alpha: float = 0.05
-    beta: float = 0.1
-    mask_x: str = "rolling"
-    mask_y: str = "rolling"
+    iterations: int = 100  # global iterations at most (run.patience may stop earlier)
+    inner_steps: int = 5  # T: lower-level steps (bilevel) or local steps (single-level, ProtoNet, MAML)
+    alpha: float = 0.05  # step of x (upper level; the backbone's local step for single-level rows)
+    beta: float = 0.1  # step of y (lower level; the head's local step for single-level rows)
+    mask_x: str = ""  # empty: the algorithm's own policy
+    mask_y: str = ""
     rolling_step: int = 1
+    placement: list[int] = field(default_factory=list)  # mask "placed": window index per partition
+    adapt_steps: int = 3  # dist-maml: adaptation steps on the support set
+    adapt_lr: float = 0.1  # dist-maml: adaptation step size
 
     @property
     def resolved_estimator(self) -> str:
-        return self.estimator or DEFAULT_ESTIMATOR[self.name]
+        """The hypergradient estimator: the scenario's, else the algorithm's own ("" for none)."""
+        from .algorithms import ALGORITHMS
+
+        return self.estimator or ALGORITHMS[self.name].default_estimator
+
+    def mask(self, side: str) -> str:
+        """The mask policy of ``side`` ("x" or "y"): the scenario's, else the algorithm's own."""
+        from .algorithms import ALGORITHMS
+
+        return getattr(self, f"mask_{side}") or ALGORITHMS[self.name].default_mask
 
 
 @dataclass
@@ -109,10 +122,13 @@ class Fault:
 class RunConfig:
     results_dir: str = ""  # empty: results/<name>
     eval_every: int = 0  # 0: evaluate only iteration 0 and the last
+    patience: int = 0  # stop after this many evaluations without improvement (0: run every iteration)
+    min_delta: float = 0.0  # improvement of the task's main metric that resets the patience
+    divergence_factor: float = 100.0  # reject updates whose RMS exceeds this times the phase's median (0: off)
     device: str = "auto"  # auto: CUDA when available, else CPU
     phase_timeout: float = 600.0  # seconds a phase waits for replies; stragglers are dropped
     node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
-    count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter (slows clients ~3x on CPU)
+    count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter, counted once per unit and shape
     checkpoint_every: int = 0  # 0: no checkpoints
     resume: bool = False  # continue from results_dir/checkpoint.pt
     faults: list[Fault] = field(default_factory=list)
@@ -220,28 +236,48 @@ def _check_capacities(source, key, capacities):
 
 
 def validate(s: Scenario, source: str) -> Scenario:
-    """Checks values that types alone cannot; raises ScenarioError naming file and key."""
+    """Checks values that types alone cannot; raises ScenarioError naming file and key.
+
+    Names are checked against the registries they select from (algorithms, estimators, masks,
+    backbones), so each list exists once.
+    """
+    from .algorithms import ALGORITHMS
+    from .hypergrad import METHODS, method_options
+    from .masks import POLICIES
+    from .models.backbones import BACKBONES
+
     _check_choice(source, "task.name", s.task.name, TASKS)
-    _check_choice(source, "algorithm.name", s.algorithm.name, ALGORITHMS)
+    _check_choice(source, "algorithm.name", s.algorithm.name, tuple(ALGORITHMS))
+    algorithm = ALGORITHMS[s.algorithm.name]
     if s.algorithm.estimator:
-        _check_choice(source, "algorithm.estimator", s.algorithm.estimator, ESTIMATORS)
-    from .hypergrad import method_options
-
-    unknown = sorted(set(s.algorithm.estimator_options) - set(method_options(s.algorithm.resolved_estimator)))
-    if unknown:
-        raise _fail(source, "algorithm.estimator_options", f"{unknown} not options of "
-                    f"{s.algorithm.resolved_estimator} (it takes {method_options(s.algorithm.resolved_estimator)})")
-    _check_choice(source, "algorithm.mask_x", s.algorithm.mask_x, MASKS)
-    _check_choice(source, "algorithm.mask_y", s.algorithm.mask_y, MASKS)
-    from .models.backbones import BACKBONES  # the registry is the single list of names
-
+        if not algorithm.default_estimator:
+            raise _fail(source, "algorithm.estimator", f"{s.algorithm.name} computes no hypergradient")
+        _check_choice(source, "algorithm.estimator", s.algorithm.estimator, tuple(METHODS))
+    estimator = s.algorithm.resolved_estimator
+    if s.algorithm.estimator_options and not estimator:
+        raise _fail(source, "algorithm.estimator_options", f"{s.algorithm.name} computes no hypergradient")
+    if estimator:
+        unknown = sorted(set(s.algorithm.estimator_options) - set(method_options(estimator)))
+        if unknown:
+            raise _fail(source, "algorithm.estimator_options",
+                        f"{unknown} not options of {estimator} (it takes {method_options(estimator)})")
+    for side in ("x", "y"):
+        if getattr(s.algorithm, f"mask_{side}"):
+            _check_choice(source, f"algorithm.mask_{side}", getattr(s.algorithm, f"mask_{side}"), tuple(POLICIES))
+    for i, window in enumerate(s.algorithm.placement):
+        _check_positive(source, f"algorithm.placement[{i}]", window, allow_zero=True)
+    if algorithm.episodic and s.task.name != "fewshot":
+        raise _fail(source, "algorithm.name", f"{s.algorithm.name} trains on few-shot episodes: task.name must be fewshot")
     _check_choice(source, "model.backbone", s.model.backbone, tuple(BACKBONES))
     _check_choice(source, "model.head", s.model.head, ("linear", "mlp"))
     _check_choice(source, "task.shard_by", s.task.shard_by, ("alphabet", "character"))
+    _check_choice(source, "task.upper_objective", s.task.upper_objective, ("balanced-ce", "vs"))
+    _check_choice(source, "task.x_init", s.task.x_init, ("neutral", "vs-recommended"))
     _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))
     _check_capacities(source, "clients.capacities", s.clients.capacities)
+    phases = {phase.name for phase in algorithm.phases(s)}
     for i, fault in enumerate(s.run.faults):
-        _check_choice(source, f"run.faults[{i}].phase", fault.phase, ("inner", "outer", "any"))
+        _check_choice(source, f"run.faults[{i}].phase", fault.phase, (*sorted(phases), "any"))
         _check_choice(source, f"run.faults[{i}].kind", fault.kind, FAULT_KINDS)
     for i, change in enumerate(s.clients.schedule):
         _check_capacities(source, f"clients.schedule[{i}].capacities", change.capacities)
@@ -251,26 +287,29 @@ def validate(s: Scenario, source: str) -> Scenario:
     if s.clients.min_available > s.clients.num:
         raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
-                "task.image_size", "task.eval_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step"):
-        section, name = key.split(".")
-        _check_positive(source, key, getattr(getattr(s, section), name))
-    for key in ("algorithm.alpha", "algorithm.beta", "task.eval_lr"):
-        section, name = key.split(".")
-        _check_positive(source, key, getattr(getattr(s, section), name))
-    for key in ("task.imbalance_ratio", "task.batch_size"):
+                "task.image_size", "task.eval_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
+                "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
+                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
     for key in ("task.val_fraction", "task.train_subsample", "task.test_subsample"):
         value = getattr(s.task, key.split(".")[1])
         if not 0.0 < value <= 1.0:
             raise _fail(source, key, f"must be in (0, 1], got {value}")
-    for key in ("run.phase_timeout", "run.node_wait_timeout"):
-        _check_positive(source, key, getattr(s.run, key.split(".")[1]))
-    for key in ("run.checkpoint_every", "model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query", "run.eval_every", "task.eval_steps"):
+    for key in ("run.checkpoint_every", "model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query",
+                "run.eval_every", "task.eval_steps", "run.patience", "run.min_delta", "run.divergence_factor",
+                "task.vs_gamma", "task.vs_tau"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
-    if s.algorithm.name == "fedmbo" and any(r != 1.0 for r in s.clients.capacities):
-        raise _fail(source, "clients.capacities", "fedmbo trains the full model: every capacity must be 1")
+    if s.task.eval_seed < -1:
+        raise _fail(source, "task.eval_seed", f"must be -1 (the scenario's seed) or >= 0, got {s.task.eval_seed}")
+    if s.run.divergence_factor and s.run.divergence_factor <= 1:
+        raise _fail(source, "run.divergence_factor", f"must be 0 (off) or > 1, got {s.run.divergence_factor}")
+    if algorithm.full_model:
+        for key, capacities in [("clients.capacities", s.clients.capacities)] + [
+                (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:
+            if any(r != 1.0 for r in capacities):
+                raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1")
     return s
 
 

@@ -1,5 +1,5 @@
-"""Flower strategies (thin adapters over rabo_flwr's Flower-free core)."""
+"""The Flower side of the training loop (a thin adapter over rabo_flwr's Flower-free core)."""
 
-from .rabo import RaboStrategy
+from .phase_strategy import PhaseStrategy
 
-__all__ = ["RaboStrategy"]
+__all__ = ["PhaseStrategy"]

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("RABO_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("RABO_CACHE_DIR", str(REPO / ".cache" / "arrays"))
+os.environ["RABO_OFFLINE"] = "1"  # tests never reach the network; download tests fake it and lift this switch
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,20 @@
-"""A Grid that delivers messages to the ClientApp's handlers in this process.
+"""A Grid that delivers messages to the real ClientApp in this process.
 
-It lets tests drive the real strategy and the real client handlers (faults, bad replies,
-resume) in seconds, without Ray; the end-to-end tests use Flower's real engines.
+It lets tests drive the real strategy, the real ClientApp dispatch and the client code
+(faults, bad replies, resume) in seconds, without Ray; the end-to-end tests use Flower's engines.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from rabo_flwr import client_app
-
-HANDLERS = {"train.inner": client_app.inner, "train.outer": client_app.outer, "query.profile": client_app.profile}
+from rabo_flwr.protocol import NODE_PARTITION
 
 
 class InProcessGrid(Grid):
@@ -24,7 +24,7 @@ class InProcessGrid(Grid):
                  tamper: Callable[[Message, Message], Message | None] | None = None):
         self.contexts = {
             101 + p: Context(run_id=1, node_id=101 + p,
-                             node_config={"partition-id": p, **(node_configs or {}).get(p, {})},
+                             node_config={NODE_PARTITION: p, **(node_configs or {}).get(p, {})},
                              state=RecordDict(), run_config=dict(run_config))
             for p in range(num_nodes)
         }
@@ -55,13 +55,11 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Grid.push_messages does
             self.sent.append(message)
-            node = message.metadata.dst_node_id
             try:
-                reply = HANDLERS[message.metadata.message_type](message, self.contexts[node])
+                reply = client_app.app(message, self.contexts[message.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply, as in Flower
-                from flwr.app import Error
-
                 reply = Message(Error(code=0, reason=repr(err)), reply_to=message)
             if self.tamper is not None:
                 reply = self.tamper(message, reply)

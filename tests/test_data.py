@@ -163,12 +163,14 @@ def test_omniglot_cache_key_tracks_archive_and_size(tmp_env, monkeypatch):
     assert load_omniglot(True).images.shape == (6, 28, 28)
 
 
-def test_missing_archive_names_the_path(tmp_env):
+def test_missing_archive_names_the_directory_the_files_and_the_command(tmp_env):
     with pytest.raises(DataError) as err:
         load_omniglot(False)
     msg = str(err.value)
-    assert "images_evaluation.zip" in msg and str(tmp_env / "omniglot") in msg
-    assert "RABO_DATA_DIR" in msg
+    assert f"not found in the data directory {tmp_env} (downloads are off: RABO_OFFLINE=1" in msg
+    for name in ("images_background.zip", "images_evaluation.zip", "all_runs.zip"):
+        assert str(tmp_env / "omniglot" / name) in msg
+    assert "`RABO_DATA_DIR=/path/to/data flwr run . --stream`" in msg
 
 
 def test_corrupt_zip_raises_data_error(tmp_env):
@@ -194,17 +196,20 @@ def test_zip_without_expected_layout_raises(tmp_env):
         load_omniglot(True)
 
 
-def test_failed_download_leaves_no_file(tmp_env, monkeypatch):
+def test_failed_download_leaves_no_file_and_says_what_to_do(tmp_env, monkeypatch):
+    monkeypatch.delenv("RABO_OFFLINE")
+
     def broken(url, root, filename=None, md5=None):
         (Path(root) / filename).write_bytes(b"partial")
         raise OSError("network unreachable")
 
     monkeypatch.setattr(omniglot, "download_url", broken)
-    with pytest.raises(DataError, match="could not download"):
-        load_omniglot(True, download=True)
+    with pytest.raises(DataError, match="could not download .* network unreachable") as err:
+        load_omniglot(True)  # downloads are on by default
+    assert "RABO_DATA_DIR=/path/to/data" in str(err.value)
     assert list((tmp_env / "omniglot").iterdir()) == []
 
-    # all_runs.zip has no known md5: a download that is not a zip is rejected as well.
+    # a download that is not a zip (an error page) is rejected as well
     def html_page(url, root, filename=None, md5=None):
         (Path(root) / filename).write_text("<html>")
 
@@ -215,6 +220,7 @@ def test_failed_download_leaves_no_file(tmp_env, monkeypatch):
 
 
 def test_download_uses_official_url_and_md5(tmp_env, monkeypatch):
+    monkeypatch.delenv("RABO_OFFLINE")
     calls = []
 
     def fake(url, root, filename=None, md5=None):
@@ -232,6 +238,10 @@ def test_download_uses_official_url_and_md5(tmp_env, monkeypatch):
     ]
     assert [p.name for p in (tmp_env / "omniglot").iterdir()] == ["images_evaluation.zip"]
     load_omniglot(False, download=True)  # present now: no second download
+    assert len(calls) == 1
+    monkeypatch.setenv("RABO_OFFLINE", "1")  # the offline switch wins over task.download
+    with pytest.raises(DataError, match="downloads are off"):
+        load_one_shot_runs(download=True)
     assert len(calls) == 1
 
 
@@ -405,6 +415,8 @@ def test_cifar_missing_corrupt_and_failed_download(tmp_env, monkeypatch):
     with pytest.raises(DataError) as err:
         load_cifar10(True)
     assert str(tmp_env / "cifar10" / "cifar10-jpg.tar.gz") in str(err.value)
+    assert str(tmp_env / "cifar-10-batches-py") in str(err.value) and "RABO_DATA_DIR=" in str(err.value)
+    monkeypatch.delenv("RABO_OFFLINE")
 
     def broken(root, train, download):
         (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from rabo_flwr.deployment import LocalDeployment, TlsFiles
-from rabo_flwr.masks import build_plan, make_policy
+from rabo_flwr.masks import build_plan, scenario_policies
 from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.submodel import numel_in_plan
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
 SCENARIO = REPO / "scenarios" / "quickstart.yaml"  # the run config's default scenario
 CAPACITIES = {0: 0.25, 1: 1.0, 2: 0.5}  # partition -> announced capacity (the scenario's profile gives 1.0, 0.5, 0.25)
 
@@ -42,10 +43,9 @@ def expected_x_elements(run_config: dict, capacity: float, iteration: int, parti
     """Elements of x in the plan the server builds for this client (the project's own plan code)."""
     scenario = load_scenario(SCENARIO, run_config)
     task = cached_task(scenario)
-    algo = scenario.algorithm
-    policies = {s: make_policy(getattr(algo, f"mask_{s}"), scenario.seed, algo.rolling_step) for s in ("x", "y")}
     x, _ = task.init_tensors(scenario.seed)
-    return numel_in_plan(x, task.layouts["x"], build_plan(task.layouts, policies, capacity, iteration, partition))
+    # static masks: the size depends on the capacity alone, whatever the model looks like by then
+    return numel_in_plan(x, task.layouts["x"], build_plan(task.layouts, scenario_policies(scenario), capacity, iteration, partition))
 
 
 def test_deployment_superlink_and_three_supernodes_train_their_announced_submodels(deployment, tmp_path):
@@ -56,7 +56,8 @@ def test_deployment_superlink_and_three_supernodes_train_their_announced_submode
 
     results = tmp_path / "results"
     run_config = {"algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 10, "model.width": 16,
-                  "algorithm.inner_steps": 3, "run.results_dir": str(results)}
+                  "algorithm.inner_steps": 3, "algorithm.mask_x": "static", "algorithm.mask_y": "static",
+                  "run.results_dir": str(results)}
     outcome = deployment.run(REPO, run_config, timeout=300)
     assert outcome.status == "finished:completed", outcome.log[-3000:] + "\n" + deployment.logs_tail()
 

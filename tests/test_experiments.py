@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from rabo_flwr import experiments
 
 TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
-        "task.n_query": 2, "task.eval_episodes": 4, "task.eval_steps": 2, "task.eval_one_shot_runs": False,
-        "run.eval_every": 0}
+        "task.n_query": 2, "task.eval_episodes": 4, "task.eval_steps": 2, "run.eval_every": 1}
 
 
-def test_cx_star_set_writes_table_plots_and_controls_coverage(tmp_path, monkeypatch):
-    monkeypatch.setitem(experiments.REDUCED, "fewshot", TINY)
-    experiments.main(["cx-star", "--reduced", "--engine", "plain", "--out", str(tmp_path)])
-    out = tmp_path / "cx-star"
-    rows = {r["cell"]: r for r in csv.DictReader(open(out / "cx-star.csv"))}
-    assert rows["cx-star-rafbo-c1"]["C_x*"] == "1" and rows["cx-star-rafbo-c2"]["C_x*"] == "2"
-    assert all(r["scale"] == "reduced (CPU)" for r in rows.values())
-    assert (out / "cx-star_accuracy.png").stat().st_size > 1000
-    assert "reduced (CPU)" in (out / "cx-star.md").read_text()
+def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY)
+    args = ["cx-star", "--engine", "plain", "--jobs", "2", "--out", str(tmp_path)]
+    experiments.main(args)
+    rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "cx-star.csv"))}
+    assert {cell: rows[cell]["C_x*"] for cell in rows} == {"rabo-c1": "1", "rabo-c2": "2", "rafbo-c1": "1", "rafbo-c2": "2"}
+    assert all(r["scale"] == "cpu" and r["iterations_run"] == "2" for r in rows.values())
+    curves = list(csv.DictReader(open(tmp_path / "cx-star_curves.csv")))
+    assert [(c["iteration"]) for c in curves if c["cell"] == "rabo-c1"] == ["0", "1", "2"]
+    assert (tmp_path / "cx-star_accuracy.png").stat().st_size > 1000
+    assert "(cpu scale)" in (tmp_path / "cx-star.md").read_text()
+    summary = json.loads((tmp_path / "cx-star.json").read_text())
+    assert summary[0]["curve"][-1][1] == float(rows["rabo-c1"]["final"])
+    capsys.readouterr()
+    experiments.main(args)  # every cell finished: nothing runs again
+    assert capsys.readouterr().out.count("already finished") == 4
 
 
-def test_cost_ratios_are_relative_to_fedmbo_of_the_same_task():
-    rows = [{"task": "fewshot", "algorithm": "fedmbo", "flops": 10.0, "bytes": 4.0},
-            {"task": "fewshot", "algorithm": "rabo", "flops": 2.5, "bytes": 1.0}]
+def test_cost_ratios_are_per_iteration_relative_to_fedmbo_of_the_same_task():
+    rows = [{"task": "fewshot", "algorithm": "fedmbo", "flops": 10.0, "bytes": 4.0, "iterations_run": 10},
+            {"task": "fewshot", "algorithm": "rabo", "flops": 5.0, "bytes": 2.0, "iterations_run": 20}]
     experiments.add_cost_ratios(rows)
     assert (rows[1]["flops_vs_fedmbo"], rows[1]["bytes_vs_fedmbo"]) == (0.25, 0.25)
-    assert rows[0]["flops_vs_fedmbo"] == 1.0
+    assert rows[1]["total_flops_vs_fedmbo"] == 0.5 and rows[0]["flops_vs_fedmbo"] == 1.0

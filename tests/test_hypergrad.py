@@ -5,7 +5,8 @@ import pytest
 import torch
 
 
-from rabo_flwr.hypergrad import METHODS, hypergradient, hypergradient_with_stats  # noqa: E402
+from rabo_flwr.hypergrad import (METHODS, conjugate_gradient, hypergradient, hypergradient_with_stats,  # noqa: E402
+                                 power_iteration)
 
 DT = torch.float64
 X_SHAPES = [(3, 2), (4,)]  # dim_x = 10
@@ -158,14 +159,30 @@ def test_fd_coordinate_matches_its_target(difference, scale):
     assert rel_err(h, fx + s * mixed) < 1e-3
     assert rel_err((flat(h) - fx) / s, mixed) < 1e-3  # the mixed part alone, not drowned by fx
     # one grad_y g per perturbed point; forward shares one base gradient
-    assert stats == {"grad_evals": 1 + (1 + DX if difference == "forward" else 2 * DX),
-                     "hvp_evals": 0}
+    assert (stats["grad_evals"], stats["hvp_evals"]) == (1 + (1 + DX if difference == "forward" else 2 * DX), 0)
+    assert (stats["iterations"], stats["scale"]) == (DX, s)
+
+
+def test_fd_coordinate_paper_form_corrects_only_the_sampled_coordinates():
+    """Algorithm 2 as printed: grad_x f plus the scaled mixed term on P, nothing elsewhere, no dim/|P| weight."""
+    prob = Quadratic(nonlinear=True)
+    x, y = prob.point()
+    fx, mixed = autograd_parts(prob, x, y)
+    opts = dict(mu=1e-6, difference="central", scale=-0.05, num_coords=4, seed=3)
+    h, stats = hypergradient_with_stats(prob.upper, prob.lower, x, y, "fd-coordinate", **opts)
+    correction = flat(h) - fx
+    sampled = torch.nonzero(correction.abs() > 1e-12).flatten()
+    assert len(sampled) == 4 and stats["iterations"] == 4 and stats["scale"] == -0.05
+    assert torch.allclose(correction[sampled], -0.05 * mixed[sampled], rtol=1e-4)
+    unbiased, stats = hypergradient_with_stats(prob.upper, prob.lower, x, y, "fd-coordinate", weight="unbiased", **opts)
+    assert torch.allclose(flat(unbiased) - fx, correction * DX / 4, rtol=1e-9, atol=1e-12)
+    assert stats["scale"] == -0.05 * DX / 4
 
 
 def test_fd_coordinate_sampling_is_unbiased():
     prob = Quadratic(nonlinear=True)
     x, y = prob.point()
-    opts = dict(mu=1e-5, difference="central", scale=1.0)
+    opts = dict(mu=1e-5, difference="central", scale=1.0, weight="unbiased")
     fx = autograd_parts(prob, x, y)[0]
     full = flat(hypergradient(prob.upper, prob.lower, x, y, "fd-coordinate", **opts)) - fx
     samples = []
@@ -185,7 +202,8 @@ def test_fd_directional_matches_closed_form():
     h, stats = hypergradient_with_stats(prob.upper, prob.lower, x, y, "fd-directional",
                                         inverse="neumann", K=K, step=0.15)
     assert rel_err(h, prob.true_hypergrad(prob.x)) < 1e-3
-    assert stats == {"grad_evals": 1 + 2 * (K - 1) + 2, "hvp_evals": 0}
+    assert (stats["grad_evals"], stats["hvp_evals"]) == (1 + 2 * (K - 1) + 2, 0)
+    assert (stats["iterations"], stats["truncated"]) == (K, 0)
 
 
 def test_fd_directional_tracks_second_order_neumann():
@@ -311,6 +329,8 @@ def test_errors_name_the_culprit():
         hypergradient(prob.upper, prob.lower, x, y, "fd-coordinate", num_coords=0)
     with pytest.raises(ValueError, match="newton"):
         hypergradient(prob.upper, prob.lower, x, y, "fd-directional", inverse="newton")
+    with pytest.raises(ValueError, match="weight"):
+        hypergradient(prob.upper, prob.lower, x, y, "fd-coordinate", weight="reweighted")
     assert set(METHODS) == {"exact", "neumann", "fd-coordinate", "fd-directional"}
 
 
@@ -366,3 +386,108 @@ def test_fd_methods_use_no_create_graph(method, monkeypatch):
     flags.clear()
     hypergradient(prob.upper, prob.lower, x, y, "exact")
     assert any(flags)  # the spy does see create_graph when a method uses it
+
+
+# --- non-convex lower levels: negative curvature, safe steps, diagnostics ---
+
+
+def test_conjugate_gradient_stops_at_negative_curvature_and_says_so():
+    """A = diag(3, -1): CG's first direction b has positive curvature (9 - 0.25 > 0), so it takes
+    that step, then the next direction has p'Ap <= 0: it returns the first iterate and flags it."""
+    a = torch.diag(torch.tensor([3.0, -1.0], dtype=DT))
+    b = [torch.tensor([1.0, 0.5], dtype=DT)]
+    v, info = conjugate_gradient(lambda u: [a @ u[0]], b, tol=1e-12, max_iter=50)
+    first = b[0] * (b[0] @ b[0]) / (b[0] @ a @ b[0])
+    assert torch.allclose(v[0], first)
+    assert info["negative_curvature"] == 1 and info["iterations"] == 1 and info["converged"] == 0
+    assert info["residual"] == pytest.approx(float((b[0] - a @ v[0]).norm() / b[0].norm()))
+    # straight along the negative direction: nothing to invert, the iterate stays 0
+    v, info = conjugate_gradient(lambda u: [a @ u[0]], [torch.tensor([0.0, 1.0], dtype=DT)])
+    assert torch.equal(v[0], torch.zeros(2, dtype=DT)) and info["negative_curvature"] == 1 and info["iterations"] == 0
+    # positive definite: converges, nothing flagged
+    spd = torch.diag(torch.tensor([3.0, 1.0], dtype=DT))
+    v, info = conjugate_gradient(lambda u: [spd @ u[0]], b, tol=1e-12)
+    assert torch.allclose(v[0], torch.linalg.solve(spd, b[0])) and info["negative_curvature"] == 0 and info["converged"] == 1
+
+
+def test_power_iteration_finds_the_largest_magnitude_and_its_sign():
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=DT))
+    spd = q @ torch.diag(torch.tensor([0.5, 1, 2, 3, 4, 10.0], dtype=DT)) @ q.T
+    magnitude, rayleigh = power_iteration(lambda u: [spd @ u[0]], [torch.zeros(6, dtype=DT)], iterations=60)
+    assert magnitude == pytest.approx(10.0, rel=1e-6) and rayleigh > 0
+    indefinite = q @ torch.diag(torch.tensor([0.5, 1, 2, 3, 4, -10.0], dtype=DT)) @ q.T
+    magnitude, rayleigh = power_iteration(lambda u: [indefinite @ u[0]], [torch.zeros(6, dtype=DT)], iterations=60)
+    assert magnitude == pytest.approx(10.0, rel=1e-6) and rayleigh < 0
+
+
+def test_neumann_default_step_is_safe_and_converges():
+    """No step given: 1/lambda_max from power iteration, inside (0, 2/lambda_max); the series then
+    converges (A's eigenvalues are in [1, 5]), where a fixed step of 0.5 > 2/5 diverges."""
+    prob = Quadratic()
+    x, y = prob.point()
+    true = prob.true_hypergrad(prob.x)
+    h, info = hypergradient_with_stats(prob.upper, prob.lower, x, y, "neumann", K=200, power_iters=30)
+    assert 1 / 5 * 0.99 <= info["step"] < 2 / 5 and info["lambda_max"] == pytest.approx(5.0, rel=0.02)
+    assert info["truncated"] == 0 and info["negative_curvature"] == 0 and rel_err(h, true) < 1e-6
+    assert info["hvp_evals"] == 30 + 199 + 1  # power iteration, the series, the mixed product
+    bad, info = hypergradient_with_stats(prob.upper, prob.lower, x, y, "neumann", K=200, step=0.5)
+    assert info["truncated"] == 1 and info["iterations"] < 200  # stopped where the terms began to grow
+    assert all(torch.isfinite(t).all() for t in bad)
+
+
+class DoubleWell:
+    """A lower level that is not convex in y, solved by T gradient steps from a fixed start.
+
+    g = 0.5 y1^2 - 0.5 y2^2 + 0.25 y2^4 - x'y (a double well in y2), f = 0.5 ||y - c||^2, and
+    Phi_T(x) = f(x, y_T(x)) with y_T after T steps of size 0.1 from y0 = (0, 0.1): y_T is still
+    near the top of the well, where H_yy = diag(1, 3 y2^2 - 1) has a negative eigenvalue.
+    """
+
+    def __init__(self, c):
+        self.c = torch.tensor(c, dtype=DT)
+        self.x = torch.tensor([0.3, 0.05], dtype=DT)
+
+    def lower(self, x, y):
+        x, y = x[0], y[0]
+        return 0.5 * y[0] ** 2 - 0.5 * y[1] ** 2 + 0.25 * y[1] ** 4 - x @ y
+
+    def upper(self, x, y):
+        return 0.5 * ((y[0] - self.c) ** 2).sum()
+
+    def solve(self, x):
+        y = torch.tensor([0.0, 0.1], dtype=DT)
+        for _ in range(5):
+            y = y - 0.1 * torch.tensor([y[0] - x[0], -y[1] + y[1] ** 3 - x[1]], dtype=DT)
+        return y
+
+    def phi(self, x):
+        return float(self.upper([x], [self.solve(x)]))
+
+
+@pytest.mark.parametrize("c,exact_steps", [([1.2, 1.0], 1), ([None, 1.0], 0)])
+def test_estimators_stay_sound_where_the_lower_hessian_is_indefinite(c, exact_steps):
+    """Where H_yy is indefinite the implicit formula with the true inverse points uphill in the
+    negative-curvature direction. ``neumann`` (safe step, truncated series) still returns a step
+    that lowers Phi_T; ``exact`` either takes its positive-curvature CG step and lowers Phi_T, or,
+    when the very first direction has negative curvature (c1 = y1_T below), reports that and
+    returns grad_x f (zero here): it cannot estimate the implicit term, and says so."""
+    prob = DoubleWell([1.2 if v is None else v for v in c])
+    y = prob.solve(prob.x)
+    if c[0] is None:
+        prob.c[0] = y[0]  # f's gradient points only along the negative-curvature direction
+    hessian = torch.diag(torch.stack([torch.tensor(1.0, dtype=DT), 3 * y[1] ** 2 - 1]))
+    assert hessian[1, 1] < -0.5
+    phi0 = prob.phi(prob.x)
+    inverse = torch.linalg.solve(hessian, y - prob.c)  # grad_x f - H_xy H^-1 grad_y f, H_xy = -I
+    assert prob.phi(prob.x - 0.1 * inverse) > phi0 - 1e-3 * float(inverse.norm())  # no real descent, or ascent
+
+    (h,), info = hypergradient_with_stats(prob.upper, prob.lower, [prob.x], [y], "neumann")
+    assert torch.isfinite(h).all() and info["truncated"] == 1
+    assert prob.phi(prob.x - 0.1 * h) < phi0 - 1e-3
+
+    (h,), info = hypergradient_with_stats(prob.upper, prob.lower, [prob.x], [y], "exact")
+    assert torch.isfinite(h).all() and info["negative_curvature"] == 1 and info["iterations"] == exact_steps
+    if exact_steps:
+        assert prob.phi(prob.x - 0.1 * h) < phi0 - 1e-3
+    else:
+        assert torch.equal(h, torch.zeros(2, dtype=DT))  # grad_x f: the implicit term is left out

@@ -1,4 +1,5 @@
-"""Loss tuning on long-tail CIFAR-10: the VS loss, the long-tail split, layouts, a tiny run."""
+"""Loss tuning on long-tail CIFAR-10: the VS loss and its parametrisation, the long-tail split,
+fresh mini-batches, the upper objectives, and the hypergradient against Phi itself."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rabo_flwr.hypergrad import hypergradient
-from rabo_flwr.loop import run_plain
+from rabo_flwr.hypergrad import hypergradient_with_stats
 from rabo_flwr.masks import StaticMask, build_plan
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.submodel import numel_in_plan
-from rabo_flwr.tasks.loss_tuning import balanced_cross_entropy, vs_loss
+from rabo_flwr.tasks.loss_tuning import X_NAMES, balanced_cross_entropy, hyperparameters, vs_loss
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = REPO / "scenarios" / "loss_tuning_mini.yaml"
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +31,30 @@ def task():
 def test_vs_loss_is_cross_entropy_at_neutral_hyperparameters():
     torch.manual_seed(0)
     logits, labels = torch.randn(64, 10), torch.randint(10, (64,))
-    neutral = vs_loss(logits, labels, torch.ones(10), torch.zeros(10), torch.ones(10))
-    assert torch.allclose(neutral, F.cross_entropy(logits, labels), atol=1e-6)
-    tuned = vs_loss(logits, labels, torch.ones(10), torch.linspace(-1, 1, 10), torch.ones(10))
-    assert not torch.allclose(tuned, neutral)
+    w, l, delta = hyperparameters({name: torch.zeros(10) for name in X_NAMES})
+    assert torch.equal(w, torch.ones(10)) and torch.equal(l, torch.zeros(10)) and torch.equal(delta, torch.ones(10))
+    assert torch.allclose(vs_loss(logits, labels, w, l, delta), F.cross_entropy(logits, labels), atol=1e-6)
+    tuned = vs_loss(logits, labels, w, torch.linspace(-1, 1, 10), delta)
+    assert not torch.allclose(tuned, F.cross_entropy(logits, labels))
+
+
+def test_every_x_maps_to_valid_hyperparameters():
+    """w = C softmax(w_logits) is positive with mean 1, Delta = exp(log_Delta) positive, l free."""
+    x = {name: torch.randn(10, generator=torch.Generator().manual_seed(i)) * 5 for i, name in enumerate(X_NAMES)}
+    w, l, delta = hyperparameters(x)
+    assert (w > 0).all() and w.mean() == pytest.approx(1.0) and (delta > 0).all() and torch.equal(l, x["l"])
 
 
 def test_balanced_cross_entropy_weights_classes_equally():
-    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
-    labels = torch.tensor([0, 0, 0, 0])
-    logits2 = torch.cat([logits, torch.tensor([[5.0, 0.0]])])
-    labels2 = torch.cat([labels, torch.tensor([1])])
-    per_class = F.cross_entropy(logits2, labels2, reduction="none")
-    expected = (per_class[:4].mean() + per_class[4]) / 2
-    assert torch.allclose(balanced_cross_entropy(logits2, labels2), expected)
+    logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    per_class = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(balanced_cross_entropy(logits, labels), (per_class[:4].mean() + per_class[4]) / 2)
 
 
 def test_long_tail_counts_and_client_splits(task):
     full = cached_task(load_scenario(MINI, {"task.train_subsample": 1.0}))
-    _, labels = full._train
-    counts = np.bincount(labels[full.long_tail], minlength=10)
+    counts = full.class_counts
     mu = (1 / 100) ** (1 / 9)
     assert counts.tolist() == [math.floor(5000 * mu**c + 1e-6) for c in range(10)]
     assert counts[0] == 5000 and counts[-1] == 50
@@ -60,6 +65,16 @@ def test_long_tail_counts_and_client_splits(task):
         assert 0.15 < len(val) / (len(train) + len(val)) < 0.25
 
 
+def test_vs_recommended_start_is_the_published_rule():
+    """Delta_c = (n_c / n_max)^0.3, l_c = log(prior_c), w = 1 (github.com/orparask/VS-Loss defaults)."""
+    task = cached_task(load_scenario(MINI, {"task.x_init": "vs-recommended", "task.train_subsample": 1.0}))
+    x, _ = task.init_tensors(0)
+    w, l, delta = hyperparameters(x)
+    n = torch.tensor(task.class_counts, dtype=torch.float32)
+    assert torch.allclose(delta, (n / n.max()) ** 0.3) and torch.allclose(l, torch.log(n / n.sum()))
+    assert torch.allclose(w, torch.ones(10))
+
+
 def test_x_is_never_pruned_and_y_is(task):
     x, y = task.init_tensors(0)
     assert task.x_layout.groups == {}
@@ -68,40 +83,67 @@ def test_x_is_never_pruned_and_y_is(task):
     assert numel_in_plan(y, task.y_layout, plan) < sum(t.numel() for t in y.values()) / 2
 
 
-def test_hypergradient_on_the_hyperparameters_points_downhill(task):
-    """One step on x along -H lowers the validation loss at the re-solved classifier."""
-    torch.manual_seed(0)
+def test_a_fresh_mini_batch_for_every_inner_step(task):
+    batch = task.client_batch(0, 1, CPU, steps=4)
+    images = [b[0] for b in batch.lower_steps] + [batch.lower[0]]
+    assert len(batch.lower_steps) == 4
+    assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+    again = task.client_batch(0, 1, CPU, steps=4)  # seeded by (seed, iteration, partition)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batch.lower_steps, again.lower_steps))
+    _, val = task.client_splits[0]
+    assert len(batch.upper[1]) == len(val)  # f sees the client's whole validation split
+
+
+@pytest.mark.parametrize("objective,reads_x", [("balanced-ce", False), ("vs", True)])
+def test_upper_objective_reads_x_only_in_the_papers_form(objective, reads_x):
+    task = cached_task(load_scenario(MINI, {"task.upper_objective": objective}))
     x, y = task.init_tensors(0)
-    batch = task.client_batch(0, 1, torch.device("cpu"))
-    x_names, y_names = list(x), list(y)
-    lower = lambda xs, ys: task.lower_loss(dict(zip(x_names, xs)), dict(zip(y_names, ys)), batch.lower) + \
-        0.05 * sum(t.pow(2).sum() for t in ys)  # ridge: a strongly convex lower level for this check
+    x = {k: (v + 0.1).requires_grad_(True) for k, v in x.items()}
+    y = {k: v.requires_grad_(True) for k, v in y.items()}
+    batch = task.client_batch(0, 1, CPU, steps=1)
+    loss = task.upper_loss(x, y, batch.upper)
+    grads = torch.autograd.grad(loss, list(x.values()) + list(y.values()), allow_unused=True)[:len(x)]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads) == reads_x
 
-    def solve(xs):
-        ys = [t.clone().requires_grad_(True) for t in y.values()]
-        for _ in range(150):
-            grads = torch.autograd.grad(lower(xs, ys), ys)
+
+def test_hypergradient_of_the_hyperparameters_is_the_derivative_of_phi():
+    """With a ridge strong enough that the classifier's problem is locally strongly convex, Phi(x) =
+    f(x, y*(x)) is well defined: the exact hypergradient (no negative curvature met) matches Phi's
+    directional derivative along it, and a step along it lowers Phi. Float64 throughout, so the
+    result does not depend on the thread count."""
+    task = cached_task(load_scenario(MINI, {"task.lower_l2": 1.0, "model.width": 4}))
+    x, y0 = task.init_tensors(0)
+    x = {k: v.double() + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+         for k, v in x.items()}
+    y0 = {k: v.double() for k, v in y0.items()}
+    batch = task.client_batch(0, 1, CPU, steps=1)
+    lower_batch = (batch.lower[0].double(), batch.lower[1])
+    upper_batch = (batch.upper[0].double(), batch.upper[1])
+    names_x, names_y = list(x), list(y0)
+
+    def solve(x):
+        y = {k: v.clone().requires_grad_(True) for k, v in y0.items()}
+        for _ in range(300):
+            grads = torch.autograd.grad(task.lower_loss(x, y, lower_batch), list(y.values()))
             with torch.no_grad():
-                for t, g in zip(ys, grads):
-                    t -= 0.2 * g
-        return [t.detach() for t in ys]
+                for t, g in zip(y.values(), grads):
+                    t -= 0.3 * g
+        return {k: v.detach() for k, v in y.items()}
 
-    upper = lambda xs, ys: task.upper_loss(dict(zip(x_names, xs)), dict(zip(y_names, ys)), batch.upper)
-    xs = [t.clone() for t in x.values()]
-    ys = solve(xs)
-    h = hypergradient(upper, lower, xs, ys, method="exact", max_iter=200, damping=0.0)
-    assert all(torch.isfinite(t).all() for t in h) and sum(float(t.norm()) for t in h) > 0
-    stepped = [a - 0.5 * g / max(float(torch.cat([t.flatten() for t in h]).norm()), 1e-12) for a, g in zip(xs, h)]
-    re_solved = solve(stepped)
-    with torch.no_grad():
-        assert float(upper(stepped, re_solved)) < float(upper(xs, ys))
+    def phi(x):
+        y = solve(x)
+        with torch.no_grad():
+            return float(task.upper_loss(x, y, upper_batch))
 
-
-def test_mini_run_completes_with_finite_results(task):
-    records = []
-    server = run_plain(load_scenario(MINI), records.append)
-    assert all(torch.isfinite(t).all() for side in (server.x, server.y) for t in side.values())
-    final = [r for r in records if r["phase"] == "eval"][-1]
-    assert 0 <= final["test_accuracy"] <= 1 and 0 <= final["balanced_accuracy"] <= 1
-    assert len(final["per_class_accuracy"]) == 10
-    assert all(r["C_x*"] == 3 for r in records if r["phase"] == "outer")
+    y = solve(x)
+    (*h,), info = hypergradient_with_stats(
+        lambda xs, ys: task.upper_loss(dict(zip(names_x, xs)), dict(zip(names_y, ys)), upper_batch),
+        lambda xs, ys: task.lower_loss(dict(zip(names_x, xs)), dict(zip(names_y, ys)), lower_batch),
+        list(x.values()), list(y.values()), "exact", max_iter=300, tol=1e-8)
+    assert info["negative_curvature"] == 0 and info["converged"] == 1
+    length = float(torch.cat([t.flatten() for t in h]).norm())
+    direction = {k: t / length for k, t in zip(names_x, h)}
+    eps = 1e-3
+    slope = (phi({k: x[k] + eps * direction[k] for k in x}) - phi({k: x[k] - eps * direction[k] for k in x})) / (2 * eps)
+    assert slope == pytest.approx(length, rel=0.02)
+    assert phi({k: x[k] - 0.1 * direction[k] for k in x}) < phi(x)

@@ -31,11 +31,25 @@ def test_run_config_overrides_single_values():
     assert scenario.algorithm.resolved_estimator == "fd-coordinate"
 
 
+@pytest.mark.parametrize("name,estimator,mask_x,mask_y", [
+    ("rabo", "exact", "importance", "importance"), ("rafbo", "fd-coordinate", "importance", "importance"),
+    ("static", "", "static", "static"), ("oap", "", "oap", "oap"), ("fedrolex", "", "rolling", "rolling"),
+    ("fiarse", "", "fiarse", "fiarse"),
+])
+def test_an_algorithm_brings_its_own_estimator_and_masks(name, estimator, mask_x, mask_y):
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name})
+    assert (scenario.algorithm.resolved_estimator, scenario.algorithm.mask("x"), scenario.algorithm.mask("y")) == \
+        (estimator, mask_x, mask_y)
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name, "algorithm.mask_x": "random"})
+    assert scenario.algorithm.mask("x") == "random"
+
+
 def test_pyproject_offers_every_scalar_scenario_key():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     flat = set(config)
     expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule",
-                                                         "algorithm.estimator_options", "run.faults")}
+                                                         "algorithm.estimator_options", "run.faults",
+                                                         "algorithm.placement")}
     assert flat - {"scenario"} == expected
 
 
@@ -52,7 +66,17 @@ def write(tmp_path, text):
     ("algorithm:\n  itertions: 10\n", "algorithm.itertions", "unknown key"),
     ("algorithm:\n  mask_x: diagonal\n", "algorithm.mask_x", "not one of"),
     ("algorithm:\n  name: fedmbo\n", "clients.capacities", "every capacity must be 1"),
+    ("algorithm:\n  name: dist-maml\nclients:\n  capacities: [1.0]\n  schedule: [{from_iteration: 3, capacities: [0.5]}]\n",
+     "clients.schedule[0].capacities", "every capacity must be 1"),
+    ("algorithm:\n  name: sgd\n", "algorithm.name", "not one of"),
+    ("algorithm:\n  name: static\n  estimator: exact\n", "algorithm.estimator", "computes no hypergradient"),
+    ("algorithm:\n  name: dist-protonet\nclients:\n  capacities: [1.0]\ntask:\n  name: loss-tuning\n",
+     "algorithm.name", "task.name must be fewshot"),
+    ("algorithm:\n  placement: [0, -1]\n", "algorithm.placement[1]", ">= 0"),
+    ("task:\n  upper_objective: accuracy\n", "task.upper_objective", "not one of"),
+    ("run:\n  divergence_factor: 0.5\n", "run.divergence_factor", "must be 0 (off) or > 1"),
     ("run:\n  faults:\n  - kind: explode\n", "run.faults[0].kind", "not one of"),
+    ("run:\n  faults:\n  - phase: local\n", "run.faults[0].phase", "not one of"),
     ("task: 3\n", "task", "mapping"),
     ("algorithm:\n  name: rabo\n  estimator_options: {K: 5}\n", "algorithm.estimator_options", "not options of exact"),
 ])

@@ -1,7 +1,9 @@
-"""The real strategy and client handlers, wired by an in-process grid: faults, bad replies, resume."""
+"""The Flower message path (real strategy, real ClientApp dispatch, in-process grid) against the plain
+engine, and what the loop does with faults, bad replies, capacities, checkpoints and node profiles."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,17 +13,20 @@ import yaml
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from rabo_flwr import server_app
-from rabo_flwr.masks import make_policy
+from rabo_flwr.loop import TrainingLoop, run_plain
+from rabo_flwr.masks import build_plan, scenario_policies
+from rabo_flwr.protocol import CONFIG, METRICS, PARTITION, update_key
 from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.submodel import numel_in_plan
-from rabo_flwr.masks import build_plan
+from strategies import PhaseStrategy
 from tests.inprocess_grid import InProcessGrid
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"model": {"width": 8}, "task": {"eval_episodes": 8, "eval_steps": 5},
         "algorithm": {"iterations": 2, "inner_steps": 2}, "clients": {"num": 3}}
+VOLATILE = {"wall_time", "client_wall_time_max", "aggregation_time", "eval_time", "peak_memory"}
 
 
 def tiny_scenario(tmp_path: Path, **sections) -> Path:
@@ -36,52 +41,102 @@ def tiny_scenario(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def run(path: Path, overrides: dict | None = None, num_nodes: int = 3, **grid_kwargs) -> list[dict]:
+@pytest.fixture
+def one_thread():
+    """The ServerApp runs with one torch thread; runs compared with it must too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_flower(path: Path, overrides: dict | None = None, num_nodes: int = 3, **grid_kwargs) -> list[dict]:
     run_config = {"scenario": str(path), **(overrides or {})}
     grid = InProcessGrid(run_config, num_nodes, **grid_kwargs)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    scenario = load_scenario(path, overrides)
-    return read_metrics(scenario.results_path / "metrics.jsonl")
+    return read_metrics(load_scenario(path, overrides).results_path / "metrics.jsonl")
+
+
+def stable(records: list[dict]) -> list[dict]:
+    """Records without what depends on the machine's speed."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+    return clean(records)
 
 
 def phase_records(records, phase):
     return {r["iteration"]: r for r in records if r["phase"] == phase}
 
 
-def expected_elements(path: Path, capacity: float, iteration: int, side: str = "x") -> int:
-    scenario = load_scenario(path)
-    task = cached_task(scenario)
-    x, y = task.init_tensors(0)
-    algo = scenario.algorithm
-    policies = {s: make_policy(getattr(algo, f"mask_{s}"), scenario.seed) for s in ("x", "y")}
-    plan = build_plan(task.layouts, policies, capacity, iteration, 0)
-    return numel_in_plan(x if side == "x" else y, task.layouts[side], plan)
+def test_plain_and_flower_engines_give_the_same_records_for_a_faulty_run(tmp_path, one_thread):
+    """One loop: the same faulty scenario (a raising client, a NaN reply, a huge finite reply)
+    through the Flower message path and the plain engine gives the same records and model."""
+    faults = [{"partition": 0, "phase": "inner", "iterations": [1], "kind": "raise"},
+              {"partition": 2, "phase": "outer", "iterations": [1], "kind": "nan"},
+              {"partition": 1, "phase": "inner", "iterations": [2], "kind": "huge"}]
+    flower = tiny_scenario(tmp_path / "flower", run={"faults": faults, "eval_every": 1})
+    plain = tiny_scenario(tmp_path / "plain", run={"faults": faults, "eval_every": 1})
+    flower_records = run_flower(flower)
+    plain_records = run_plain(load_scenario(plain), logging.getLogger("quiet")).records
+    assert stable(flower_records) == stable(plain_records)
+    inner, outer = phase_records(plain_records, "inner"), phase_records(plain_records, "outer")
+    assert (inner[1]["failures"], inner[1]["clients_aggregated"]) == (1, 2)
+    assert (outer[1]["rejected"], outer[1]["rejected_divergent"], outer[1]["clients_aggregated"]) == (1, 0, 2)
+    assert (inner[2]["rejected"], inner[2]["rejected_divergent"], inner[2]["clients_aggregated"]) == (1, 1, 2)
+    # every reply's work is counted: the rejected ones as wasted, the raised one estimated (no size seen before)
+    assert outer[1]["wasted_flops"] > 0 and outer[1]["flops"] > outer[1]["wasted_flops"]
+    assert inner[1]["unestimated_failures"] == 1 and inner[2]["wasted_flops"] > 0
+    a, b = (torch.load(p.parent / "results" / "model.pt") for p in (flower, plain))
+    assert all(torch.equal(a[s][n], b[s][n]) for s in a for n in a[s])
+
+
+def test_divergence_guard_keeps_the_model_where_the_huge_update_would_have_thrown_it(tmp_path):
+    """A finite update a million times too large is rejected; with the guard off it is averaged in."""
+    faults = [{"partition": 1, "phase": "outer", "iterations": [1], "kind": "huge"}]
+    guarded = run_plain(load_scenario(tiny_scenario(tmp_path / "on", run={"faults": faults})), logging.getLogger("quiet"))
+    unguarded = run_plain(load_scenario(tiny_scenario(tmp_path / "off", run={"faults": faults, "divergence_factor": 0.0})),
+                          logging.getLogger("quiet"))
+    on, off = phase_records(guarded.records, "outer")[1], phase_records(unguarded.records, "outer")[1]
+    assert (on["rejected_divergent"], on["clients_aggregated"]) == (1, 2)
+    assert (off["rejected_divergent"], off["clients_aggregated"]) == (0, 3)
+    size = lambda state: max(float(t.abs().max()) for t in state.x.values())  # noqa: E731
+    assert size(unguarded.state) > 1e3 * size(guarded.state)
 
 
 @pytest.mark.parametrize("kind,reason", [
-    ("names", "wrong array names"), ("shape", "shape"), ("nan", "NaN"), ("dtype", "dtype"), ("records", "missing records"),
+    ("names", "wrong array names"), ("shape", "shape"), ("inf", "NaN or infinite"), ("dtype", "dtype"),
+    ("records", "missing update"), ("side", "sides this phase does not step"),
 ])
 def test_bad_replies_are_rejected_not_aggregated(tmp_path, kind, reason, caplog):
-    """Partition 1's replies are spoiled on their way back; the strategy must drop exactly those."""
+    """Partition 1's replies are spoiled on their way back; the loop must drop exactly those."""
 
     def spoil(message: Message, reply: Message) -> Message:
-        if not message.metadata.message_type.startswith("train") or message.content["config"]["partition"] != 1:
+        if not message.metadata.message_type.startswith("train") or message.content[CONFIG][PARTITION] != 1:
             return reply
-        update = reply.content["update"].to_torch_state_dict()
+        (key,) = [k for k in reply.content.array_records]
+        update = reply.content[key].to_torch_state_dict()
         name = next(iter(update))
         if kind == "names":
             update[name + ".bogus"] = update.pop(name)
         elif kind == "shape":
             update[name] = update[name][..., :1].contiguous() if update[name].ndim else torch.zeros(2)
-        elif kind == "nan":
+        elif kind == "inf":
             update[name] = torch.full_like(update[name], float("inf"))
         elif kind == "dtype":
             update[name] = update[name].to(torch.int32)
-        content = RecordDict({"metrics": reply.content["metrics"]} if kind == "records" else
-                             {"update": ArrayRecord(update), "metrics": reply.content["metrics"]})
+        content = RecordDict({METRICS: reply.content[METRICS]})
+        if kind == "side":
+            content[update_key("x" if key == update_key("y") else "y")] = ArrayRecord(update)
+        if kind not in ("records", "side"):
+            content[key] = ArrayRecord(update)
         return Message(content, reply_to=message)
 
-    records = run(tiny_scenario(tmp_path), tamper=spoil)
+    with caplog.at_level(logging.WARNING):
+        records = run_flower(tiny_scenario(tmp_path), tamper=spoil)
     for phase in ("inner", "outer"):
         for r in phase_records(records, phase).values():
             assert (r["rejected"], r["clients_aggregated"]) == (1, 2)
@@ -93,52 +148,56 @@ def test_bad_replies_are_rejected_not_aggregated(tmp_path, kind, reason, caplog)
 
 
 def test_client_faults_are_counted_and_coverage_uses_survivors(tmp_path):
-    """Partition 0 (capacity 1) raises in iteration 1's inner phase, partition 2 returns NaN in its
-    outer phase: those iterations aggregate the others, and coverage shrinks to what they hold."""
-    path = tiny_scenario(tmp_path, run={"faults": [
-        {"partition": 0, "phase": "inner", "iterations": [1], "kind": "raise"},
-        {"partition": 2, "phase": "outer", "iterations": [2], "kind": "nan"},
-    ]}, algorithm={"iterations": 2, "inner_steps": 2, "mask_y": "static", "mask_x": "static"},
-        clients={"num": 3, "capacities": [1.0, 0.5, 0.25]}, model={"width": 8, "head": "mlp", "head_hidden": 8})
-    records = run(path)
+    """Partition 0 (capacity 1) raises in iteration 1's inner phase: that iteration aggregates the
+    others, and coverage shrinks to what they hold; elements nobody covered keep their value."""
+    path = tiny_scenario(tmp_path, run={"faults": [{"partition": 0, "phase": "inner", "iterations": [1], "kind": "raise"}]},
+                         algorithm={"iterations": 2, "inner_steps": 2, "mask_y": "static", "mask_x": "static"},
+                         clients={"num": 3, "capacities": [1.0, 0.5, 0.25]}, model={"width": 8, "head": "mlp", "head_hidden": 8})
+    records = run_flower(path)
     inner, outer = phase_records(records, "inner"), phase_records(records, "outer")
     assert (inner[1]["failures"], inner[1]["clients_aggregated"]) == (1, 2)
-    # without the full-capacity client, half the head's hidden units are covered by nobody
-    assert inner[1]["uncovered_y"] > 0 and inner[2]["uncovered_y"] == 0
-    assert (outer[2]["rejected"], outer[2]["clients_aggregated"]) == (1, 2)
+    # without the full-capacity client only the first 4 of 8 features and hidden units are held:
+    # fc1.weight 16 of 64, fc1.bias 4 of 8, fc2.weight 20 of 40, fc2.bias 5 of 5 -> 72 of 117 uncovered
+    assert inner[1]["uncovered_y"] == pytest.approx(72 / 117) and inner[2]["uncovered_y"] == 0
+    assert inner[1]["trained_y"] == pytest.approx(1 - inner[1]["uncovered_y"]) and inner[2]["trained_y"] == 1.0
     assert outer[1]["C_x*"] == 1 and outer[1]["uncovered_x"] == 0
-    assert all(r["failures"] == 0 for q, r in inner.items() if q != 1)
+
+
+def expected_elements(path: Path, capacity: float, iteration: int, overrides=None) -> int:
+    scenario = load_scenario(path, overrides)
+    task = cached_task(scenario)
+    x, y = task.init_tensors(0)
+    policies = scenario_policies(scenario)
+    for policy in policies.values():  # masks that rank channels look at the model of that iteration
+        policy.begin_round(iteration, x | y, task.layouts, {})
+    plan = build_plan(task.layouts, policies, capacity, iteration, 0)
+    return numel_in_plan(x, task.layouts["x"], plan)
 
 
 def test_capacity_changes_give_matching_submodels(tmp_path):
     """A scheduled change of the resource profile, and a node announcing its own capacity."""
     path = tiny_scenario(tmp_path, clients={"num": 3, "capacities": [1.0, 0.5, 0.25],
-                                            "schedule": [{"from_iteration": 2, "capacities": [0.25, 0.25, 1.0]}]})
-    records = run(path, node_configs={1: {"capacity": 0.125}})
+                                            "schedule": [{"from_iteration": 2, "capacities": [0.25, 0.25, 1.0]}]},
+                         algorithm={"iterations": 2, "inner_steps": 2, "mask_x": "static", "mask_y": "static"})
+    records = run_flower(path, node_configs={1: {"capacity": 0.125}})
     inner = phase_records(records, "inner")
-    got = {q: {c["partition"]: c["x_elements"] for c in inner[q]["clients"]} for q in (1, 2)}
-    assert got[1] == {0: expected_elements(path, 1.0, 1), 1: expected_elements(path, 0.125, 1),
-                      2: expected_elements(path, 0.25, 1)}
-    assert got[2] == {0: expected_elements(path, 0.25, 2), 1: expected_elements(path, 0.125, 2),
-                      2: expected_elements(path, 1.0, 2)}
+    got = {q: {c["partition"]: (c["capacity"], c["x_elements"]) for c in inner[q]["clients"]} for q in (1, 2)}
+    size = lambda r: (r, expected_elements(path, r, 1))  # noqa: E731
+    assert got[1] == {0: size(1.0), 1: size(0.125), 2: size(0.25)}
+    assert got[2] == {0: size(0.25), 1: size(0.125), 2: size(1.0)}
 
 
 def test_resume_from_checkpoint_ends_with_the_same_model(tmp_path):
-    straight = tiny_scenario(tmp_path / "a", algorithm={"iterations": 4, "inner_steps": 2},
-                             run={"checkpoint_every": 2})
-    run(straight)
-    interrupted = tiny_scenario(tmp_path / "b", algorithm={"iterations": 4, "inner_steps": 2},
-                                run={"checkpoint_every": 2})
-    run(interrupted, {"algorithm.iterations": 2})  # stops after the checkpoint at iteration 2
-    first_half = torch.load(tmp_path / "b" / "results" / "checkpoint.pt")
-    assert first_half["iteration"] == 2
-    resumed = run(interrupted, {"run.resume": True})
+    straight = tiny_scenario(tmp_path / "a", algorithm={"iterations": 4, "inner_steps": 2}, run={"checkpoint_every": 2})
+    run_flower(straight)
+    interrupted = tiny_scenario(tmp_path / "b", algorithm={"iterations": 4, "inner_steps": 2}, run={"checkpoint_every": 2})
+    run_flower(interrupted, {"algorithm.iterations": 2})  # stops after the checkpoint at iteration 2
+    assert torch.load(tmp_path / "b" / "results" / "checkpoint.pt")["iteration"] == 2
+    resumed = run_flower(interrupted, {"run.resume": True})
     a = torch.load(tmp_path / "a" / "results" / "model.pt")
     b = torch.load(tmp_path / "b" / "results" / "model.pt")
-    for side in ("x", "y"):
-        for name in a[side]:
-            assert torch.equal(a[side][name], b[side][name]), name
-    losses = lambda rs: [(r["iteration"], r["phase"], r.get("upper_loss"), r.get("lower_loss"), r.get("test_accuracy"))
+    assert all(torch.equal(a[side][name], b[side][name]) for side in a for name in a[side])
+    losses = lambda rs: [(r["iteration"], r["phase"], r.get("upper_loss"), r.get("lower_loss"), r.get("trained_x"))  # noqa: E731
                          for r in rs if r["phase"] in ("inner", "outer")]
     assert losses(resumed) == losses(read_metrics(tmp_path / "a" / "results" / "metrics.jsonl"))
 
@@ -146,12 +205,34 @@ def test_resume_from_checkpoint_ends_with_the_same_model(tmp_path):
 def test_resume_without_checkpoint_stops_before_training(tmp_path):
     path = tiny_scenario(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
-        run(path, {"run.resume": True})
+        run_flower(path, {"run.resume": True})
     assert not (tmp_path / "results" / "metrics.jsonl").exists()
 
 
-def test_node_announcing_an_impossible_capacity_is_left_out(tmp_path, caplog):
-    records = run(tiny_scenario(tmp_path), node_configs={1: {"capacity": 1.5}})
+@pytest.mark.parametrize("node_configs,message", [
+    ({1: {"capacity": 1.5}}, "announced capacity 1.5 outside (0, 1]"),
+    ({1: {"partition-id": 0}}, "announced partition 0, which another node already has"),
+])
+def test_nodes_with_impossible_profiles_are_left_out(tmp_path, caplog, node_configs, message):
+    with caplog.at_level(logging.WARNING):
+        records = run_flower(tiny_scenario(tmp_path), node_configs=node_configs, overrides={"clients.min_available": 2})
     for r in phase_records(records, "inner").values():
         assert r["clients_sent"] == 2 and sorted(c["partition"] for c in r["clients"]) == [0, 2]
-    assert "announced capacity 1.5 outside (0, 1]" in caplog.text
+    assert message in caplog.text
+
+
+def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, one_thread):
+    """Flower's default simulation has 2 SuperNodes: 5 clients still run, partition p on node p mod 2,
+    with the same records as one node per partition."""
+    path = tiny_scenario(tmp_path / "virtual", clients={"num": 5})
+    scenario = load_scenario(path)
+    grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
+    strategy = PhaseStrategy(grid, clients=5, min_available=5, virtual_clients=True, node_wait_timeout=30,
+                             phase_timeout=30)
+    records = TrainingLoop(scenario, cached_task(scenario), strategy, torch.device("cpu"),
+                           logging.getLogger("quiet")).run().records
+    sent = [m for m in grid.sent if m.metadata.message_type == "train.inner" and m.metadata.group_id == "1"]
+    assert sorted((m.content[CONFIG][PARTITION], m.metadata.dst_node_id) for m in sent) == \
+        [(0, 101), (1, 102), (2, 101), (3, 102), (4, 101)]
+    direct = run_flower(tiny_scenario(tmp_path / "direct", clients={"num": 5}), num_nodes=5)
+    assert stable(records) == stable(direct)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from .paths import DataError, cache_file, data_dir, file_key, load_cached, save_cached
+from .paths import DataError, cache_file, data_dir, downloads_allowed, file_key, load_cached, missing_data, save_cached
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -122,7 +122,7 @@ def _read_folder(folder: Path, files: list[Path]) -> list[tuple[int, str, bytes]
     return [(_class_index(p.parent.name, str(p), folder), str(p), p.read_bytes()) for p in files]
 
 
-def load_cifar10(train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cifar10(train: bool, download: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images uint8 [N,32,32,3], labels int64 [N], class names in the standard CIFAR-10 order."""
     root = data_dir()
     split = "train" if train else "test"
@@ -136,14 +136,15 @@ def load_cifar10(train: bool, download: bool = False) -> tuple[np.ndarray, np.nd
         files = _folder_files(folder)
         key, read = _folder_key(files), lambda: _read_folder(folder, files)
         source = folder
-    elif download:
-        _download_binary(root)
-        return _from_binary(root, train)
     else:
-        raise DataError(
-            f"CIFAR-10 not found in {root}: expected {root / _BINARY_DIR}, {archive} or "
-            f"{folder}/<class>/*.jpg (set RABO_DATA_DIR, or pass download=True)"
-        )
+        expected = [f"{_BINARY_DIR}/", str(_ARCHIVE), "cifar10/<split>/<class>/*.jpg"]
+        if not downloads_allowed(download):
+            raise missing_data("CIFAR-10", expected, "downloads are off: RABO_OFFLINE=1 or task.download=false", one_of=True)
+        try:
+            _download_binary(root)
+        except DataError as err:
+            raise missing_data("CIFAR-10", expected, str(err), one_of=True) from err
+        return _from_binary(root, train)
     cache = cache_file(f"cifar10-{split}", key, _CACHE_VERSION)
     arrays = load_cached(cache)
     if arrays is None:

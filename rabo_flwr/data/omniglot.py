@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.utils import download_url
 
-from .paths import DataError, cache_file, data_dir, file_key, load_cached, save_cached
+from .paths import DataError, cache_file, data_dir, downloads_allowed, file_key, load_cached, missing_data, save_cached
 
 # Same URLs and md5 values as torchvision.datasets.Omniglot (md5 of the original zips).
 _URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -34,6 +34,8 @@ _MD5 = {
 _RUNS_URL = (
     "https://github.com/brendenlake/omniglot/raw/master/python/one-shot-classification/all_runs.zip"
 )
+_RUNS_MD5 = "e8996daecdf12afeeb4a53a179f06b19"  # the original all_runs.zip (torchvision has no entry for it)
+_ARCHIVES = ["omniglot/images_background.zip", "omniglot/images_evaluation.zip", "omniglot/all_runs.zip"]
 # Bump when the decoded format changes so old caches are ignored.
 _CACHE_VERSION = 1
 # Errors that a truncated or damaged zip member / PNG raises while being read or decoded.
@@ -72,7 +74,7 @@ class Episode:
     classes: torch.Tensor  # int64 [n_way]
 
 
-def _download(url: str, dest: Path, md5: str | None) -> None:
+def _download(url: str, dest: Path, md5: str) -> None:
     """Download ``url`` to ``dest`` via a temp name in the same dir; no partial file survives."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.part-{os.getpid()}"
@@ -88,16 +90,16 @@ def _download(url: str, dest: Path, md5: str | None) -> None:
         raise DataError(f"could not download {url} to {dest}: {e}") from e
 
 
-def _archive(name: str, url: str, md5: str | None, download: bool) -> Path:
-    """Path of ``omniglot/<name>.zip`` in the data dir, downloading it if missing and allowed."""
+def _archive(name: str, url: str, md5: str, download: bool) -> Path:
+    """Path of ``omniglot/<name>.zip`` in the data dir, downloaded (md5-checked) if missing and allowed."""
     path = data_dir() / "omniglot" / f"{name}.zip"
     if not path.is_file():
-        if not download:
-            raise DataError(
-                f"Omniglot archive {name}.zip not found in {path.parent} (expected {path}; "
-                "set RABO_DATA_DIR to the folder holding omniglot/, or pass download=True)"
-            )
-        _download(url, path, md5)
+        if not downloads_allowed(download):
+            raise missing_data(f"Omniglot ({name}.zip)", _ARCHIVES, "downloads are off: RABO_OFFLINE=1 or task.download=false")
+        try:
+            _download(url, path, md5)
+        except DataError as err:
+            raise missing_data(f"Omniglot ({name}.zip)", _ARCHIVES, str(err)) from err
     return path
 
 
@@ -159,7 +161,7 @@ def _decode_split(path: Path, split: str, image_size: int) -> dict[str, np.ndarr
     }
 
 
-def load_omniglot(background: bool, image_size: int = 28, download: bool = False) -> OmniglotSplit:
+def load_omniglot(background: bool, image_size: int = 28, download: bool = True) -> OmniglotSplit:
     """Load the background (964 characters) or evaluation (659) split, decoding on first use."""
     _check_size(image_size)
     split = "images_background" if background else "images_evaluation"
@@ -232,10 +234,10 @@ def _decode_runs(path: Path, image_size: int) -> dict[str, np.ndarray]:
     }
 
 
-def load_one_shot_runs(image_size: int = 28, download: bool = False) -> list[OneShotRun]:
+def load_one_shot_runs(image_size: int = 28, download: bool = True) -> list[OneShotRun]:
     """The 20 official 20-way one-shot runs (Lake et al., 2015), decoded like the splits."""
     _check_size(image_size)
-    path = _archive("all_runs", _RUNS_URL, None, download)
+    path = _archive("all_runs", _RUNS_URL, _RUNS_MD5, download)
     cache = cache_file(f"omniglot-runs-{image_size}", file_key(path), image_size, _CACHE_VERSION)
     arrays = load_cached(cache)
     if arrays is None:

@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
+
 
 class DataError(Exception):
     """A data set is missing, corrupt or unusable; the message says what was expected and where."""
+
+
+def downloads_allowed(download: bool) -> bool:
+    """``task.download`` unless ``RABO_OFFLINE=1`` (the offline switch) says otherwise."""
+    return download and os.environ.get("RABO_OFFLINE", "").lower() not in ("1", "true", "yes")
+
+
+def missing_data(dataset: str, expected: list[str], reason: str, one_of: bool = False) -> DataError:
+    """The one message for data that is not there: where we looked, what we expected, what to type."""
+    root = data_dir()
+    return DataError(
+        f"{dataset} not found in the data directory {root} ({reason}). Expected{' one of' if one_of else ''}: "
+        f"{', '.join(str(root / e) for e in expected)}. If you have these files elsewhere, point the run at "
+        f"the folder that holds them, e.g. `RABO_DATA_DIR=/path/to/data flwr run . --stream` "
+        f"(set it before Flower's local SuperLink starts: stop a running one first). With network access and "
+        f"RABO_OFFLINE unset, missing files are downloaded into {root}."
+    )
 
 
 def _user_cache_root() -> Path:
@@ -62,17 +80,9 @@ def load_cached(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file + ``os.replace``).
+    """Write ``arrays`` as an uncompressed ``.npz``, atomically.
 
     Uncompressed keeps the reload well under a second; atomic so that concurrent clients
     or an interrupted run never leave a half-written cache behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..cost import CostMeter
 from ..submodel import Layout
 
 Tensors = dict[str, torch.Tensor]
@@ -16,8 +17,13 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class ClientBatch:
-    """The data a client uses in one global iteration: ``lower`` for g, ``upper`` for f."""
+    """The data a client uses in one global iteration.
 
+    ``lower_steps[t]`` feeds inner step t (the same support set in few-shot learning, a fresh
+    mini-batch per step in loss tuning); ``lower`` and ``upper`` feed g and f in the hypergradient.
+    """
+
+    lower_steps: list[Any]
     lower: Any
     upper: Any
     examples: int
@@ -48,6 +54,7 @@ class BilevelTask:
     x_layout: Layout
     y_layout: Layout
     num_partitions: int
+    main_metric: str  # the evaluation metric that early stopping and summaries follow
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
@@ -56,7 +63,8 @@ class BilevelTask:
         """Load (and cache) every data set the run needs, so missing or corrupt data stops the
         server before any client trains."""
 
-    def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
+    def client_batch(self, partition: int, iteration: int, device: torch.device, steps: int) -> ClientBatch:
+        """A partition's data for one global iteration (seeded by iteration and partition), ``steps`` inner steps."""
         raise NotImplementedError
 
     def lower_loss(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -65,8 +73,12 @@ class BilevelTask:
     def upper_loss(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def lower_objective(self, x: Mapping[str, torch.Tensor], batch: Any) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-        """g(x, .) for the inner steps; tasks override it to precompute what does not depend on y."""
+    def lower_objective(self, x: Mapping[str, torch.Tensor], batch: Any,
+                        meter: CostMeter) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+        """g(x, .) on one batch for the inner steps.
+
+        Tasks override it to precompute what does not depend on y, metering that work with ``meter``.
+        """
         return lambda y: self.lower_loss(x, y, batch)
 
     def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..data.omniglot import Episode, EpisodeSampler, load_omniglot, load_one_shot_runs, shard_classes, shard_classes_by_alphabet
 from ..models import build_head
 from ..models.backbones import build_backbone
+from ..cost import shapes
 from ..scenario import Scenario
 from .base import BilevelTask, ClientBatch, FunctionalModule, Tensors, init_module_tensors
 
@@ -40,6 +41,7 @@ class FewShotTask(BilevelTask):
         self.x_layout = backbone.module.layout()
         self.y_layout = self.head.module.layout()
         self.num_partitions = scenario.clients.num
+        self.main_metric = "test_accuracy"
 
     # ------------------------------------------------------------------ data
 
@@ -61,13 +63,21 @@ class FewShotTask(BilevelTask):
         if self.scenario.task.eval_one_shot_runs:
             self._one_shot_runs  # noqa: B018
 
-    def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
+    def client_episodes(self, partition: int, iteration: int, device: torch.device, count: int) -> list[Episode]:
+        """``count`` episodes of the partition's characters, seeded by (seed, iteration, partition)."""
         cfg = self.scenario.task
         _, sampler = self._train
         gen = seeded_generator(self.scenario.seed, iteration, partition)
-        ep = sampler.sample(self._shards[partition], cfg.n_way, cfg.k_shot, cfg.n_query or None, gen)
-        return ClientBatch(lower=(ep.support_x.to(device), ep.support_y.to(device)),
-                           upper=(ep.query_x.to(device), ep.query_y.to(device)),
+        episodes = [sampler.sample(self._shards[partition], cfg.n_way, cfg.k_shot, cfg.n_query or None, gen)
+                    for _ in range(count)]
+        return [Episode(e.support_x.to(device), e.support_y.to(device), e.query_x.to(device), e.query_y.to(device),
+                        e.classes) for e in episodes]
+
+    def client_batch(self, partition: int, iteration: int, device: torch.device, steps: int) -> ClientBatch:
+        """One episode: every inner step fits the head on its support set, f is its query loss."""
+        (ep,) = self.client_episodes(partition, iteration, device, 1)
+        support = (ep.support_x, ep.support_y)
+        return ClientBatch(lower_steps=[support] * steps, lower=support, upper=(ep.query_x, ep.query_y),
                            examples=len(ep.support_y) + len(ep.query_y))
 
     # ------------------------------------------------------------------ model and losses
@@ -96,10 +106,10 @@ class FewShotTask(BilevelTask):
         images, labels = batch
         return F.cross_entropy(self.head(y, self.features(x, images)), labels)
 
-    def lower_objective(self, x, batch):
+    def lower_objective(self, x, batch, meter):
         images, labels = batch
         with torch.no_grad():
-            features = self.features(x, images)
+            features = meter.unit("lower.features", shapes(x, images), lambda: self.features(x, images))
         return lambda y: F.cross_entropy(self.head(y, features), labels) + self._ridge(y)
 
     # ------------------------------------------------------------------ evaluation
@@ -111,7 +121,8 @@ class FewShotTask(BilevelTask):
         split = load_omniglot(background=False, image_size=cfg.image_size, download=cfg.download)
         sampler = EpisodeSampler(split.images, split.labels)
         classes = np.arange(len(split.alphabet_of_class))
-        gen = seeded_generator(self.scenario.seed, 2**31 - 1)
+        seed = self.scenario.seed if cfg.eval_seed < 0 else cfg.eval_seed
+        gen = seeded_generator(seed, 2**31 - 1)
         return [sampler.sample(classes, cfg.n_way, cfg.k_shot, cfg.n_query or None, gen) for _ in range(cfg.eval_episodes)]
 
     def _fit_heads(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -131,7 +142,8 @@ class FewShotTask(BilevelTask):
                 bias -= cfg.eval_lr * gb
         return weight.detach(), bias.detach()
 
-    def _episode_accuracy(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> float:
+    def _episode_accuracies(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> torch.Tensor:
+        """Query accuracy of each episode."""
         with torch.no_grad():
             x = {k: v.to(device) for k, v in x.items()}
             support = torch.stack([self.features(x, e.support_x.to(device)) for e in episodes])
@@ -141,13 +153,19 @@ class FewShotTask(BilevelTask):
         with torch.enable_grad():
             weight, bias = self._fit_heads(support, support_y, n_way)
         logits = torch.einsum("end,ecd->enc", query, weight) + bias[:, None, :]
-        return float((logits.argmax(-1) == query_y).float().mean())
+        return (logits.argmax(-1) == query_y).float().mean(-1).cpu()
 
     def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
-        """Adapt a fresh head on each support set with the backbone x; report query accuracy."""
-        metrics = {"test_accuracy": self._episode_accuracy(x, self._eval_episodes, self.scenario.task.n_way, device)}
+        """Adapt a fresh head on each support set with the backbone x; report query accuracy.
+
+        ``test_accuracy`` is the mean over the fixed evaluation episodes and ``test_accuracy_se``
+        its standard error (standard deviation over episodes / sqrt(episodes)).
+        """
+        per_episode = self._episode_accuracies(x, self._eval_episodes, self.scenario.task.n_way, device)
+        metrics = {"test_accuracy": float(per_episode.mean()),
+                   "test_accuracy_se": float(per_episode.std() / len(per_episode) ** 0.5) if len(per_episode) > 1 else 0.0}
         if self.scenario.task.eval_one_shot_runs:
-            metrics["one_shot_runs_accuracy"] = self._episode_accuracy(x, self._one_shot_runs, 20, device)
+            metrics["one_shot_runs_accuracy"] = float(self._episode_accuracies(x, self._one_shot_runs, 20, device).mean())
         return metrics
 
     @cached_property

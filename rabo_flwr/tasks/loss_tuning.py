@@ -1,12 +1,32 @@
 """Loss-function tuning on long-tail CIFAR-10: x = VS-loss hyperparameters, y = the classifier.
 
-Lower level g: the VS loss (Kini et al., 2021) of the classifier on a client's training batch,
-with per-class weights w, additive logit offsets l and multiplicative logit scales Delta:
-logits' = Delta * z + l, loss = mean_i w[y_i] * CE(logits'_i, y_i). Averaging over the batch
-(not over the weights) keeps w's scale meaningful, and at w = 1, l = 0, Delta = 1 the loss is
-plain cross-entropy. Upper level f: class-balanced cross-entropy of the plain logits on the
-client's validation batch, so tail classes count as much as head classes; f depends on x only
-through y*(x), so the whole hypergradient is the implicit term. x is never pruned.
+Lower level g: the VS loss (Kini et al., NeurIPS 2021) of the classifier on a fresh training
+mini-batch per step: logits' = Delta * z + l, loss = mean_i w[y_i] * CE(logits'_i, y_i), plus the
+ridge ``task.lower_l2``. x is parametrised so that every value is valid:
+
+    w = C * softmax(w_logits)   (positive, mean 1: weights shift emphasis between classes; their
+                                 overall scale would only rescale the lower level's step size)
+    l = l                       (additive logit offsets, any real value)
+    Delta = exp(log_Delta)      (positive multiplicative logit scales)
+
+x = 0 is plain cross-entropy. ``task.x_init: vs-recommended`` starts from the values the VS
+loss's authors recommend (their released code, github.com/orparask/VS-Loss: Delta_c =
+(n_c / n_max)^gamma with gamma = 0.3, l_c = tau * log(prior_c) with tau = 1, w = 1).
+
+Upper level f (``task.upper_objective``), on the client's validation split:
+
+- ``balanced-ce`` (default): the mean over classes of each class's cross-entropy of the plain
+  logits, i.e. a loss whose minimiser is the balanced-accuracy classifier the task is judged by
+  (AutoBalance, Li et al., NeurIPS 2021, tunes the same VS parameters against such a
+  class-weighted validation loss). f does not read x, so the whole hypergradient is the implicit
+  term through y*(x).
+- ``vs``: the paper's printed objective, the VS loss with the same x on the (long-tailed)
+  validation split. It reads x directly, and its direct gradient favours what lowers the
+  validation VS loss itself: shifting weight w to the classes already fitted best (the head
+  classes) and offsets l towards the long-tailed validation prior. Neither serves balanced
+  test accuracy, which is why it is not the default (the README shows a run of it).
+
+x is never pruned; y (the classifier) is. The whole balanced test set is evaluated.
 """
 
 from __future__ import annotations
@@ -26,9 +46,17 @@ from .base import BilevelTask, ClientBatch, FunctionalModule, Tensors, init_modu
 from .fewshot import seeded_generator
 
 NUM_CLASSES = 10
+HEAD_CLASSES, TAIL_CLASSES = range(0, 5), range(5, 10)  # most and least frequent halves of the long tail
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 EVAL_BATCH = 500  # BatchNorm uses batch statistics: evaluate in large batches
+X_NAMES = ("w_logits", "l", "log_Delta")
+
+
+def hyperparameters(x: Tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w, l, Delta) from x: w = C softmax(w_logits), l, Delta = exp(log_Delta)."""
+    w = x["w_logits"].softmax(0) * x["w_logits"].numel()
+    return w, x["l"], x["log_Delta"].exp()
 
 
 def vs_loss(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, l: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -69,9 +97,10 @@ class LossTuningTask(BilevelTask):
         model = scenario.model
         self._classifier = lambda: Classifier(build_backbone(model.backbone, 3, model.width), NUM_CLASSES)
         self.classifier = FunctionalModule(self._classifier)
-        self.x_layout = Layout(groups={}, dims={name: (None,) for name in ("w", "l", "Delta")})
+        self.x_layout = Layout(groups={}, dims={name: (None,) for name in X_NAMES})
         self.y_layout = self.classifier.module.layout()
         self.num_partitions = scenario.clients.num
+        self.main_metric = "balanced_accuracy"
 
     # ------------------------------------------------------------------ data
 
@@ -89,6 +118,12 @@ class LossTuningTask(BilevelTask):
         if cfg.train_subsample < 1.0:
             indices = _subsample_per_class(indices, labels, cfg.train_subsample, seed)
         return indices
+
+    @cached_property
+    def class_counts(self) -> np.ndarray:
+        """Training images per class in the long-tail set (what the VS recommendations are built from)."""
+        _, labels = self._train
+        return np.bincount(labels[self.long_tail], minlength=NUM_CLASSES)
 
     @cached_property
     def client_splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -110,41 +145,52 @@ class LossTuningTask(BilevelTask):
     def prepare(self) -> None:
         self.client_splits, self._test  # noqa: B018 - loads and decodes both splits
 
-    def client_batch(self, partition: int, iteration: int, device: torch.device) -> ClientBatch:
+    def client_batch(self, partition: int, iteration: int, device: torch.device, steps: int) -> ClientBatch:
+        """A fresh augmented training mini-batch per inner step and one more for g in the
+        hypergradient; f sees the client's whole validation split."""
         images, labels = self._train
         train, val = self.client_splits[partition]
         gen = seeded_generator(self.scenario.seed, iteration, partition)
-        size = self.scenario.task.batch_size
-        pick = lambda idx: idx[torch.randint(len(idx), (min(size, len(idx)),), generator=gen).numpy()]
-        lower_idx, upper_idx = pick(train), pick(val)
-        lower = augment(to_input(images[lower_idx], device), gen)
-        upper = to_input(images[upper_idx], device)
-        as_labels = lambda idx: torch.from_numpy(labels[idx]).to(device)
-        return ClientBatch(lower=(lower, as_labels(lower_idx)), upper=(upper, as_labels(upper_idx)),
-                           examples=len(lower_idx) + len(upper_idx))
+        size = min(self.scenario.task.batch_size, len(train))
+
+        def train_batch():
+            idx = train[torch.randperm(len(train), generator=gen)[:size].numpy()]
+            return augment(to_input(images[idx], device), gen), torch.from_numpy(labels[idx]).to(device)
+
+        lower_steps = [train_batch() for _ in range(steps)]
+        lower = train_batch()
+        upper = (to_input(images[val], device), torch.from_numpy(labels[val]).to(device))
+        return ClientBatch(lower_steps=lower_steps, lower=lower, upper=upper, examples=size * (steps + 1) + len(val))
 
     # ------------------------------------------------------------------ model and losses
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         torch.manual_seed(seed)
         y = init_module_tensors(self._classifier(), self.y_layout)
-        x = {"w": torch.ones(NUM_CLASSES), "l": torch.zeros(NUM_CLASSES), "Delta": torch.ones(NUM_CLASSES)}
+        x = {name: torch.zeros(NUM_CLASSES) for name in X_NAMES}
+        if self.scenario.task.x_init == "vs-recommended":
+            counts = torch.tensor(self.class_counts, dtype=torch.float32)
+            x["l"] = self.scenario.task.vs_tau * torch.log(counts / counts.sum())
+            x["log_Delta"] = self.scenario.task.vs_gamma * torch.log(counts / counts.max())
         return x, y
 
     def lower_loss(self, x, y, batch):
         images, labels = batch
-        loss = vs_loss(self.classifier(y, images), labels, x["w"], x["l"], x["Delta"])
+        loss = vs_loss(self.classifier(y, images), labels, *hyperparameters(x))
         l2 = self.scenario.task.lower_l2
         return loss + 0.5 * l2 * sum(t.pow(2).sum() for t in y.values()) if l2 else loss
 
     def upper_loss(self, x, y, batch):
         images, labels = batch
-        return balanced_cross_entropy(self.classifier(y, images), labels)
+        logits = self.classifier(y, images)
+        if self.scenario.task.upper_objective == "vs":
+            return vs_loss(logits, labels, *hyperparameters(x))
+        return balanced_cross_entropy(logits, labels)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict:
-        """Accuracy, balanced accuracy and per-class accuracy on the balanced test set."""
+        """Accuracy, balanced and per-class accuracy on the balanced test set, and the hyperparameters."""
         images, labels = self._test
         y = {k: v.to(device) for k, v in y.items()}
         predictions = []
@@ -154,8 +200,11 @@ class LossTuningTask(BilevelTask):
                 predictions.append(logits.argmax(1).cpu())
         correct = (torch.cat(predictions).numpy() == labels)
         per_class = [float(correct[labels == c].mean()) for c in range(NUM_CLASSES)]
+        w, l, delta = (t.tolist() for t in hyperparameters({k: v.cpu() for k, v in x.items()}))
         return {"test_accuracy": float(correct.mean()), "balanced_accuracy": float(np.mean(per_class)),
-                "per_class_accuracy": per_class}
+                "head_accuracy": float(np.mean([per_class[c] for c in HEAD_CLASSES])),
+                "tail_accuracy": float(np.mean([per_class[c] for c in TAIL_CLASSES])),
+                "per_class_accuracy": per_class, "w": w, "l": l, "Delta": delta}
 
 
 def _subsample_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""A client: runs one phase of the scenario's algorithm on the slices it was sent, returns only its updates.
+
+Flower-free on purpose: ``rabo_flwr/client_app.py`` turns messages into dicts of tensors and
+back, and the plain engine calls :meth:`Client.run` directly, so simulation, deployment and the
+plain loop run the same client code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from clients.faults import before_phase, corrupt_updates, matching
+from rabo_flwr.algorithms import ALGORITHMS, ClientJob
+from rabo_flwr.cost import CostMeter
+from rabo_flwr.scenario import Scenario
+from rabo_flwr.tasks import BilevelTask
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_tensors(arrays: Mapping[str, ArrayLike], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))).to(device) for k, v in arrays.items()}
+
+
+def cost_context(scenario: Scenario) -> str:
+    """What, besides tensor shapes, decides a computation's FLOPs: the task and model settings."""
+    return json.dumps({"task": scenario.to_dict()["task"], "model": scenario.to_dict()["model"]}, sort_keys=True)
+
+
+class Client:
+    """One partition's client."""
+
+    def __init__(self, task: BilevelTask, scenario: Scenario, partition: int, device: torch.device):
+        self.task = task
+        self.scenario = scenario
+        self.partition = partition
+        self.device = device
+        self.algorithm = ALGORITHMS[scenario.algorithm.name]
+        self.context = cost_context(scenario)
+
+    def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]]
+            ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+        """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent to its slices."""
+        faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
+        before_phase(faults)
+        x = _as_tensors(arrays.get("x", {}), self.device)
+        y = _as_tensors(arrays.get("y", {}), self.device)
+        meter = CostMeter(self.device, self.scenario.run.count_flops, self.context)
+        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter)
+        with meter:
+            result = self.algorithm.run(phase, job)
+        metrics = {
+            "partition": self.partition,
+            "x_elements": sum(t.numel() for t in x.values()),
+            "y_elements": sum(t.numel() for t in y.values()),
+            **result.metrics,
+            **meter.metrics(),
+        }
+        updates = {side: {k: v.detach().cpu() for k, v in u.items()} for side, u in result.updates.items()}
+        return corrupt_updates(faults, updates), metrics

@@ -1,0 +1,27 @@
+"""Every algorithm the scenario's ``algorithm.name`` can select, in one registry.
+
+Bilevel (two phases): ``rabo`` (exact hypergradient), ``rafbo`` (Algorithm 2's finite
+differences), ``fedmbo`` (full model, Neumann series). Lower level only: ``fedavg`` (x fixed).
+Single-level submodel training (one phase), by extraction rule: ``static`` (HeteroFL),
+``oap``, ``fedrolex`` (rolling window), ``fiarse``. Full-model few-shot baselines:
+``dist-protonet``, ``dist-maml``.
+"""
+
+from .base import Algorithm, ClientJob, LocalResult, Phase
+from .bilevel import Bilevel, LowerOnly
+from .episodic import Maml, ProtoNet, SingleLevel
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Bilevel("rabo", estimator="exact", mask="importance"),
+    Bilevel("rafbo", estimator="fd-coordinate", mask="importance"),
+    Bilevel("fedmbo", estimator="neumann", mask="off", full_model=True),
+    LowerOnly(),
+    SingleLevel("static", mask="static"),
+    SingleLevel("oap", mask="oap"),
+    SingleLevel("fedrolex", mask="rolling"),
+    SingleLevel("fiarse", mask="fiarse"),
+    ProtoNet(),
+    Maml(),
+)}
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientJob", "LocalResult", "Phase"]

@@ -1,0 +1,96 @@
+"""What an algorithm is to the training loop: its phases per global iteration and each phase's client work.
+
+A phase sends every sampled client its slices of some sides (x, y), the client returns one
+update per side the phase steps, and the server applies ``side <- side - step * coverage-mean(update)``
+for each of them. RABO has two phases (inner on y, outer on x); single-level baselines have one
+that steps both sides, with updates ``(w_0 - w_T) / lr`` so that the server step with the same
+``lr`` is the coverage-counted average of the clients' models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping
+
+import torch
+
+from ..cost import CostMeter
+
+if TYPE_CHECKING:
+    from ..scenario import Scenario
+    from ..tasks import BilevelTask
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One message round of a global iteration."""
+
+    name: str  # "inner", "outer" or "local"; the message type is train.<name>
+    sends: tuple[str, ...]  # sides whose slices the client receives
+    steps: Mapping[str, float]  # side -> server step size; the reply holds one update per side
+    loss: str  # the client metric the phase's record averages
+
+
+@dataclass
+class ClientJob:
+    """Everything one client's phase works with (its slices, data source, meter)."""
+
+    task: "BilevelTask"
+    scenario: "Scenario"
+    partition: int
+    iteration: int
+    device: torch.device
+    x: Tensors
+    y: Tensors
+    meter: CostMeter
+
+
+@dataclass
+class LocalResult:
+    updates: dict[str, Tensors]  # side -> update slices
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Interface of an algorithm; instances are stateless and shared (``ALGORITHMS``)."""
+
+    name: ClassVar[str]
+    default_mask: ClassVar[str] = "importance"
+    default_estimator: ClassVar[str] = ""  # "" for algorithms without a hypergradient
+    full_model: ClassVar[bool] = False  # every client trains the whole model (capacity 1)
+    episodic: ClassVar[bool] = False  # trains on few-shot episodes (needs the few-shot task)
+
+    def phases(self, scenario: "Scenario") -> list[Phase]:
+        raise NotImplementedError
+
+    def run(self, phase: str, job: ClientJob) -> LocalResult:
+        raise NotImplementedError
+
+
+def leaves(tensors: Mapping[str, torch.Tensor]) -> Tensors:
+    """Detached copies that require grad: the client's working parameters."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+
+
+def loss_and_grads(meter: CostMeter, unit: str, loss_fn: Callable[[], torch.Tensor],
+                   params: list[torch.Tensor], signature) -> tuple[float, list[torch.Tensor]]:
+    """One metered forward and backward: the loss value and its gradients (zeros where unused)."""
+    def work():
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return meter.unit(unit, signature, work)
+
+
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+
+
+def scaled_change(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], lr: float) -> Tensors:
+    """``(start - end) / lr``: the update whose server step with ``lr`` reproduces the local descent."""
+    return {k: (start[k].detach() - end[k].detach()) / lr for k in start}
+

@@ -1,0 +1,118 @@
+"""RABO, RAFBO and FedMBO (two phases per iteration), and FedAvg of the lower level alone.
+
+Inner phase: T SGD steps on g over the client's y-submodel, reply G = (y_0 - y_T) / beta; the
+server sets y <- y - beta * coverage-mean(G). Outer phase: the client's hypergradient H on its
+x-submodel at (x_q, y_{q+1}); the server sets x <- x - alpha * coverage-mean(H). The algorithms
+differ in their estimator (rabo: ``exact``; rafbo: ``fd-coordinate``, Algorithm 2; fedmbo:
+``neumann`` on the full model) and default masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..cost import shapes
+from ..hypergrad import hypergradient_with_stats
+from ..protocol import INNER, OUTER
+from .base import Algorithm, ClientJob, LocalResult, Phase, leaves, loss_and_grads, scaled_change, sgd_step
+
+
+def inner_phase(job: ClientJob, steps: int, beta: float) -> LocalResult:
+    """T SGD steps on g over the y-submodel; returns G = (y_0 - y_T) / beta.
+
+    Correction to the paper: Algorithm 1 prints G = (y_T - y_0) / beta, which together with the
+    server's y <- y - beta * avg(G) would move y *up* the lower-level loss. With
+    G = (y_0 - y_T) / beta the server step reproduces the clients' descent.
+    """
+    task, meter = job.task, job.meter
+    batch = task.client_batch(job.partition, job.iteration, job.device, steps)
+    x = {k: v.detach() for k, v in job.x.items()}
+    y_t = leaves(job.y)
+    params = list(y_t.values())
+    objectives: dict[int, Any] = {}  # one per distinct batch: few-shot steps share their support set
+    losses = []
+    for lower in batch.lower_steps:
+        if id(lower) not in objectives:
+            objectives[id(lower)] = task.lower_objective(x, lower, meter)
+        objective = objectives[id(lower)]
+        loss, grads = loss_and_grads(meter, "lower.inner_step", lambda: objective(y_t), params, shapes(x, y_t, lower))
+        losses.append(loss)
+        sgd_step(params, grads, beta)
+    return LocalResult({"y": scaled_change(job.y, y_t, beta)},
+                       {"lower_loss_start": losses[0], "lower_loss": losses[-1], "examples": batch.examples})
+
+
+def outer_phase(job: ClientJob, estimator: str, options: Mapping[str, Any], steps: int) -> LocalResult:
+    """The client's hypergradient H_i for its x-submodel at (x_q, y_{q+1}), with the estimator's diagnostics."""
+    task, meter = job.task, job.meter
+    batch = task.client_batch(job.partition, job.iteration, job.device, steps)
+    x_names, y_names = list(job.x), list(job.y)
+
+    def upper(xs, ys):
+        return task.upper_loss(dict(zip(x_names, xs)), dict(zip(y_names, ys)), batch.upper)
+
+    def lower(xs, ys):
+        return task.lower_loss(dict(zip(x_names, xs)), dict(zip(y_names, ys)), batch.lower)
+
+    xs = [job.x[n].detach() for n in x_names]
+    ys = [job.y[n].detach() for n in y_names]
+    grads, info = hypergradient_with_stats(upper, lower, xs, ys, estimator, meter=meter, **options)
+    with torch.no_grad():
+        upper_value = meter.unit("upper.value", shapes(xs, ys, batch.upper), lambda: float(upper(xs, ys)))
+    return LocalResult({"x": dict(zip(x_names, grads))},
+                       {"upper_loss": upper_value, "examples": batch.examples, **{f"hg_{k}": v for k, v in info.items()}})
+
+
+def estimator_options(job: ClientJob) -> dict:
+    """The scenario's estimator options, completed with what depends on the run.
+
+    fd-coordinate's Jacobian scale defaults to -beta (see ``rabo_flwr.hypergrad``), so it needs
+    the run's beta; random choices (coordinate samples, power-iteration starts) are seeded per
+    iteration and client.
+    """
+    algo = job.scenario.algorithm
+    estimator = algo.resolved_estimator
+    options = dict(algo.estimator_options)
+    if estimator == "fd-coordinate":
+        options.setdefault("beta", algo.beta)
+    if estimator != "exact":
+        options.setdefault("seed", job.scenario.seed * 1_000_003 + job.iteration * 1009 + job.partition)
+    return options
+
+
+class Bilevel(Algorithm):
+    """Two phases per global iteration: inner on y, outer on x."""
+
+    def __init__(self, name: str, estimator: str, mask: str, full_model: bool = False):
+        self.name, self.default_estimator, self.default_mask, self.full_model = name, estimator, mask, full_model
+
+    def phases(self, scenario):
+        algo = scenario.algorithm
+        return [Phase(INNER, ("x", "y"), {"y": algo.beta}, "lower_loss"),
+                Phase(OUTER, ("x", "y"), {"x": algo.alpha}, "upper_loss")]
+
+    def run(self, phase, job):
+        algo = job.scenario.algorithm
+        if phase == INNER:
+            return inner_phase(job, algo.inner_steps, algo.beta)
+        return outer_phase(job, algo.resolved_estimator, estimator_options(job), algo.inner_steps)
+
+
+class LowerOnly(Algorithm):
+    """FedAvg of the lower level with x held at its initial value: the untuned baseline of loss tuning.
+
+    Only the inner phase runs (the same client work as RABO's), so y sees exactly the same data
+    and steps as in the bilevel rows while x never moves.
+    """
+
+    name = "fedavg"
+    default_mask = "rolling"
+
+    def phases(self, scenario):
+        return [Phase(INNER, ("x", "y"), {"y": scenario.algorithm.beta}, "lower_loss")]
+
+    def run(self, phase, job):
+        algo = job.scenario.algorithm
+        return inner_phase(job, algo.inner_steps, algo.beta)

@@ -1,0 +1,169 @@
+"""The paper's single-level baselines of Table II: one phase per iteration, no hypergradient.
+
+Each client takes T fresh episodes of its shard (one per local step), trains, and replies
+``(w_0 - w_T) / lr`` per side; the server step with the same ``lr`` is the coverage-counted
+average of the clients' models (FedAvg when everyone holds everything).
+
+- Submodel rows (``static``, ``oap``, ``fedrolex``, ``fiarse``): backbone x and head y trained
+  together on one objective, cross-entropy of the head on an episode's support and query images
+  together, on the client's submodel; they differ only in their extraction rule (mask policy).
+- ``dist-protonet``: the full backbone, the prototypical loss (Snell et al., 2017): query
+  features classified by negative squared distance to the support prototypes. No head.
+- ``dist-maml``: the full backbone and head, first-order MAML (Finn et al., 2017, Sec. 5.2;
+  "FOMAML" in Nichol et al., 2018): ``adapt_steps`` SGD steps on the support set from the
+  current parameters, then the query-set gradient at the adapted parameters, applied to the
+  un-adapted ones. First order because second-order MAML through the backbone costs several
+  times more on a CPU, and on Omniglot the two reach similar accuracy (Finn et al., Sec. 5.2).
+
+All of them are evaluated like RABO: a fresh linear head fitted on each test episode's support
+features (``FewShotTask.evaluate``), so the rows compare backbones under one protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..cost import shapes
+from ..data.omniglot import Episode
+from ..masks import output_magnitudes
+from ..protocol import LOCAL
+from .base import Algorithm, ClientJob, LocalResult, Phase, leaves, loss_and_grads, scaled_change, sgd_step
+
+
+def _episodes(job: ClientJob) -> list[Episode]:
+    return job.task.client_episodes(job.partition, job.iteration, job.device, job.scenario.algorithm.inner_steps)
+
+
+def _examples(episodes: list[Episode]) -> int:
+    return sum(len(e.support_y) + len(e.query_y) for e in episodes)
+
+
+def threshold_scales(job: ClientJob, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FIARSE's threshold-aware gradient factor per weight tensor of x, at channel granularity.
+
+    FIARSE scales the gradient of a kept weight of magnitude s by 1 + 2 theta s / (s + theta)^2,
+    theta being the extraction threshold: weights near the threshold learn up to 1.5 times faster,
+    so that they can climb over it. Here s is a channel's mean |w| (as in its extraction) on the
+    client's slices, and theta the smallest s among the client's kept channels, i.e. the threshold
+    its submodel was cut at, as seen from the slices it holds.
+    """
+    layout = job.task.x_layout
+    magnitudes = output_magnitudes(x, {"x": layout})
+    if not magnitudes:
+        return {}
+    theta = min(float(m.min()) for m in magnitudes.values())
+    scales = {}
+    for name, dims in layout.dims.items():
+        group = dims[0] if dims else None
+        if group in magnitudes and x[name].ndim >= 2:
+            s = magnitudes[group]
+            factor = 1 + 2 * theta * s / (s + theta).clamp_min(1e-12) ** 2
+            scales[name] = factor.view(-1, *([1] * (x[name].ndim - 1)))
+    return scales
+
+
+class SingleLevel(Algorithm):
+    """Submodel training of backbone and head on one objective, with the extraction rule ``mask``."""
+
+    episodic = True
+
+    def __init__(self, name: str, mask: str):
+        self.name, self.default_mask = name, mask
+
+    def phases(self, scenario):
+        algo = scenario.algorithm
+        return [Phase(LOCAL, ("x", "y"), {"x": algo.alpha, "y": algo.beta}, "loss")]
+
+    def run(self, phase, job):
+        task, meter, algo = job.task, job.meter, job.scenario.algorithm
+        x, y = leaves(job.x), leaves(job.y)
+        scales = threshold_scales(job, job.x) if self.name == "fiarse" else {}
+        episodes = _episodes(job)
+        losses = []
+        for ep in episodes:
+            images, labels = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+            params = list(x.values()) + list(y.values())
+            loss, grads = loss_and_grads(meter, "local.step", lambda: F.cross_entropy(
+                task.head(y, task.features(x, images)), labels), params, shapes(x, y, images))
+            losses.append(loss)
+            gx, gy = grads[:len(x)], grads[len(x):]
+            gx = [g * scales[n] if n in scales else g for n, g in zip(x, gx)]
+            sgd_step(list(x.values()), gx, algo.alpha)
+            sgd_step(list(y.values()), gy, algo.beta)
+        updates = {"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}
+        return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
+
+
+def prototypical_loss(task, x, episode: Episode) -> torch.Tensor:
+    """Cross-entropy of query features against support-class prototypes (negative squared distance)."""
+    support = task.features(x, episode.support_x)
+    query = task.features(x, episode.query_x)
+    n_way = int(episode.support_y.max()) + 1
+    prototypes = torch.zeros(n_way, support.shape[1], dtype=support.dtype, device=support.device)
+    prototypes = prototypes.index_add(0, episode.support_y, support) / torch.bincount(episode.support_y, minlength=n_way)[:, None]
+    return F.cross_entropy(-torch.cdist(query, prototypes).pow(2), episode.query_y)
+
+
+class ProtoNet(Algorithm):
+    """Dist-ProtoNet: full backbone, prototypical loss, local SGD, averaging."""
+
+    name = "dist-protonet"
+    default_mask = "off"
+    full_model = True
+    episodic = True
+
+    def phases(self, scenario):
+        return [Phase(LOCAL, ("x",), {"x": scenario.algorithm.alpha}, "loss")]
+
+    def run(self, phase, job):
+        task, meter, algo = job.task, job.meter, job.scenario.algorithm
+        x = leaves(job.x)
+        episodes = _episodes(job)
+        losses = []
+        for ep in episodes:
+            loss, grads = loss_and_grads(meter, "local.step", lambda: prototypical_loss(task, x, ep), list(x.values()),
+                                         shapes(x, ep.support_x, ep.query_x))
+            losses.append(loss)
+            sgd_step(list(x.values()), grads, algo.alpha)
+        return LocalResult({"x": scaled_change(job.x, x, algo.alpha)},
+                           {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
+
+
+class Maml(Algorithm):
+    """Dist-MAML: full backbone and head, first-order MAML meta-steps, averaging."""
+
+    name = "dist-maml"
+    default_mask = "off"
+    full_model = True
+    episodic = True
+
+    def phases(self, scenario):
+        algo = scenario.algorithm
+        return [Phase(LOCAL, ("x", "y"), {"x": algo.alpha, "y": algo.beta}, "loss")]
+
+    def run(self, phase, job):
+        task, meter, algo = job.task, job.meter, job.scenario.algorithm
+        x, y = leaves(job.x), leaves(job.y)
+        n_x = len(x)
+        episodes = _episodes(job)
+        losses = []
+
+        def loss_at(params, images, labels):
+            px, py = dict(zip(x, params[:n_x])), dict(zip(y, params[n_x:]))
+            return F.cross_entropy(task.head(py, task.features(px, images)), labels)
+
+        for ep in episodes:
+            start = list(x.values()) + list(y.values())
+            adapted = [p.detach().clone().requires_grad_(True) for p in start]
+            for _ in range(algo.adapt_steps):
+                _, grads = loss_and_grads(meter, "maml.adapt_step", lambda: loss_at(adapted, ep.support_x, ep.support_y),
+                                          adapted, shapes(start, ep.support_x))
+                sgd_step(adapted, grads, algo.adapt_lr)
+            loss, meta = loss_and_grads(meter, "maml.query_step", lambda: loss_at(adapted, ep.query_x, ep.query_y),
+                                        adapted, shapes(start, ep.query_x))
+            losses.append(loss)
+            sgd_step(start[:n_x], meta[:n_x], algo.alpha)
+            sgd_step(start[n_x:], meta[n_x:], algo.beta)
+        updates = {"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}
+        return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
