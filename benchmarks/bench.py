@@ -3,7 +3,8 @@
     . ./offline.env && python benchmarks/bench.py [--quick] [--out benchmarks/results.json]
 
 1. Flower overhead: time per global iteration of a real ``flwr run`` simulation (Ray) against
-   the same scenario in a plain loop (``rabo_flwr.loop.run_plain``), plus start-up cost.
+   the same scenario in the plain engine (``rabo_flwr.loop.run_plain``), plus start-up cost,
+   and what counting FLOPs costs (counted once per unit and shape, then reused) against not counting.
 2. Hypergradient estimators: time, gradient evaluations, peak memory and error against
    ``exact`` at one client's (x, y) and batch, for every task that exists.
 3. Time per iteration against the number of clients and against capacity (plain loop).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -35,10 +37,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # clients/ and strategies/ are top-level packages of the repo
 
-from clients.bilevel_client import estimator_options  # noqa: E402
-from rabo_flwr.flower_run import LocalFederation  # noqa: E402
+from rabo_flwr.algorithms import ClientJob  # noqa: E402
+from rabo_flwr.algorithms.bilevel import inner_phase  # noqa: E402
+from rabo_flwr.cost import CostMeter  # noqa: E402
+from rabo_flwr.flower_run import FlowerHome  # noqa: E402
 from rabo_flwr.hypergrad import _sample_coords, hypergradient_with_stats  # noqa: E402
-from rabo_flwr.local import CostMeter, inner_phase  # noqa: E402
 from rabo_flwr.loop import run_plain  # noqa: E402
 from rabo_flwr.results import read_metrics  # noqa: E402
 from rabo_flwr.runtime import cached_task  # noqa: E402
@@ -60,7 +63,7 @@ def settings(quick: bool) -> dict[str, Any]:
                 "clients": [2, 4], "capacities": [1.0, 0.0625]}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
-            "neumann_K": [5, 20], "fd_coords": [16, 64, 256],
+            "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
             "scaling_iterations": 4, "scaling_base": {},
             "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625]}
 
@@ -100,16 +103,11 @@ def flower_run(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     """One ``flwr run`` (fresh SuperLink and Ray) of the scenario; times from its metrics.jsonl."""
     results = work / "flower-results"
     num = overrides["clients.num"]
-    federation = LocalFederation(work / "flower", env={"OMP_NUM_THREADS": "1"})
-    try:
+    with FlowerHome(work / "flower", env={"OMP_NUM_THREADS": "1"}) as home:
         start = time.perf_counter()
-        outcome = federation.run(REPO, run_config={"scenario": str(QUICKSTART), **overrides,
-                                                   "run.results_dir": str(results)},
-                                 federation_config={"num-supernodes": num, "client-resources-num-cpus": 1},
-                                 timeout=900)
+        outcome = home.run(REPO, run_config={"scenario": str(QUICKSTART), **overrides, "run.results_dir": str(results)},
+                           federation_config={"num-supernodes": num, "client-resources-num-cpus": 1}, timeout=900)
         whole = time.perf_counter() - start
-    finally:
-        federation.close()
     if outcome.status != "finished:completed":
         raise RuntimeError(f"flwr run ended {outcome.status}:\n{outcome.log[-3000:]}")
     records = read_metrics(results / "metrics.jsonl")
@@ -121,25 +119,30 @@ def flower_run(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
                   "first_iteration_excess_s": out["first_s"] - out["median_s"]}
 
 
-def plain_run(overrides: dict[str, Any], threads: int) -> dict[str, Any]:
+def plain_run(overrides: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
     """``run_plain`` in this process, data loaded beforehand so iteration 1 times no decoding."""
     torch.set_num_threads(threads)
-    scenario = load_scenario(QUICKSTART, overrides)
+    scenario = load_scenario(QUICKSTART, overrides | {"run.results_dir": str(work / "plain-results")})
     cached_task(scenario).prepare()
-    records: list[dict] = []
     start = time.perf_counter()
-    run_plain(scenario, records.append, evaluate=False)
+    records = run_plain(scenario, logging.getLogger("bench")).records
     return per_iteration(records) | {"run_s": time.perf_counter() - start}
 
 
 def flower_overhead(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+    """Flower against the plain engine, and counting FLOPs (cached, the default) against not counting.
+
+    The uncounted run goes first, so the counted one cannot profit from a warm FLOP cache.
+    """
     overrides = cfg["flower"] | TINY_EVAL
     flower = flower_run(overrides, work)
-    plain = {t: plain_run(overrides, t) for t in cfg["plain_threads"]}
+    uncounted = plain_run(overrides | {"run.count_flops": False}, 1, work)
+    plain = {t: plain_run(overrides, t, work) for t in cfg["plain_threads"]}
     torch.set_num_threads(threads)
     return {"scenario": str(QUICKSTART.relative_to(REPO)), "overrides": overrides, "flower": flower,
             "plain": {f"{t}_threads": p | {"flower_over_plain": flower["median_s"] / p["median_s"]}
-                      for t, p in plain.items()}}
+                      for t, p in plain.items()},
+            "flops_not_counted": uncounted | {"counted_over_uncounted": plain[1]["median_s"] / uncounted["median_s"]}}
 
 
 # ---------------------------------------------------------------- part 2: hypergradient estimators
@@ -149,14 +152,16 @@ def estimator_configs(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any
     """(label, method, options, inside CostMeter). ``fd-target`` is fd-coordinate's own target,
     grad_x f - beta H_xy grad_y f, by autograd (a Neumann series of one term with step beta);
     a step of 0 leaves grad_x f alone, the baseline that ignores y's dependence on x."""
-    return ([("exact", "exact", {"max_iter": 100, "tol": 1e-10}, False),
-             ("grad_x f only", "neumann", {"K": 1, "step": 0.0}, False),
-             ("exact in CostMeter", "exact", {"max_iter": 100, "tol": 1e-10}, True)]
-            + [(f"neumann K={k}", "neumann", {"K": k}, False) for k in cfg["neumann_K"]]
-            + [("fd-coord target (autograd)", "fd-target", {}, False)]
-            + [(f"fd-coordinate n={n}", "fd-coordinate", {"num_coords": n}, False) for n in cfg["fd_coords"]]
-            + [("fd-directional neumann K=10", "fd-directional", {"inverse": "neumann", "K": 10}, False),
-               ("fd-directional one-step", "fd-directional", {"inverse": "one-step"}, False)])
+    return ([("exact", "exact", {"max_iter": 100, "tol": 1e-10}, None),
+             ("grad_x f only", "neumann", {"K": 1, "step": 0.0}, None),
+             ("exact, FLOPs counted once per unit (default)", "exact", {"max_iter": 100, "tol": 1e-10}, True),
+             ("exact, FLOPs counted every call", "exact", {"max_iter": 100, "tol": 1e-10}, False)]
+            + [(f"neumann K={k} (power-iteration step)", "neumann", {"K": k}, None) for k in cfg["neumann_K"]]
+            + [("fd-coord target (autograd)", "fd-target", {}, None)]
+            + [(f"fd-coordinate n={n} ({weight})", "fd-coordinate", {"num_coords": n, "weight": weight}, None)
+               for n in cfg["fd_coords"] for weight in ("paper", "unbiased") if n != "all" or weight == "paper"]
+            + [("fd-directional neumann K=10", "fd-directional", {"inverse": "neumann", "K": 10}, None),
+               ("fd-directional one-step", "fd-directional", {"inverse": "one-step"}, None)])
 
 
 def _memory_kib(field: str) -> int:
@@ -174,17 +179,19 @@ def hypergradient_worker(spec: dict[str, Any]) -> None:
     """
     torch.set_num_threads(spec["threads"])
     method, options = spec["method"], dict(spec["options"])
-    scenario = load_scenario(spec["scenario"], spec["overrides"] | (
-        {} if method == "fd-target" else {"algorithm.estimator": method, "algorithm.estimator_options": options}))
+    scenario = load_scenario(spec["scenario"], spec["overrides"])
     algo = scenario.algorithm
     if method == "fd-target":
         method, options = "neumann", {"K": 1, "step": algo.beta}
-    else:
-        options = estimator_options(scenario, 1, 0)  # fd-coordinate: scale -beta and a seeded sample
+    if method == "fd-coordinate":
+        options.setdefault("beta", algo.beta)  # scale -beta, as the client sets it
+    if method != "exact":
+        options.setdefault("seed", 0)  # coordinate sample, power-iteration start
     task = cached_task(scenario)
-    batch = task.client_batch(0, 1, CPU)
+    batch = task.client_batch(0, 1, CPU, algo.inner_steps)
     x, y = task.init_tensors(scenario.seed)
-    step = inner_phase(task, batch, x, y, algo.inner_steps, algo.beta).update
+    meter = CostMeter(CPU, count_flops=False)
+    step = inner_phase(ClientJob(task, scenario, 0, 1, CPU, x, y, meter), algo.inner_steps, algo.beta).updates["y"]
     y = {k: y[k] - algo.beta * step[k] for k in y}
     xn, yn = list(x), list(y)
 
@@ -196,11 +203,8 @@ def hypergradient_worker(spec: dict[str, Any]) -> None:
 
     def once():
         start = time.perf_counter()
-        if spec["meter"]:
-            with CostMeter(CPU):
-                out = hypergradient_with_stats(upper, lower, list(x.values()), list(y.values()), method, **options)
-        else:
-            out = hypergradient_with_stats(upper, lower, list(x.values()), list(y.values()), method, **options)
+        meter = None if spec["meter"] is None else CostMeter(CPU, cache=spec["meter"])
+        out = hypergradient_with_stats(upper, lower, list(x.values()), list(y.values()), method, meter, **options)
         return time.perf_counter() - start, out
 
     try:
@@ -247,11 +251,13 @@ def hypergradient_benchmark(cfg: dict[str, Any], threads: int, work: Path) -> li
                    "time_s": statistics.median(r["times"]), "times_s": r["times"], **r["stats"],
                    "peak_mib": None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20,
                    "dim_x": r["grad"].numel(), "vs_exact": errors(r["grad"], exact["grad"])}
+            row["grad_x_f_only_vs_exact"] = errors(results["grad_x f only"]["grad"], exact["grad"])
             if label.startswith("fd-coordinate"):
                 row["vs_own_target"] = errors(r["grad"], target["grad"])
                 # Sampling aside: the finite differences on the sampled coordinates P against the
-                # autograd mixed term there (both estimates minus grad_x f; the weight dim/|P| removed).
-                coords, weight = _sample_coords(r["options"]["num_coords"], row["dim_x"], r["options"]["seed"])
+                # autograd mixed term there (both estimates minus grad_x f; any dim/|P| weight removed).
+                coords = _sample_coords(r["options"]["num_coords"], row["dim_x"], r["options"]["seed"])
+                weight = row["dim_x"] / len(coords) if r["options"].get("weight") == "unbiased" else 1.0
                 p, fx = torch.tensor(list(coords)), results["grad_x f only"]["grad"]
                 row["fd_on_sampled"] = errors((r["grad"] - fx)[p] / weight, (target["grad"] - fx)[p])
             rows.append(row)
@@ -261,14 +267,14 @@ def hypergradient_benchmark(cfg: dict[str, Any], threads: int, work: Path) -> li
 # ---------------------------------------------------------------- part 3: clients and capacity
 
 
-def scaling(cfg: dict[str, Any], threads: int) -> dict[str, list[dict[str, Any]]]:
+def scaling(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, list[dict[str, Any]]]:
     """Plain-loop time per iteration as clients grow (quickstart's capacity tiers, round-robin)
     and as every client's capacity shrinks (5 clients). Omniglot has 30 background alphabets,
     so more clients than that are sharded by character."""
     base = cfg["scaling_base"] | {"algorithm.iterations": cfg["scaling_iterations"]}
 
     def run(overrides):
-        return plain_run(base | overrides, threads)
+        return plain_run(base | overrides, threads, work)
 
     by_clients = [{"clients": n, **run({"clients.num": n, "task.shard_by": "character" if n > 30 else "alphabet"})}
                   for n in cfg["clients"]]
@@ -299,30 +305,36 @@ def report(results: dict[str, Any]) -> str:
         f = fo["flower"]
         rows = [["Flower simulation (2 actors x 1 thread)", f["median_s"], f["median_inner_s"], f["median_outer_s"],
                  f["median_clients_compute_s"], f["first_s"], 1.0]]
-        rows += [[f"plain loop, sequential, {k.split('_')[0]} torch thread(s)", p["median_s"], p["median_inner_s"],
+        rows += [[f"plain engine, sequential, {k.split('_')[0]} torch thread(s)", p["median_s"], p["median_inner_s"],
                   p["median_outer_s"], p["median_clients_compute_s"], p["first_s"], p["flower_over_plain"]]
                  for k, p in fo["plain"].items()]
+        u = fo["flops_not_counted"]
+        rows.append(["plain engine, 1 thread, FLOPs not counted", u["median_s"], u["median_inner_s"], u["median_outer_s"],
+                     u["median_clients_compute_s"], u["first_s"], f["median_s"] / u["median_s"]])
         parts.append(table("Flower overhead: time per global iteration (s, median)",
                            ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
                             "Flower / this"], rows))
+        parts.append(f"Counting FLOPs (cached, the default) against not counting: "
+                     f"{u['counted_over_uncounted']:.3g} times the time per iteration.\n")
         parts.append(table("Flower start-up (s)", ["flwr run wall", "iterations", "evaluation",
                                                    "start-up + shutdown (rest)", "iteration-1 excess"],
                            [[f["flwr_run_s"], f["total_s"], f["eval_s"], f["startup_s"], f["first_iteration_excess_s"]]]))
     if "hypergradients" in results:
         rows = [[r["task"], r["estimator"], r["time_s"], r["grad_evals"], r["hvp_evals"], r["peak_mib"],
-                 r["vs_exact"]["cosine"], r["vs_exact"]["rel_error"],
-                 r.get("vs_own_target", {}).get("cosine"), r.get("vs_own_target", {}).get("rel_error"),
-                 r.get("fd_on_sampled", {}).get("rel_error")]
+                 r["vs_exact"]["cosine"], r["grad_x_f_only_vs_exact"]["cosine"], r["vs_exact"]["rel_error"],
+                 r.get("vs_own_target", {}).get("cosine"), r.get("fd_on_sampled", {}).get("rel_error"),
+                 r.get("negative_curvature"), r.get("iterations")]
                 for r in results["hypergradients"]]
         parts.append(table("Hypergradient estimators (one client, full model)",
                            ["task", "estimator", "time (s)", "grad evals", "hvp evals", "peak mem (MiB)",
-                            "cos vs exact", "rel err vs exact", "cos vs own target", "rel err vs own target",
-                            "FD rel err on sampled coords"], rows))
+                            "cos vs exact", "cos of grad_x f alone vs exact", "rel err vs exact",
+                            "cos vs own target", "FD rel err on sampled coords", "negative curvature",
+                            "iterations"], rows))
     if "scaling" in results:
         for key, label in (("clients", "clients"), ("capacity", "capacity (all clients)")):
             rows = [[r[key], r["median_s"], r["median_inner_s"], r["median_outer_s"],
                      r["median_s"] / r["clients"]] for r in results["scaling"][key]]
-            parts.append(table(f"Plain loop: time per iteration vs {label} (s, median)",
+            parts.append(table(f"Plain engine: time per iteration vs {label} (s, median)",
                                [label, "iteration", "inner", "outer", "per client"], rows))
     return "\n".join(parts)
 
@@ -339,8 +351,8 @@ def main() -> None:
     args.out = args.out or REPO / "benchmarks" / ("results-quick.json" if args.quick else "results.json")
     if args.hypergradient_worker:
         return hypergradient_worker(json.loads(args.hypergradient_worker))
-    if "RABO_DATA_DIR" not in os.environ:
-        sys.exit("source ./offline.env first (it sets RABO_DATA_DIR and the offline Flower variables)")
+    if "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION" not in os.environ:
+        sys.exit("source ./offline.env first (the offline Flower variables)")
     torch.set_num_threads(args.threads)
     cfg = settings(args.quick)
     parts = args.parts.split(",")
@@ -357,7 +369,7 @@ def main() -> None:
             results["hypergradients"] = hypergradient_benchmark(cfg, args.threads, Path(tmp))
         if "scaling" in parts:
             print("part 3: clients and capacity", flush=True)
-            results["scaling"] = scaling(cfg, args.threads)
+            results["scaling"] = scaling(cfg, args.threads, Path(tmp))
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

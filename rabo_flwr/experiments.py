@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -54,24 +55,25 @@ LOSS_TUNING_ROWS = ["ce", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-object
 # What each scale changes, per task. "paper" runs the scenario files unchanged.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 1000,
-                    "run.eval_every": 25, "run.patience": 4, "run.min_delta": 0.005},
-        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 300,
+        "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 800,
+                    "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005},
+        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 200,
                         "run.eval_every": 20},
     },
     "paper": {"fewshot": {}, "loss-tuning": {}},
 }
 
 
-# Step-size sweep: every family gets the same grid size and budget, judged on evaluation episodes
-# drawn with another seed than the test episodes of the tables.
+# Step-size sweep: every family gets the same grid (0.03 to 1.0) and budget (100 iterations),
+# judged on 200 evaluation episodes drawn with another seed than the test episodes of the tables.
 SWEEP = {
-    "rabo": [{"algorithm.alpha": a} for a in (0.1, 0.3, 1.0)],
-    "fedrolex": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3)],
-    "dist-protonet": [{"algorithm.alpha": lr} for lr in (0.03, 0.1, 0.3)],
-    "dist-maml": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3)],
+    "rabo": [{"algorithm.alpha": a} for a in (0.03, 0.1, 0.3, 1.0)],
+    "fedrolex": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3, 1.0)]
+                + [{"algorithm.alpha": 0.1, "algorithm.beta": 0.1, "task.labels": "episode"}],  # why labels are global
+    "dist-protonet": [{"algorithm.alpha": lr} for lr in (0.03, 0.1, 0.3, 1.0)],
+    "dist-maml": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3, 1.0)],
 }
-SWEEP_BUDGET = {"algorithm.iterations": 200, "run.eval_every": 100, "task.eval_episodes": 200, "task.eval_seed": 1,
+SWEEP_BUDGET = {"algorithm.iterations": 100, "run.eval_every": 50, "task.eval_episodes": 200, "task.eval_seed": 1,
                 "run.patience": 0}
 
 
@@ -89,30 +91,26 @@ class Cell:
 
 def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path) -> list[Cell]:
     """The cells of a set, every scenario validated before anything runs."""
+    def sweep_label(row: str, point: dict[str, Any]) -> str:
+        return f"{row}-{'-'.join(str(v) for v in point.values())}"
+
     if name == "table2":
-        paths = {row: PAPER / "table2" / f"{row}.yaml" for row in rows or TABLE2_ROWS}
-        extra = COLUMNS[column]
+        specs = [(row, PAPER / "table2" / f"{row}.yaml", COLUMNS[column]) for row in rows or TABLE2_ROWS]
     elif name == "cx-star":
-        paths = {f"{a}-c{c}": PAPER / "cx_star" / f"{a}_c{c}.yaml" for a in ("rabo", "rafbo") for c in (1, 2)}
-        extra = {}
+        specs = [(f"{a}-c{c}", PAPER / "cx_star" / f"{a}_c{c}.yaml", {}) for a in ("rabo", "rafbo") for c in (1, 2)]
     elif name == "loss-tuning":
-        paths = {row: PAPER / "losstuning" / f"{row}.yaml" for row in rows or LOSS_TUNING_ROWS}
-        extra = {}
+        specs = [(row, PAPER / "losstuning" / f"{row}.yaml", {}) for row in rows or LOSS_TUNING_ROWS]
+    elif name == "scalability":  # the paper's Table III; 30 background alphabets, so 50 clients shard by character
+        specs = [(f"{row}-{n}", PAPER / "table2" / f"{row}.yaml",
+                  COLUMNS[column] | {"clients.num": n, "task.shard_by": "character" if n > 30 else "alphabet"})
+                 for row in rows or ("rabo", "rafbo") for n in (10, 20, 30, 50)]
     elif name == "lr-sweep":
-        cells = [Cell(f"{row}-{'-'.join(str(v) for v in point.values())}", PAPER / "table2" / f"{row}.yaml",
-                      SCALES[scale]["fewshot"] | COLUMNS[column] | SWEEP_BUDGET | point
-                      | {"run.results_dir": str(out / "runs" / f"{row}-{'-'.join(str(v) for v in point.values())}")})
+        specs = [(sweep_label(row, point), PAPER / "table2" / f"{row}.yaml", COLUMNS[column] | SWEEP_BUDGET | point)
                  for row in rows or SWEEP for point in SWEEP[row]]
-        for cell in cells:
-            cell.scenario()
-        return cells
     else:
         raise ValueError(f"unknown set {name!r}")
-    cells = []
-    for label, path in paths.items():
-        task = load_scenario(path).task.name
-        overrides = SCALES[scale][task] | extra | {"run.results_dir": str(out / "runs" / label)}
-        cells.append(Cell(label, path, overrides))
+    cells = [Cell(label, path, SCALES[scale][load_scenario(path).task.name] | extra
+                  | {"run.results_dir": str(out / "runs" / label)}) for label, path, extra in specs]
     for cell in cells:
         cell.scenario()  # a bad file or override stops the set here, before any cell runs
     return cells
@@ -160,8 +158,7 @@ def run_cell(cell: Cell, engine: str, threads: int) -> str:
     return f"{cell.label}: done"
 
 
-def run_cells(cells: list[Cell], engine: str, jobs: int) -> None:
-    threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
+def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int) -> None:
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells)):
             print(message, flush=True)
@@ -279,15 +276,15 @@ def _plot_cost(name, rows, out, title):
 
 
 def _plot_hyperparameters(name, rows, out, title):
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
-    for ax, key in zip(axes, ("w", "l", "Delta")):
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    for ax, key in zip(axes, ("w", "l", "Delta", "per_class_accuracy")):
         for r in rows:
             ax.plot(range(10), r[key], marker="o", ms=3, label=r["cell"])
-        ax.set_title(key)
+        ax.set_title(key.replace("_", " ") + (" (final)" if key == "per_class_accuracy" else ""))
         ax.set_xlabel("class (0 = most frequent)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{title}: learned VS-loss hyperparameters ({rows[0]['scale']} scale)")
+    fig.suptitle(f"{title}: learned VS-loss hyperparameters and per-class test accuracy ({rows[0]['scale']} scale)")
     fig.tight_layout()
     fig.savefig(out / f"{name}_hyperparameters.png", dpi=120)
     plt.close(fig)
@@ -325,7 +322,8 @@ def _write_markdown(name, rows, out, title, paper_column):
 
 
 SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
-              "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}"}
+              "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}",
+              "scalability": "Scalability (Table III), {column}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,20 +334,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--engine", choices=("plain", "flower"), default="plain")
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="cells run at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/experiments/<scale>/<set>")
     parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the set's tables and plots (not its runs) to docs/results/<scale>/")
     args = parser.parse_args(argv)
-    name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep") else args.set
+    name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep", "scalability") else args.set
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
     cells = cells_for(args.set, args.column, args.rows, args.scale, out)
     if not args.plot_only:
-        run_cells(cells, args.engine, args.jobs)
+        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     rows = [summarize(cell, args.scale) for cell in cells if finished(cell.scenario())]
     if not rows:
         sys.exit(f"no finished runs under {out / 'runs'}")
     add_cost_ratios(rows)
     title = SET_TITLES[args.set].format(column=args.column)
     write_outputs(name, rows, out, title, list(COLUMNS).index(args.column) if args.set == "table2" else None)
+    if args.publish:
+        published = APP_DIR / "docs" / "results" / args.scale
+        published.mkdir(parents=True, exist_ok=True)
+        for path in out.glob(f"{name}*.*"):
+            shutil.copy2(path, published / path.name)
     print((out / f"{name}.md").read_text())
 
 

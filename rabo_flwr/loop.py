@@ -113,7 +113,7 @@ class TrainingLoop:
         self.writer = writer
         first = resumed.iteration + 1 if resumed else 1
         self.logger.info(f"{scenario.name}: {algo.name} on {scenario.task.name}, {scenario.clients.num} clients, "
-                 f"up to {algo.iterations} iterations, results in {writer.directory}")
+                         f"up to {algo.iterations} iterations, results in {writer.directory}")
         started = time.perf_counter()
         if first == 1:
             self._evaluate(0)
@@ -153,9 +153,9 @@ class TrainingLoop:
             record = self._finish_phase(phase, q, assignments, outcomes, start)
             self.writer.log(record)
             side = next(iter(phase.steps))
-            self.logger.info(f"iteration {q} {phase.name}: {record['clients_aggregated']}/{record['clients_sent']} aggregated"
-                     f"{self._problems(record)}, {phase.loss}={record[phase.loss]:.4f}, "
-                     f"C_{side}*={record[f'C_{side}*']}")
+            self.logger.info(f"iteration {q} {phase.name}: {record['clients_aggregated']}/{record['clients_sent']} "
+                             f"aggregated{self._problems(record)}, {phase.loss}={record[phase.loss]:.4f}, "
+                             f"C_{side}*={record[f'C_{side}*']}")
 
     # ------------------------------------------------------------------ a phase's replies
 
@@ -168,7 +168,7 @@ class TrainingLoop:
             if outcome is None or outcome.updates is None:
                 failed.append(a)
                 self.logger.warning(f"iteration {q} {phase.name}: partition {a.partition} failed: "
-                         f"{outcome.error if outcome else 'no reply within the phase timeout'}")
+                                    f"{outcome.error if outcome else 'no reply within the phase timeout'}")
                 continue
             problem = self._problem(phase, a.partition, outcome)
             if problem:
@@ -180,8 +180,8 @@ class TrainingLoop:
         diverged = divergent(rms, self.scenario.run.divergence_factor)
         for p, ratio in diverged.items():
             self.logger.warning(f"iteration {q} {phase.name}: rejected the reply of partition {p}: update RMS "
-                     f"{rms[p]:.3g} is {ratio:.3g} times the phase's median (run.divergence_factor="
-                     f"{self.scenario.run.divergence_factor:g})")
+                                f"{rms[p]:.3g} is {ratio:.3g} times the phase's median (run.divergence_factor="
+                                f"{self.scenario.run.divergence_factor:g})")
         accepted = {p: c for p, c in candidates.items() if p not in diverged}
         rejected = malformed + [candidates[p] for p in diverged]
 
@@ -298,7 +298,7 @@ class TrainingLoop:
         latest = self._evaluations()[-1]
         key = self.task.main_metric
         self.logger.info(f"iteration {q}/{total} | elapsed {format_duration(elapsed)} | left at most {format_duration(left)} | "
-                 f"{key} {latest[key]:.4f} (iteration {latest['iteration']})")
+                         f"{key} {latest[key]:.4f} (iteration {latest['iteration']})")
 
     def _summary(self, last: int, wall: float, stopped_early: bool) -> None:
         records, key = self.writer.records, self.task.main_metric
@@ -309,9 +309,9 @@ class TrainingLoop:
         traffic = sum(r["bytes_down"] + r["bytes_up"] for r in phases)
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
         self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4f} (iteration "
-                 f"{evals[0]['iteration']}) -> {evals[-1][key]:.4f} (iteration {evals[-1]['iteration']}); "
-                 f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted), {traffic / 1e6:.1f} MB sent and received; "
-                 f"results in {self.writer.directory}")
+                         f"{evals[0]['iteration']}) -> {evals[-1][key]:.4f} (iteration {evals[-1]['iteration']}); "
+                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted), {traffic / 1e6:.1f} MB sent and received; "
+                         f"results in {self.writer.directory}")
 
 
 def _fraction(masks: dict[str, torch.Tensor]) -> float:

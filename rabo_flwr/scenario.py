@@ -31,6 +31,7 @@ class TaskConfig:
     n_way: int = 5
     k_shot: int = 1
     n_query: int = 5  # query images per class; 0 means all remaining images of the class
+    labels: str = "episode"  # the head's classes: "episode" (N-way, per episode) or "global" (every background character)
     image_size: int = 28
     lower_l2: float = 0.01  # ridge term that makes the head's problem strongly convex
     shard_by: str = "alphabet"  # "alphabet" or "character"
@@ -271,6 +272,7 @@ def validate(s: Scenario, source: str) -> Scenario:
     _check_choice(source, "model.backbone", s.model.backbone, tuple(BACKBONES))
     _check_choice(source, "model.head", s.model.head, ("linear", "mlp"))
     _check_choice(source, "task.shard_by", s.task.shard_by, ("alphabet", "character"))
+    _check_choice(source, "task.labels", s.task.labels, ("episode", "global"))
     _check_choice(source, "task.upper_objective", s.task.upper_objective, ("balanced-ce", "vs"))
     _check_choice(source, "task.x_init", s.task.x_init, ("neutral", "vs-recommended"))
     _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))

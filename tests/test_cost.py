@@ -52,7 +52,7 @@ def meter_for_phase(scenario_path: Path, overrides: dict, phase: str, capacity: 
     ({"algorithm.name": "rabo"}, "outer"),  # conjugate gradient: a varying number of products
     ({"algorithm.name": "rafbo", "algorithm.estimator_options": {"num_coords": 8}}, "outer"),
     ({"algorithm.name": "fedmbo", "clients.capacities": [1.0]}, "outer"),  # power iteration + Neumann
-    ({"algorithm.name": "fiarse", "algorithm.inner_steps": 3}, "local"),
+    ({"algorithm.name": "fiarse", "task.labels": "global", "algorithm.inner_steps": 3}, "local"),
     ({"algorithm.name": "dist-maml", "clients.capacities": [1.0], "algorithm.inner_steps": 2}, "local"),
 ])
 def test_cached_unit_counts_add_up_to_the_full_count(overrides, phase):

@@ -35,3 +35,23 @@ def test_cost_ratios_are_per_iteration_relative_to_fedmbo_of_the_same_task():
     experiments.add_cost_ratios(rows)
     assert (rows[1]["flops_vs_fedmbo"], rows[1]["bytes_vs_fedmbo"]) == (0.25, 0.25)
     assert rows[1]["total_flops_vs_fedmbo"] == 0.5 and rows[0]["flops_vs_fedmbo"] == 1.0
+
+
+def test_every_set_resolves_to_valid_cells_with_its_settings(tmp_path):
+    """Every set's scenario files and overrides validate, at both scales (nothing runs)."""
+    sizes = {"table2": 9, "cx-star": 4, "loss-tuning": 6, "scalability": 8, "lr-sweep": 17}
+    for name, count in sizes.items():
+        for scale in experiments.SCALES:
+            cells = experiments.cells_for(name, "20w5s", None, scale, tmp_path)
+            assert len(cells) == count, name
+            for cell in cells:
+                scenario = cell.scenario()
+                assert scenario.results_path == tmp_path / "runs" / cell.label
+                if scenario.task.name == "fewshot" and name != "cx-star":
+                    assert (scenario.task.n_way, scenario.task.k_shot) == (20, 5)
+                if scale == "cpu":
+                    assert scenario.model.backbone == "conv4"
+    fifty = {c.label: c.scenario() for c in experiments.cells_for("scalability", "5w1s", ["rabo"], "cpu", tmp_path)}
+    assert fifty["rabo-50"].clients.num == 50 and fifty["rabo-50"].task.shard_by == "character"
+    placements = {c.label: c.scenario().algorithm.placement for c in experiments.cells_for("cx-star", "5w1s", None, "cpu", tmp_path)}
+    assert placements["rabo-c1"] == [0, 1, 2, 3, 0, 0, 0, 0] and placements["rabo-c2"] == [0, 1, 2, 3, 0, 1, 2, 3]

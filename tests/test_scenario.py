@@ -37,10 +37,11 @@ def test_run_config_overrides_single_values():
     ("fiarse", "", "fiarse", "fiarse"),
 ])
 def test_an_algorithm_brings_its_own_estimator_and_masks(name, estimator, mask_x, mask_y):
-    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name})
+    labels = {"task.labels": "episode" if estimator else "global"}
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name} | labels)
     assert (scenario.algorithm.resolved_estimator, scenario.algorithm.mask("x"), scenario.algorithm.mask("y")) == \
         (estimator, mask_x, mask_y)
-    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name, "algorithm.mask_x": "random"})
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", {"algorithm.name": name, "algorithm.mask_x": "random"} | labels)
     assert scenario.algorithm.mask("x") == "random"
 
 
@@ -69,7 +70,8 @@ def write(tmp_path, text):
     ("algorithm:\n  name: dist-maml\nclients:\n  capacities: [1.0]\n  schedule: [{from_iteration: 3, capacities: [0.5]}]\n",
      "clients.schedule[0].capacities", "every capacity must be 1"),
     ("algorithm:\n  name: sgd\n", "algorithm.name", "not one of"),
-    ("algorithm:\n  name: static\n  estimator: exact\n", "algorithm.estimator", "computes no hypergradient"),
+    ("task:\n  labels: characters\n", "task.labels", "not one of"),
+    ("algorithm:\n  name: static\n  estimator: exact\ntask:\n  labels: global\n", "algorithm.estimator", "computes no hypergradient"),
     ("algorithm:\n  name: dist-protonet\nclients:\n  capacities: [1.0]\ntask:\n  name: loss-tuning\n",
      "algorithm.name", "task.name must be fewshot"),
     ("algorithm:\n  placement: [0, -1]\n", "algorithm.placement[1]", ">= 0"),

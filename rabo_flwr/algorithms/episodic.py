@@ -7,6 +7,10 @@ average of the clients' models (FedAvg when everyone holds everything).
 - Submodel rows (``static``, ``oap``, ``fedrolex``, ``fiarse``): backbone x and head y trained
   together on one objective, cross-entropy of the head on an episode's support and query images
   together, on the client's submodel; they differ only in their extraction rule (mask policy).
+  Their scenarios (``scenarios/paper/table2/``) set ``task.labels: global``: the head classifies
+  every background character and the images carry their character ids. With per-episode labels
+  0..N-1 the same output names a different character in every episode, and training on that
+  lowers the backbone's few-shot accuracy below its random initialisation (README, step-size sweep).
 - ``dist-protonet``: the full backbone, the prototypical loss (Snell et al., 2017): query
   features classified by negative squared distance to the support prototypes. No head.
 - ``dist-maml``: the full backbone and head, first-order MAML (Finn et al., 2017, Sec. 5.2;
@@ -35,8 +39,10 @@ def _episodes(job: ClientJob) -> list[Episode]:
     return job.task.client_episodes(job.partition, job.iteration, job.device, job.scenario.algorithm.inner_steps)
 
 
-def _examples(episodes: list[Episode]) -> int:
-    return sum(len(e.support_y) + len(e.query_y) for e in episodes)
+def _result(updates: dict, losses: list[float], episodes: list[Episode]) -> LocalResult:
+    """The reply of a phase of local steps: updates, first and last loss, examples seen."""
+    examples = sum(len(e.support_y) + len(e.query_y) for e in episodes)
+    return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": examples})
 
 
 def threshold_scales(job: ClientJob, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,7 +88,10 @@ class SingleLevel(Algorithm):
         episodes = _episodes(job)
         losses = []
         for ep in episodes:
-            images, labels = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+            images = torch.cat([ep.support_x, ep.query_x])
+            labels = torch.cat([ep.support_y, ep.query_y])
+            if job.scenario.task.labels == "global":
+                labels = ep.classes.to(images.device)[labels]  # character ids
             params = list(x.values()) + list(y.values())
             loss, grads = loss_and_grads(meter, "local.step", lambda: F.cross_entropy(
                 task.head(y, task.features(x, images)), labels), params, shapes(x, y, images))
@@ -91,8 +100,7 @@ class SingleLevel(Algorithm):
             gx = [g * scales[n] if n in scales else g for n, g in zip(x, gx)]
             sgd_step(list(x.values()), gx, algo.alpha)
             sgd_step(list(y.values()), gy, algo.beta)
-        updates = {"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}
-        return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
+        return _result({"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}, losses, episodes)
 
 
 def prototypical_loss(task, x, episode: Episode) -> torch.Tensor:
@@ -126,8 +134,7 @@ class ProtoNet(Algorithm):
                                          shapes(x, ep.support_x, ep.query_x))
             losses.append(loss)
             sgd_step(list(x.values()), grads, algo.alpha)
-        return LocalResult({"x": scaled_change(job.x, x, algo.alpha)},
-                           {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
+        return _result({"x": scaled_change(job.x, x, algo.alpha)}, losses, episodes)
 
 
 class Maml(Algorithm):
@@ -165,5 +172,4 @@ class Maml(Algorithm):
             losses.append(loss)
             sgd_step(start[:n_x], meta[:n_x], algo.alpha)
             sgd_step(start[n_x:], meta[n_x:], algo.beta)
-        updates = {"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}
-        return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": _examples(episodes)})
+        return _result({"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}, losses, episodes)

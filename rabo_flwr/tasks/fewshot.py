@@ -4,6 +4,12 @@ Lower level g: cross-entropy of the head on an episode's support set plus a ridg
 (which makes g strongly convex in a linear head). Upper level f: cross-entropy on the same
 episode's query set. Characters of the background alphabets are sharded across clients; the
 evaluation alphabets are never trained on.
+
+``task.labels`` says what the head classifies: ``episode`` (the bilevel rows, ProtoNet, MAML:
+an N-way head over an episode's own labels 0..N-1, fitted per episode) or ``global`` (the
+single-level submodel rows: one head over all background characters, trained with the
+characters' ids, as supervised federated training does; a head over per-episode labels would be
+asked to map a different permutation of classes to its outputs in every episode).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class FewShotTask(BilevelTask):
         self._backbone = lambda: build_backbone(model.backbone, in_channels=1, width=model.width)
         backbone = FunctionalModule(self._backbone)
         feature_group, features = backbone.module.out_group, backbone.module.out_features
-        self._head = lambda: build_head(model.head, features, cfg.n_way, feature_group, model.head_hidden)
+        outputs = cfg.n_way if cfg.labels == "episode" else len(self._train[0].class_names)
+        self._head = lambda: build_head(model.head, features, outputs, feature_group, model.head_hidden)
         self.backbone = backbone
         self.head = FunctionalModule(self._head)
         self.x_layout = backbone.module.layout()
