@@ -64,8 +64,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# Step-size sweep: every family gets the same grid (0.03 to 1.0) and budget (100 iterations),
-# judged on 200 evaluation episodes drawn with another seed than the test episodes of the tables.
+# Step-size sweep: every family gets the same grid and budget (100 iterations), judged on 200
+# evaluation episodes drawn with another seed than the test episodes of the tables.
 SWEEP = {
     "rabo": [{"algorithm.alpha": a} for a in (0.03, 0.1, 0.3, 1.0)],
     "fedrolex": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3, 1.0)]
@@ -89,7 +89,8 @@ class Cell:
         return load_scenario(self.path, self.overrides)
 
 
-def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path) -> list[Cell]:
+def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path,
+              extra_overrides: dict[str, Any] | None = None) -> list[Cell]:
     """The cells of a set, every scenario validated before anything runs."""
     def sweep_label(row: str, point: dict[str, Any]) -> str:
         return f"{row}-{'-'.join(str(v) for v in point.values())}"
@@ -97,7 +98,8 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
     if name == "table2":
         specs = [(row, PAPER / "table2" / f"{row}.yaml", COLUMNS[column]) for row in rows or TABLE2_ROWS]
     elif name == "cx-star":
-        specs = [(f"{a}-c{c}", PAPER / "cx_star" / f"{a}_c{c}.yaml", {}) for a in ("rabo", "rafbo") for c in (1, 2)]
+        specs = [(f"{a}-c{c}", PAPER / "cx_star" / f"{a}_c{c}.yaml", {}) for a in ("rabo", "rafbo") for c in (1, 2)
+                 if not rows or f"{a}-c{c}" in rows]
     elif name == "loss-tuning":
         specs = [(row, PAPER / "losstuning" / f"{row}.yaml", {}) for row in rows or LOSS_TUNING_ROWS]
     elif name == "scalability":  # the paper's Table III; 30 background alphabets, so 50 clients shard by character
@@ -109,7 +111,7 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
                  for row in rows or SWEEP for point in SWEEP[row]]
     else:
         raise ValueError(f"unknown set {name!r}")
-    cells = [Cell(label, path, SCALES[scale][load_scenario(path).task.name] | extra
+    cells = [Cell(label, path, SCALES[scale][load_scenario(path).task.name] | extra | (extra_overrides or {})
                   | {"run.results_dir": str(out / "runs" / label)}) for label, path, extra in specs]
     for cell in cells:
         cell.scenario()  # a bad file or override stops the set here, before any cell runs
@@ -167,19 +169,30 @@ def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int) -> None:
 # ---------------------------------------------------------------------------- summaries
 
 
-def summarize(cell: Cell, scale: str) -> dict[str, Any]:
-    """One row of a set's table from a cell's metrics.jsonl."""
-    scenario = cell.scenario()
-    records = read_metrics(scenario.results_path / "metrics.jsonl")
-    phases = [r for r in records if r["phase"] not in ("eval", "done")]
+def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
+    """One row of a set's table from a cell's metrics.jsonl and the scenario the run saved beside it.
+
+    A run that ended without its ``done`` record (the process was stopped) is summarised up to its
+    last evaluation and marked interrupted; None when there is no evaluation after iteration 0."""
+    directory = cell.scenario().results_path
+    try:
+        scenario = load_scenario(directory / "scenario.yaml")
+        records = read_metrics(directory / "metrics.jsonl")
+    except (OSError, ValueError):
+        return None
     evals = [r for r in records if r["phase"] == "eval"]
-    done = records[-1]
+    if len(evals) < 2:
+        return None
+    done = records[-1] if records[-1]["phase"] == "done" else None
+    last = done["iteration"] if done else evals[-1]["iteration"]
+    phases = [r for r in records if r["phase"] not in ("eval", "done") and r["iteration"] <= last]
+    status = ("stopped early" if done["stopped_early"] else "budget") if done else "interrupted"
     key = "test_accuracy" if scenario.task.name == "fewshot" else "balanced_accuracy"
     best = max(evals, key=lambda r: r[key])
     row = {
         "cell": cell.label, "scale": scale, "task": scenario.task.name, "algorithm": scenario.algorithm.name,
         "estimator": scenario.algorithm.resolved_estimator, "backbone": scenario.model.backbone,
-        "clients": scenario.clients.num, "iterations_run": done["iteration"], "stopped_early": done["stopped_early"],
+        "clients": scenario.clients.num, "iterations_run": last, "status": status,
         "metric": key, "start": evals[0][key], "final": evals[-1][key], "final_se": evals[-1].get(f"{key}_se", math.nan),
         "best": best[key], "best_iteration": best["iteration"],
         "C_x*": min((r["C_x*"] for r in phases if "C_x*" in r), default=0),
@@ -189,8 +202,10 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any]:
         "wasted_bytes": sum(r["wasted_bytes"] for r in phases),
         "rejected": sum(r["rejected"] for r in phases), "failures": sum(r["failures"] for r in phases),
         "negative_curvature_replies": sum(r["negative_curvature_clients"] for r in phases),
-        "flops_per_iteration": sum(r["flops"] for r in phases) / max(1, done["iteration"]),
-        "wall_time": done["wall_time"],
+        "flops_per_iteration": sum(r["flops"] for r in phases) / max(1, last),
+        "wall_time": sum(r["wall_time"] for r in phases) + sum(r.get("eval_time", 0.0) for r in evals),
+        "overrides": {k: v for k, v in cell.overrides.items() if k != "run.results_dir"}
+                     | {"algorithm.iterations": scenario.algorithm.iterations},
         "curve": [(r["iteration"], r[key], r.get(f"{key}_se", 0.0)) for r in evals],
     }
     if scenario.task.name == "loss-tuning":
@@ -224,7 +239,7 @@ def _ratio(value: float) -> str:
 
 def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, paper_column: int | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    flat = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
     with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
@@ -244,20 +259,31 @@ def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, 
 
 
 def _plot_curves(name, rows, out, title):
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
-        its, acc, se = zip(*r["curve"])
-        line, = ax.plot(its, [100 * a for a in acc], label=r["cell"], lw=1.4)
-        ax.fill_between(its, [100 * (a - s) for a, s in zip(acc, se)], [100 * (a + s) for a, s in zip(acc, se)],
-                        color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("global iteration")
-    ax.set_ylabel(f"{rows[0]['metric'].replace('_', ' ')} (%)")
-    ax.set_title(f"{title} ({rows[0]['scale']} scale)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}_accuracy.png", dpi=120)
-    plt.close(fig)
+    """Accuracy against global iterations (the paper's Fig. 2) and against FLOPs spent (cost-matched)."""
+    colors = plt.cm.tab20.colors if len(rows) > 10 else plt.cm.tab10.colors
+    for suffix, xlabel, scale_x in (("accuracy", "global iteration", lambda r, its: its),
+                                    ("accuracy_vs_flops", "FLOPs spent (all clients, all work sent; log scale)",
+                                     lambda r, its: [q * r["flops_per_iteration"] for q in its])):
+        if suffix == "accuracy_vs_flops" and any(r["flops_per_iteration"] <= 0 for r in rows):
+            continue  # FLOPs were not counted
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for i, r in enumerate(rows):
+            # on the log-scaled FLOPs axis there is no iteration 0
+            its, acc, se = zip(*[point for point in r["curve"] if suffix == "accuracy" or point[0] > 0])
+            xs = scale_x(r, its)
+            line, = ax.plot(xs, [100 * a for a in acc], label=r["cell"], lw=1.4, color=colors[i % len(colors)])
+            ax.fill_between(xs, [100 * (a - s) for a, s in zip(acc, se)], [100 * (a + s) for a, s in zip(acc, se)],
+                            color=line.get_color(), alpha=0.15)
+        if suffix == "accuracy_vs_flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{rows[0]['metric'].replace('_', ' ')} (%)")
+        ax.set_title(f"{title} ({rows[0]['scale']} scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_{suffix}.png", dpi=120)
+        plt.close(fig)
 
 
 def _plot_cost(name, rows, out, title):
@@ -293,28 +319,36 @@ def _plot_hyperparameters(name, rows, out, title):
 def _write_markdown(name, rows, out, title, paper_column):
     metric = rows[0]["metric"].replace("_", " ")
     lines = [f"# {title} ({rows[0]['scale']} scale)", ""]
-    header = ["row", f"final {metric} ± SE", "best (iteration)", "iterations run", "C_x*",
+    budget = min(r["curve"][-1][0] for r in rows)  # the last iteration every row was evaluated at
+    header = ["row", f"final {metric} ± SE", f"at iteration {budget}", "best (iteration)", "iterations run (end)", "C_x*",
               "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "wasted FLOPs", "rejected"]
     if paper_column is not None:
         header.insert(1, "paper")
     if rows[0]["task"] == "loss-tuning":
-        header[3:3] = ["head classes", "tail classes"]
+        header[4:4] = ["head classes (final)", "tail classes (final)"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        cells = [r["cell"], _pct(r["final"], r["final_se"]), f"{_pct(r['best'])} ({r['best_iteration']})",
-                 f"{r['iterations_run']}{' (stopped)' if r['stopped_early'] else ''}", str(r["C_x*"]),
+        at_budget = next((a, se) for q, a, se in r["curve"] if q == budget)
+        cells = [r["cell"], _pct(r["final"], r["final_se"]), _pct(*at_budget), f"{_pct(r['best'])} ({r['best_iteration']})",
+                 f"{r['iterations_run']} ({r['status']})", str(r["C_x*"]),
                  _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)),
                  f"{r['wasted_flops']:.3g}", str(r["rejected"])]
         if paper_column is not None:
             paper = PAPER_TABLE2.get(r["algorithm"])
             cells.insert(1, f"{paper[paper_column]:.2f}%" if paper and r["cell"] == r["algorithm"] else "")
         if r["task"] == "loss-tuning":
-            cells[3:3] = [_pct(r["head_accuracy"]), _pct(r["tail_accuracy"])]
+            cells[4:4] = [_pct(r["head_accuracy"]), _pct(r["tail_accuracy"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Scale: {rows[0]['scale']}; overrides: `{json.dumps(SCALES[rows[0]['scale']][rows[0]['task']])}`.",
-              "Final = the last evaluation (the run's end, or where early stopping stopped it); SE = standard error "
-              "over the evaluation episodes. Cost ratios are per global iteration, over all work sent "
+    common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k) == v for r in rows)}
+    lines += ["", f"Scale: {rows[0]['scale']}; overrides of every row's scenario file: `{json.dumps(common)}`.",
+              "Final = the last evaluation: where early stopping stopped the row (`stopped early`), its iteration "
+              "budget (`budget`), or where the session running it ended (`interrupted`, still a valid prefix of "
+              f"the run); `at iteration {budget}` compares every row at the same budget. SE = standard error over "
+              "the evaluation episodes. Cost ratios are per global iteration, over all work sent "
               "(rejected and failed replies included; `wasted FLOPs` is that part)."]
+    if len({r["overrides"]["algorithm.iterations"] for r in rows}) > 1:
+        lines.append("Iteration budgets differ between rows: " + ", ".join(
+            f"{r['cell']} {r['overrides']['algorithm.iterations']}" for r in rows) + ".")
     if paper_column is not None:
         lines.append("Paper = Table II of arXiv 2512.24667 (ResNet12, full scale); paper cost ratios: RABO 0.267, "
                      "RAFBO 0.178 of FedMBO's FLOPs, 0.267 of its bytes.")
@@ -324,6 +358,18 @@ def _write_markdown(name, rows, out, title, paper_column):
 SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
               "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}",
               "scalability": "Scalability (Table III), {column}"}
+
+
+def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            parser.error(f"--override {pair!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,16 +382,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="cells run at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/experiments/<scale>/<set>")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="scenario keys for every cell, after the scale's (e.g. algorithm.iterations=200)")
     parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the set's tables and plots (not its runs) to docs/results/<scale>/")
     args = parser.parse_args(argv)
     name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep", "scalability") else args.set
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
-    cells = cells_for(args.set, args.column, args.rows, args.scale, out)
+    cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override))
     if not args.plot_only:
         run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
-    rows = [summarize(cell, args.scale) for cell in cells if finished(cell.scenario())]
+    if args.rows:  # the table shows the whole set, whatever this call ran
+        cells = cells_for(args.set, args.column, None, args.scale, out)
+    rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]
     if not rows:
         sys.exit(f"no finished runs under {out / 'runs'}")
     add_cost_ratios(rows)

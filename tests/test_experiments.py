@@ -28,6 +28,18 @@ def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, mon
     experiments.main(args)  # every cell finished: nothing runs again
     assert capsys.readouterr().out.count("already finished") == 4
 
+    # one row again with a longer budget; another one's process "stopped" before its done record
+    experiments.main(args + ["--rows", "rabo-c1", "--override", "algorithm.iterations=3"])
+    metrics = tmp_path / "runs" / "rafbo-c2" / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    experiments.main(args + ["--plot-only"])
+    rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "cx-star.csv"))}
+    assert {c: (r["iterations_run"], r["status"]) for c, r in rows.items()} == {
+        "rabo-c1": ("3", "budget"), "rabo-c2": ("2", "budget"), "rafbo-c1": ("2", "budget"),
+        "rafbo-c2": ("2", "interrupted")}
+    table = (tmp_path / "cx-star.md").read_text()
+    assert "at iteration 2" in table and "rabo-c1 3" in table  # budgets differ: said so
+
 
 def test_cost_ratios_are_per_iteration_relative_to_fedmbo_of_the_same_task():
     rows = [{"task": "fewshot", "algorithm": "fedmbo", "flops": 10.0, "bytes": 4.0, "iterations_run": 10},
