@@ -15,9 +15,9 @@ Non-convex lower levels (a network's loss in its weights) have indefinite ``H_yy
 stated way instead of returning whatever the iteration produced:
 
 - conjugate gradient stops at the first direction of non-positive curvature and returns the
-  iterate it has (truncated CG, Nocedal & Wright, Numerical Optimization, 2nd ed., Alg. 7.1;
-  at the very first direction that iterate is 0, i.e. the implicit term is left out, since
-  no curvature scale is known for anything else);
+  iterate it has, or, when that is the very first direction, the right-hand side itself
+  (Nocedal & Wright, Numerical Optimization, 2nd ed., Alg. 7.1, line search Newton-CG, which
+  then returns the steepest-descent direction: ``A`` taken as the identity);
 - the Neumann series takes its step from a power-iteration estimate of the largest curvature
   (``step = 1 / lambda_max``, inside the convergence range ``(0, 2 / lambda_max)``) unless a
   step is given, and stops adding terms once they grow (which only negative curvature, or a
@@ -77,8 +77,9 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
     """Solve ``A v = b`` by conjugate gradient, truncated at non-positive curvature.
 
     Stops once ``||b - A v|| <= tol * ||b||``, after ``max_iter`` products, or at the first
-    search direction ``p`` with ``p'Ap <= 0`` (``A`` is not positive definite there; the
-    iterate so far is returned). Diagnostics: ``iterations`` (CG steps taken), ``residual``
+    search direction ``p`` with ``p'Ap <= 0`` (``A`` is not positive definite there): the
+    iterate so far is returned, or ``b`` if that was the first direction (Nocedal & Wright,
+    Alg. 7.1: steepest descent, as if ``A`` were the identity). Diagnostics: ``iterations`` (CG steps taken), ``residual``
     (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
     """
     v = [torch.zeros_like(t) for t in b]
@@ -94,6 +95,9 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
         curvature = dot(p, ap)
         if not curvature > 0:  # also catches NaN
             negative = True
+            if steps == 0:
+                v, r = list(b), axpy(-1.0, ap, r)
+                rr = dot(r, r)
             break
         alpha = rr / curvature
         v = axpy(alpha, p, v)
