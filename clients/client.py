@@ -16,6 +16,7 @@ import torch
 from clients.faults import before_phase, corrupt_updates, matching
 from rabo_flwr.algorithms import ALGORITHMS, ClientJob
 from rabo_flwr.cost import CostMeter
+from rabo_flwr.protocol import THRESHOLDS
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
 
@@ -44,13 +45,15 @@ class Client:
 
     def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]]
             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
-        """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent to its slices."""
+        """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent to its slices
+        (and ``THRESHOLDS`` to the mask's thresholds, when the server's policy has them)."""
         faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
         before_phase(faults)
         x = _as_tensors(arrays.get("x", {}), self.device)
         y = _as_tensors(arrays.get("y", {}), self.device)
+        thresholds = _as_tensors(arrays.get(THRESHOLDS, {}), self.device)
         meter = CostMeter(self.device, self.scenario.run.count_flops, self.context)
-        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter)
+        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds)
         with meter:
             result = self.algorithm.run(phase, job)
         metrics = {

@@ -12,6 +12,7 @@ import torch
 
 from .aggregation import Coverage, apply_step, coverage_mean, coverage_of
 from .masks import MaskPolicy, begin_round, build_plan
+from .protocol import THRESHOLDS
 from .submodel import Layout, Plan, slice_tensors, sliced_shape
 
 Tensors = dict[str, torch.Tensor]
@@ -53,9 +54,12 @@ class ServerState:
         return self.plans
 
     def slices(self, client: int, sides: Iterable[str] = SIDES) -> dict[str, Tensors]:
-        """What a client receives: its slices of the current global tensors of ``sides``."""
+        """What a client receives: its slices of the current global tensors of ``sides``, and
+        under ``THRESHOLDS`` the thresholds its mask policies give those tensors (FIARSE's)."""
         plan = self.plans[client]
-        return {side: slice_tensors(self.tensors[side], self.layouts[side], plan) for side in sides}
+        arrays = {side: slice_tensors(self.tensors[side], self.layouts[side], plan) for side in sides}
+        thresholds = {name: t for side in sides for name, t in self.policies[side].thresholds(self.layouts[side], plan).items()}
+        return arrays | ({THRESHOLDS: thresholds} if thresholds else {})
 
     def expected_shapes(self, client: int, side: str) -> dict[str, tuple[int, ...]]:
         """Shapes a client's update for ``side`` must have (used to reject malformed replies)."""

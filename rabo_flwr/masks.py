@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import zlib
 from functools import lru_cache
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from .submodel import Layout, kept_count
+from .submodel import Layout, Plan, kept_count, sliced_shape
 
 
 @lru_cache(maxsize=4096)
@@ -30,42 +30,33 @@ def _window(size: int, k: int, offset: int) -> torch.Tensor:
     return torch.sort((offset + torch.arange(k)) % size).values
 
 
-def channel_norms(tensors: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout]) -> dict[str, torch.Tensor]:
-    """Per channel group, the squared L2 norm of every weight slice that touches each channel.
+def channel_scores(tensors: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout],
+                   elementwise: Callable[[torch.Tensor], torch.Tensor], weights_only: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """Per channel group, the sum of ``elementwise(w)`` over every slice that touches each channel.
 
     A channel's slices are its rows in the tensors that produce it (conv, BatchNorm) and its
-    columns in the tensors that read it (the next conv, a head), across both sides.
+    columns in the tensors that read it (the next conv, a head), across both sides;
+    ``weights_only`` leaves out 1-d tensors (BatchNorm, biases).
     """
     scores: dict[str, torch.Tensor] = {}
     for layout in layouts.values():
         for name, dim_groups in layout.dims.items():
             t = tensors[name].detach().float()
+            if weights_only and t.ndim < 2:
+                continue
             for dim, group in enumerate(dim_groups):
                 if group is None:
                     continue
                 other = [d for d in range(t.ndim) if d != dim]
-                s = t.pow(2).sum(dim=other) if other else t.pow(2)
+                s = elementwise(t).sum(dim=other) if other else elementwise(t)
                 scores[group] = scores.get(group, 0) + s
     return scores
 
 
-def output_magnitudes(tensors: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout]) -> dict[str, torch.Tensor]:
-    """Per channel group, the mean |w| of the weights each channel produces (conv/linear rows).
-
-    This is FIARSE's importance |w| at channel granularity: a mean, not a sum, so that channels
-    of layers with different fan-in compare on one scale under a global threshold.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for layout in layouts.values():
-        for name, dim_groups in layout.dims.items():
-            t = tensors[name].detach().float()
-            group = dim_groups[0] if dim_groups else None
-            if group is None or t.ndim < 2:  # BatchNorm and biases are not weights to rank (as in FIARSE)
-                continue
-            sums[group] = sums.get(group, 0) + t.abs().sum(dim=list(range(1, t.ndim)))
-            counts[group] = counts.get(group, 0) + t[0].numel()
-    return {g: sums[g] / counts[g] for g in sums}
+def channel_norms(tensors: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout]) -> dict[str, torch.Tensor]:
+    """Per channel group, the squared L2 norm of every weight slice that touches each channel."""
+    return channel_scores(tensors, layouts, torch.square)
 
 
 class MaskPolicy:
@@ -79,6 +70,10 @@ class MaskPolicy:
 
     def indices(self, group: str, size: int, capacity: float, iteration: int, client: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def thresholds(self, layout: Layout, plan: Plan) -> dict[str, torch.Tensor]:
+        """Per tensor of ``layout``, a threshold the client's training needs (only FIARSE has one)."""
+        return {}
 
 
 class FullMask(MaskPolicy):
@@ -164,7 +159,10 @@ class ImportanceMask(MaskPolicy):
 
     def begin_round(self, iteration, tensors, layouts, groups):
         # stable descending order: ties keep the lower index first
-        self._ranking = {g: torch.sort(-s, stable=True).indices for g, s in channel_norms(tensors, layouts).items()}
+        self._ranking = {g: torch.sort(-s, stable=True).indices for g, s in self.scores(tensors, layouts).items()}
+
+    def scores(self, tensors, layouts) -> dict[str, torch.Tensor]:
+        return channel_norms(tensors, layouts)
 
     def ranking(self, group: str, size: int) -> torch.Tensor:
         ranking = self._ranking.get(group)
@@ -201,51 +199,61 @@ class OnlineAdaptiveMask(ImportanceMask):
         return torch.sort(torch.cat([ranking[:core], ranking[picked]])).values
 
 
-class ImportanceThresholdMask(MaskPolicy):
-    """FIARSE (Wu et al., NeurIPS 2024), importance-aware extraction at channel granularity.
+class ImportanceThresholdMask(ImportanceMask):
+    """FIARSE (Wu et al., NeurIPS 2024), importance-aware extraction, ported to channels layer by layer.
 
-    FIARSE keeps the weights whose magnitude |w| in the current global model reaches a
-    threshold set by the client's capacity, one threshold over the whole model (global top-k),
-    so submodels are nested and layers keep different fractions. Here the importance of a
-    channel is the mean |w| of the weights it produces (:func:`output_magnitudes`); a client of
-    capacity r keeps, over all groups this policy decides, as many channels as a per-layer
-    ceil(r * C) would (so its budget matches the other policies), chosen by one global ranking,
-    with at least the top channel of every group. Differences: channels instead of weights, and
-    a channel budget instead of a parameter budget. FIARSE's threshold-aware gradient scaling
-    is applied by the single-level client (``rabo_flwr.algorithms.single_level``).
+    What FIARSE does (its paper and released code, github.com/HarliWu/FIARSE): a weight's
+    importance is its magnitude |w| in the current global model; a client whose submodel may
+    hold a fraction gamma of the weights keeps those with |w| >= theta, theta the magnitude of
+    the last of the top gamma-fraction (top-k), so submodels are nested. The default code ranks
+    all weights of the model together (one theta); ``fiarse_layerwise`` ranks each layer on its
+    own (one theta per layer, each layer keeping gamma of its weights). Local training masks
+    the forward pass with m = 1[|w| >= theta] and differentiates through a surrogate of m
+    (dm/d|w| = 2 theta / (|w| + theta)^2), which scales the gradient of each kept weight by
+    1 + 2 theta |w| / (|w| + theta)^2 (``rabo_flwr.algorithms.episodic.fiarse_gradient_factors``): up to 1.5 at the
+    threshold, 1 far above it. BatchNorm is not masked.
+
+    The port: submodels here are channel-structured (a client holds whole rows and columns),
+    so a client of capacity r keeps ceil(r * C) channels of every group, the top ones by the
+    magnitude mass sum |w| of the weights touching each channel (its rows and columns in conv
+    and head weights, BatchNorm left out), ranked within each group as in the layer-wise
+    variant. A conv between two pruned groups then holds r^2 of its weights, FIARSE's gamma
+    with gamma = r^2; the first conv (image inputs) and the head (class outputs) hold r. The
+    layer-wise ranking is the variant chosen because a model-wise one compares magnitudes that
+    PyTorch's default initialisation scales by 1/sqrt(fan-in): with it the first conv
+    (fan-in 9) would outrank every channel of the later ones (fan-in 576). theta, per weight
+    tensor, is FIARSE's threshold for the client's budget in that tensor: the magnitude of the
+    k-th largest |w| of the global tensor, k the number of its weights the client holds; it is
+    sent with the slices and the single-level client scales gradients with it
+    (``rabo_flwr.algorithms.episodic``). Differences from FIARSE: whole channels instead of
+    single weights, so a client also holds (and trains) weights below theta in its channels,
+    and the submodel is fixed for the round, where FIARSE's mask follows |w| during local steps.
+    With only channel importance to go by, the ranking is close to ``importance``'s (which sums
+    squares); what sets FIARSE apart here is its threshold-scaled gradient.
     """
 
     name = "fiarse"
 
-    def __init__(self):
-        self._scores: dict[str, torch.Tensor] = {}
-        self._groups: dict[str, int] = {}
-        self._kept: dict[float, dict[str, torch.Tensor]] = {}
-
     def begin_round(self, iteration, tensors, layouts, groups):
-        self._scores = output_magnitudes(tensors, layouts)
-        self._groups = dict(groups)
-        self._kept = {}
+        super().begin_round(iteration, tensors, layouts, groups)
+        self._tensors = dict(tensors)
+        self._thresholds: dict[tuple[str, int], torch.Tensor] = {}
 
-    def _allocate(self, capacity: float) -> dict[str, torch.Tensor]:
-        """Kept channels of every group for one capacity: each group's best, then the global top."""
-        budget = sum(kept_count(capacity, size) for size in self._groups.values())
-        entries = []  # (score, group, channel)
-        kept: dict[str, list[int]] = {}
-        for group, size in self._groups.items():
-            scores = self._scores.get(group, torch.zeros(size))
-            order = torch.sort(-scores, stable=True).indices.tolist()
-            kept[group] = [order[0]]
-            entries += [(-float(scores[c]), group, c) for c in order[1:]]
-        entries.sort()
-        for _, group, channel in entries[: budget - len(self._groups)]:
-            kept[group].append(channel)
-        return {g: torch.sort(torch.tensor(c)).values for g, c in kept.items()}
+    def scores(self, tensors, layouts):
+        return channel_scores(tensors, layouts, torch.abs, weights_only=True)
 
-    def indices(self, group, size, capacity, iteration, client):
-        if capacity not in self._kept:
-            self._kept[capacity] = self._allocate(capacity)
-        return self._kept[capacity][group]
+    def thresholds(self, layout, plan):
+        out = {}
+        for name, dims in layout.dims.items():
+            tensor = self._tensors[name]
+            if tensor.ndim < 2:
+                continue
+            k = math.prod(sliced_shape(tensor.shape, dims, plan))
+            if (name, k) not in self._thresholds:
+                magnitudes = tensor.detach().abs().flatten().float()
+                self._thresholds[name, k] = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values.reshape(1)
+            out[name] = self._thresholds[name, k]
+        return out
 
 
 POLICIES = {cls.name: cls for cls in (FullMask, StaticMask, RollingMask, PlacedMask, RandomMask, ImportanceMask,

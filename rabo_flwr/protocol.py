@@ -11,7 +11,9 @@ PHASES = (INNER, OUTER, LOCAL)
 PROFILE_QUERY = "query.profile"
 PROFILE = "profile"
 
-# A train message holds one ArrayRecord per side sent, keyed by the side ("x", "y"), and CONFIG.
+# A train message holds one ArrayRecord per side sent, keyed by the side ("x", "y"), and CONFIG;
+# under FIARSE's extraction also THRESHOLDS (per weight tensor, the threshold of its gradient scaling).
+THRESHOLDS = "thresholds"
 CONFIG = "config"
 ITERATION = "iteration"
 PARTITION = "partition"

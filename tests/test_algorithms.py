@@ -107,3 +107,28 @@ def test_fedavg_of_the_lower_level_lowers_g_and_leaves_x_alone():
 
     assert objective(after) < objective(before) - 1e-3
     assert all(torch.equal(before["x"][k], after["x"][k]) for k in before["x"])
+
+
+def test_fiarse_client_steps_along_the_threshold_scaled_gradient():
+    """One local step: the reply is FIARSE's gradient, grad * (1 + 2 theta |w| / (|w| + theta)^2),
+    theta the per-tensor threshold the server sent with the slices (other rules send none)."""
+    overrides = {"algorithm.name": "fiarse", "task.labels": "global", "algorithm.inner_steps": 1}
+    scenario, task, before, after, _ = one_round(REPO / "scenarios" / "quickstart.yaml", overrides, 0.5)
+    thresholds = before["thresholds"]
+    assert set(thresholds) == {n for side in ("x", "y") for n, t in before[side].items() if t.ndim >= 2}
+    (episode,) = episodes(task, scenario)
+    x = {k: v.clone().requires_grad_(True) for k, v in before["x"].items()}
+    y = {k: v.clone().requires_grad_(True) for k, v in before["y"].items()}
+    images = torch.cat([episode.support_x, episode.query_x])
+    labels = episode.classes[torch.cat([episode.support_y, episode.query_y])]
+    loss = F.cross_entropy(task.head(y, task.features(x, images)), labels)
+    grads = dict(zip(list(x) + list(y), torch.autograd.grad(loss, list(x.values()) + list(y.values()))))
+    for side in ("x", "y"):
+        for name, w in before[side].items():
+            expected = grads[name]
+            if name in thresholds:
+                theta = float(thresholds[name])
+                expected = expected * (1 + 2 * theta * w.abs() / (w.abs() + theta) ** 2)
+            assert torch.allclose((w - after[side][name]) / 0.1, expected, atol=1e-5), name
+    static = one_round(REPO / "scenarios" / "quickstart.yaml", overrides | {"algorithm.name": "static"}, 0.5)[2]
+    assert "thresholds" not in static

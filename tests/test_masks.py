@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from rabo_flwr.masks import ImportanceMask, RandomMask, RollingMask, StaticMask, make_policy
-from rabo_flwr.submodel import kept_count
+from rabo_flwr.algorithms.episodic import fiarse_gradient_factors
+from rabo_flwr.masks import (ImportanceMask, RandomMask, RollingMask, StaticMask, begin_round, build_plan, channel_scores,
+                             make_policy)
 from rabo_flwr.models import Conv4
+from rabo_flwr.models.heads import LinearHead
+from rabo_flwr.submodel import kept_count, numel_in_plan, sliced_shape
 
 CAPACITIES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 
@@ -104,22 +109,81 @@ def test_oap_keeps_a_magnitude_core_and_a_band_placed_by_the_client():
     assert policy.indices(group, 16, 1.0, 0, 3).tolist() == list(range(16))
 
 
-def test_fiarse_ranks_channels_globally_by_mean_magnitude():
-    layout, tensors = scored_conv4(width=16, seed=1)
-    policy = make_policy("fiarse")
-    policy.begin_round(0, tensors, {"x": layout}, layout.groups)
-    magnitude = {g: tensors[f"blocks.{i}.0.conv.weight"].abs().mean(dim=(1, 2, 3)) for i, g in enumerate(layout.groups)}
-    for capacity in (0.5, 0.25, 0.0625):
-        kept = {g: set(policy.indices(g, 16, capacity, 0, 0).tolist()) for g in layout.groups}
-        assert sum(len(k) for k in kept.values()) == 4 * kept_count(capacity, 16)  # the per-layer budget, in total
-        assert all(len(k) >= 1 for k in kept.values())
-        # a definition check: every kept channel beyond each group's best beats every dropped one
-        best = {g: int(magnitude[g].argmax()) for g in kept}
-        extra = [float(magnitude[g][c]) for g, k in kept.items() for c in k if c != best[g]]
-        dropped = [float(magnitude[g][c]) for g, k in kept.items() for c in range(16) if c not in k]
-        assert min(extra, default=float("inf")) >= max(dropped)
-    bigger = {g: set(policy.indices(g, 16, 0.5, 0, 0).tolist()) for g in layout.groups}
-    smaller = {g: set(policy.indices(g, 16, 0.25, 0, 0).tolist()) for g in layout.groups}
-    assert all(smaller[g] <= bigger[g] for g in layout.groups)  # nested
-    sizes = {len(k) for k in smaller.values()}
-    assert len(sizes) > 1  # layers keep different fractions: a global, not per-layer, threshold
+def fiarse_setup(seed=0):
+    """Conv4 and a linear head with PyTorch's default (fan-in scaled) initialisation, FIARSE on both sides."""
+    torch.manual_seed(seed)
+    backbone, head = Conv4(1, 64), LinearHead(64, 20, "backbone.block3")
+    layouts = {"x": backbone.layout(), "y": head.layout()}
+    tensors = {n: t for module in (backbone, head) for n, t in module.state_dict().items()}
+    policies = {"x": make_policy("fiarse"), "y": make_policy("fiarse")}
+    begin_round(layouts, policies, 0, tensors)
+    return layouts, tensors, policies
+
+
+def test_fiarse_keeps_about_r_squared_of_every_layer_under_a_real_initialisation():
+    """Under PyTorch's default init the first conv's weights are 8 times larger than the others'
+    (fan-in 9 against 576), so one ranking across layers gives it every channel and leaves the
+    others one each; FIARSE's layer-wise ranking keeps r^2 of every conv between pruned channels."""
+    layouts, tensors, policies = fiarse_setup()
+    backbone = sum(t.numel() for n, t in tensors.items() if n in layouts["x"].dims)
+    for r in CAPACITIES:
+        plan = build_plan(layouts, policies, r, 0, client=0)
+        for name, dims in layouts["x"].dims.items():
+            if tensors[name].ndim < 2:
+                continue
+            held = math.prod(sliced_shape(tensors[name].shape, dims, plan)) / tensors[name].numel()
+            expected = r ** 2 if dims[1] is not None else r  # the first conv's inputs are the image
+            assert expected / 2 <= held <= 2 * expected, (name, r, held)
+        size = numel_in_plan(tensors, layouts["x"], plan) / backbone  # what the records call x_elements
+        assert r ** 2 / 2 <= size <= 2 * r ** 2, (r, size)
+
+
+def test_fiarse_is_nested_and_keeps_the_channels_with_most_weight_magnitude():
+    layouts, tensors, policies = fiarse_setup(1)
+    plans = [build_plan(layouts, policies, r, 0, client=i) for i, r in enumerate(CAPACITIES)]
+    for big, small in zip(plans, plans[1:]):
+        assert all(set(small[g].tolist()) <= set(big[g].tolist()) for g in big)
+    mass = channel_scores(tensors, layouts, torch.abs, weights_only=True)["backbone.block1"]
+    kept = plans[2]["backbone.block1"]
+    dropped = sorted(set(range(64)) - set(kept.tolist()))
+    assert mass[kept].min() >= mass[dropped].max()
+
+
+def test_fiarse_threshold_is_the_cut_of_the_clients_budget_in_each_tensor():
+    """theta = the k-th largest |w| of the global tensor, k = the weights the client holds in it:
+    exactly k weights of the tensor reach it (no ties under a random initialisation)."""
+    layouts, tensors, policies = fiarse_setup(2)
+    plan = build_plan(layouts, policies, 0.25, 0, client=0)
+    thresholds = policies["x"].thresholds(layouts["x"], plan) | policies["y"].thresholds(layouts["y"], plan)
+    assert set(thresholds) == {n for n, t in tensors.items() if t.ndim >= 2}  # weights only, no BatchNorm
+    for name, theta in thresholds.items():
+        side = "x" if name in layouts["x"].dims else "y"
+        held = math.prod(sliced_shape(tensors[name].shape, layouts[side].dims[name], plan))
+        assert int((tensors[name].abs() >= theta).sum()) == held
+    assert thresholds["blocks.1.0.conv.weight"] < thresholds["blocks.0.0.conv.weight"]  # per layer, not one cut
+
+
+class _MaskedByThreshold(torch.autograd.Function):
+    """FIARSE's mask m = 1[s >= theta] with its surrogate derivative 2 theta / (s + theta)^2 (kept weights)."""
+
+    @staticmethod
+    def forward(ctx, s, theta):
+        ctx.save_for_backward(s, theta)
+        return (s >= theta).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, theta = ctx.saved_tensors
+        return grad * 2 * theta / (s + theta) ** 2 * (s >= theta), None
+
+
+def test_fiarse_gradient_factor_is_the_derivative_of_the_masked_weight():
+    """Through w * m(|w|), autograd gives each kept weight the gradient times the factor."""
+    w = torch.tensor([0.05, -0.2, 0.3, -1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor([0.2], dtype=torch.float64)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    (w * _MaskedByThreshold.apply(w.abs(), theta.reshape(()))).mul(upstream).sum().backward()
+    factor = fiarse_gradient_factors({"w": w}, {"w": theta})["w"]
+    kept = w.abs() >= theta
+    assert torch.allclose(w.grad[kept], (upstream * factor)[kept])
+    assert factor[1] == pytest.approx(1.5) and 1 < factor[4] < 1.1  # 1.5 at the threshold, near 1 far above

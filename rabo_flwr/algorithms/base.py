@@ -45,6 +45,7 @@ class ClientJob:
     x: Tensors
     y: Tensors
     meter: CostMeter
+    thresholds: Tensors = field(default_factory=dict)  # per tensor, the mask's threshold (FIARSE's), if sent
 
 
 @dataclass

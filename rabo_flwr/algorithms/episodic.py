@@ -25,12 +25,13 @@ features (``FewShotTask.evaluate``), so the rows compare backbones under one pro
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 
 from ..cost import shapes
 from ..data.omniglot import Episode
-from ..masks import output_magnitudes
 from ..protocol import LOCAL
 from .base import Algorithm, ClientJob, LocalResult, Phase, leaves, loss_and_grads, scaled_change, sgd_step
 
@@ -45,28 +46,22 @@ def _result(updates: dict, losses: list[float], episodes: list[Episode]) -> Loca
     return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": examples})
 
 
-def threshold_scales(job: ClientJob, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FIARSE's threshold-aware gradient factor per weight tensor of x, at channel granularity.
+def fiarse_gradient_factors(weights: Mapping[str, torch.Tensor], thresholds: Mapping[str, torch.Tensor]
+                            ) -> dict[str, torch.Tensor]:
+    """FIARSE's gradient factor d(w m(|w|))/dw = 1 + 2 theta |w| / (|w| + theta)^2 of every weight with a threshold.
 
-    FIARSE scales the gradient of a kept weight of magnitude s by 1 + 2 theta s / (s + theta)^2,
-    theta being the extraction threshold: weights near the threshold learn up to 1.5 times faster,
-    so that they can climb over it. Here s is a channel's mean |w| (as in its extraction) on the
-    client's slices, and theta the smallest s among the client's kept channels, i.e. the threshold
-    its submodel was cut at, as seen from the slices it holds.
+    FIARSE trains w through the masked weight w m(|w|), m = 1[|w| >= theta], whose derivative it
+    replaces by 2 theta / (|w| + theta)^2. ``weights`` are the client's current values (FIARSE
+    recomputes the mask in every forward pass), ``thresholds`` the per-tensor theta the server
+    sent (``rabo_flwr.masks.ImportanceThresholdMask``).
     """
-    layout = job.task.x_layout
-    magnitudes = output_magnitudes(x, {"x": layout})
-    if not magnitudes:
-        return {}
-    theta = min(float(m.min()) for m in magnitudes.values())
-    scales = {}
-    for name, dims in layout.dims.items():
-        group = dims[0] if dims else None
-        if group in magnitudes and x[name].ndim >= 2:
-            s = magnitudes[group]
-            factor = 1 + 2 * theta * s / (s + theta).clamp_min(1e-12) ** 2
-            scales[name] = factor.view(-1, *([1] * (x[name].ndim - 1)))
-    return scales
+    factors = {}
+    for name, theta in thresholds.items():
+        if name in weights:
+            s = weights[name].detach().abs()
+            theta = theta.to(s).reshape(())
+            factors[name] = 1 + 2 * theta * s / (s + theta).clamp_min(torch.finfo(s.dtype).tiny) ** 2
+    return factors
 
 
 class SingleLevel(Algorithm):
@@ -84,7 +79,6 @@ class SingleLevel(Algorithm):
     def run(self, phase, job):
         task, meter, algo = job.task, job.meter, job.scenario.algorithm
         x, y = leaves(job.x), leaves(job.y)
-        scales = threshold_scales(job, job.x) if self.name == "fiarse" else {}
         episodes = _episodes(job)
         losses = []
         for ep in episodes:
@@ -96,10 +90,10 @@ class SingleLevel(Algorithm):
             loss, grads = loss_and_grads(meter, "local.step", lambda: F.cross_entropy(
                 task.head(y, task.features(x, images)), labels), params, shapes(x, y, images))
             losses.append(loss)
-            gx, gy = grads[:len(x)], grads[len(x):]
-            gx = [g * scales[n] if n in scales else g for n, g in zip(x, gx)]
-            sgd_step(list(x.values()), gx, algo.alpha)
-            sgd_step(list(y.values()), gy, algo.beta)
+            factors = fiarse_gradient_factors(x | y, job.thresholds)  # FIARSE's extraction sent thresholds
+            grads = [g * factors[n] if n in factors else g for n, g in zip(list(x) + list(y), grads)]
+            sgd_step(list(x.values()), grads[:len(x)], algo.alpha)
+            sgd_step(list(y.values()), grads[len(x):], algo.beta)
         return _result({"x": scaled_change(job.x, x, algo.alpha), "y": scaled_change(job.y, y, algo.beta)}, losses, episodes)
 
 
