@@ -16,14 +16,15 @@ from .submodel import Layout, Plan, open_index
 
 @dataclass(frozen=True)
 class Coverage:
-    """Coverage of one side after a phase: C* is the minimum count over covered elements."""
+    """Coverage of one side in a phase: the minimum count over the elements it covered (the
+    paper's min over s in K_q of C_q^s; 0 when it covered none), and the fraction it left uncovered."""
 
     min_covered: int
     uncovered_fraction: float
     elements: int
 
     def as_metrics(self, side: str) -> dict[str, float]:
-        return {f"C_{side}*": self.min_covered, f"uncovered_{side}": self.uncovered_fraction}
+        return {f"min_coverage_{side}": self.min_covered, f"uncovered_{side}": self.uncovered_fraction}
 
 
 def coverage_mean(

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .aggregation import Coverage, apply_step, coverage_mean, coverage_of
+from .aggregation import apply_step, coverage_mean
 from .masks import MaskPolicy, begin_round, build_plan
 from .protocol import THRESHOLDS
 from .submodel import Layout, Plan, slice_tensors, sliced_shape
@@ -66,16 +66,6 @@ class ServerState:
         layout = self.layouts[side]
         return {n: sliced_shape(t.shape, layout.dims[n], self.plans[client]) for n, t in self.tensors[side].items()}
 
-    def planned_coverage(self, side: str) -> Coverage:
-        """Coverage of ``side`` if every planned client replied (reported for sides a phase sends but does not step)."""
-        ones = ((plan, {n: torch.ones(s) for n, s in self.expected_shapes(client, side).items()})
-                for client, plan in self.plans.items())
-        return coverage_of(self._mean(side, ones)[1])
-
-    def _mean(self, side, contributions):
-        shapes = {n: t.shape for n, t in self.tensors[side].items()}
-        return coverage_mean(shapes, self.layouts[side], contributions)
-
     def step(self, side: str, updates: Mapping[int, Mapping[str, torch.Tensor]], lr: float) -> dict[str, torch.Tensor]:
         """``side <- side - lr * coverage-mean(updates)``; uncovered elements keep their value.
 
@@ -83,7 +73,8 @@ class ServerState:
         counts per tensor. Clients are summed in a fixed order, so arrival order never changes
         the result.
         """
-        mean, counts = self._mean(side, ((self.plans[c], updates[c]) for c in sorted(updates)))
+        shapes = {n: t.shape for n, t in self.tensors[side].items()}
+        mean, counts = coverage_mean(shapes, self.layouts[side], ((self.plans[c], updates[c]) for c in sorted(updates)))
         self.tensors[side] = apply_step(self.tensors[side], mean, lr)
         return counts
 

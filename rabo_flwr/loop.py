@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
@@ -32,6 +33,12 @@ from .scenario import Scenario
 from .tasks import BilevelTask
 
 REQUIRED_METRICS = ("flops", "wall_time")
+# The server's own work (plans, aggregation, evaluation) runs on one torch thread in both engines:
+# under Flower it shares the cores with simulated clients (measured: the final evaluation 8x slower
+# with the default thread count), and one count for both engines keeps the server's numbers the same
+# whichever engine runs and however many cores the machine has (the thread count can change the
+# rounding of parallel reductions).
+SERVER_THREADS = 1
 LOGGER = logging.getLogger("rabo_flwr")
 
 
@@ -95,11 +102,17 @@ class TrainingLoop:
         self.algorithm = ALGORITHMS[scenario.algorithm.name]
         self.phases = self.algorithm.phases(scenario)
         self.trained: dict[str, dict[str, torch.Tensor]] = {}  # side -> name -> element ever stepped
+        self.min_coverage: dict[str, int] = {}  # side -> fewest clients that stepped an element in any phase
+        self.stepped_sides = [side for side in ("x", "y") if any(side in phase.steps for phase in self.phases)]
         self.flops_by_submodel: dict[str, float] = {}  # "phase x_elements y_elements" -> FLOPs of one reply
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> LoopResult:
+        with torch_threads(SERVER_THREADS):
+            return self._run()
+
+    def _run(self) -> LoopResult:
         scenario, run, algo = self.scenario, self.scenario.run, self.scenario.algorithm
         resumed = load_checkpoint(scenario.results_path) if run.resume else None  # before anything is written
         self.task.prepare()  # missing or corrupt data stops the run here, before any results are written
@@ -110,6 +123,7 @@ class TrainingLoop:
                         for s in ("x", "y")}
         if resumed:
             self.trained, self.flops_by_submodel = resumed.state["trained"], resumed.state["flops_by_submodel"]
+            self.min_coverage = resumed.state.get("min_coverage", {})
         self.writer = writer
         first = resumed.iteration + 1 if resumed else 1
         self.logger.info(f"{scenario.name}: {algo.name} on {scenario.task.name}, {scenario.clients.num} clients, "
@@ -138,7 +152,7 @@ class TrainingLoop:
         return LoopResult(self.state, writer.records, writer.directory)
 
     def _loop_state(self) -> dict:
-        return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel}
+        return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage}
 
     def _iteration(self, q: int) -> None:
         scenario = self.scenario
@@ -191,10 +205,10 @@ class TrainingLoop:
             counts = self.state.step(side, {p: o.updates[side] for p, (_, o) in accepted.items()}, lr)
             for name, count in counts.items():
                 self.trained[side][name] |= count > 0
-            coverage.update(coverage_of(counts).as_metrics(side))
-        for side in phase.sends:
-            if side not in phase.steps:
-                coverage.update(self.state.planned_coverage(side).as_metrics(side))
+            stepped = coverage_of(counts)
+            coverage.update(stepped.as_metrics(side))
+            if stepped.min_covered > 0:
+                self.min_coverage[side] = min(self.min_coverage.get(side, stepped.min_covered), stepped.min_covered)
         aggregation_time = time.perf_counter() - aggregation_start
 
         clients = [o.metrics | {"capacity": a.capacity, "bytes_down": nbytes(a.arrays), "bytes_up": nbytes(o.updates),
@@ -211,6 +225,7 @@ class TrainingLoop:
             "rejected_divergent": len(diverged),
             phase.loss: sum(losses) / len(losses) if losses else math.nan,
             **coverage,
+            **{f"C_{side}*": self._covering_number(side) for side in self.stepped_sides},
             **{f"trained_{side}": _fraction(self.trained[side]) for side in ("x", "y")},
             **cost,
             "negative_curvature_clients": sum(int(c.get("hg_negative_curvature", 0)) for c in clients),
@@ -219,6 +234,12 @@ class TrainingLoop:
             "wall_time": time.perf_counter() - started,
             "clients": clients,
         }
+
+    def _covering_number(self, side: str) -> int:
+        """C* of ``side`` so far, over all of its elements (the paper's Definition 3, with elements
+        never trained counted): the fewest clients that stepped an element in any phase, and 0
+        while some element has never been stepped at all."""
+        return self.min_coverage.get(side, 0) if _fraction(self.trained[side]) == 1.0 else 0
 
     def _problem(self, phase: Phase, partition: int, outcome: Outcome) -> str | None:
         """Why a reply must be rejected as malformed, or None."""
@@ -235,29 +256,29 @@ class TrainingLoop:
     def _cost(self, phase: Phase, assignments, accepted, rejected, failed) -> dict:
         """FLOPs and bytes of all work sent in a phase, and the part of it that was wasted.
 
-        Replies carry their FLOPs, rejected ones too; a client that failed or timed out sends
-        none, so its work is estimated from the last reply for a submodel of the same size in
-        the same phase (``unestimated_failures`` counts those with no such reply yet).
+        Replies carry their FLOPs, rejected ones too, or -1 where the client did not count them
+        (``run.count_flops: false``): the phase's FLOPs are those of the replies that have a count,
+        and ``uncounted_replies`` says how many had none. A client that failed or timed out sends
+        nothing, so its work is estimated from the last counted reply for a submodel of the same
+        size in the same phase (``unestimated_failures`` counts those with no such reply yet).
         """
         def size(a: Assignment) -> str:
             return f"{phase.name} " + " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y"))
 
+        def counted(replies):
+            return [(a, float(o.metrics["flops"])) for a, o in replies if o.metrics.get("flops", -1) >= 0]
+
         replied = list(accepted.values()) + rejected
-        if any(o.metrics.get("flops", -1) < 0 for _, o in replied):  # counting is off
-            flops = wasted = -1.0
-            unestimated = 0
-        else:
-            for a, o in replied:
-                self.flops_by_submodel[size(a)] = float(o.metrics["flops"])
-            estimates = [self.flops_by_submodel.get(size(a)) for a in failed]
-            unestimated = sum(e is None for e in estimates)
-            wasted = sum(float(o.metrics["flops"]) for _, o in rejected) + sum(e for e in estimates if e is not None)
-            flops = sum(float(o.metrics["flops"]) for _, o in accepted.values()) + wasted
+        for a, flops in counted(replied):
+            self.flops_by_submodel[size(a)] = flops
+        estimates = [self.flops_by_submodel.get(size(a)) for a in failed]
+        wasted = sum(f for _, f in counted(rejected)) + sum(e for e in estimates if e is not None)
         wasted_down = sum(nbytes(a.arrays) for a in failed) + sum(nbytes(a.arrays) for a, _ in rejected)
         return {
-            "flops": flops,
+            "flops": sum(f for _, f in counted(accepted.values())) + wasted,
             "wasted_flops": wasted,
-            "unestimated_failures": unestimated,
+            "uncounted_replies": len(replied) - len(counted(replied)),
+            "unestimated_failures": sum(e is None for e in estimates),
             "bytes_down": sum(nbytes(a.arrays) for a in assignments),
             "bytes_up": sum(nbytes(o.updates) for _, o in replied),
             "wasted_bytes": wasted_down + sum(nbytes(o.updates) for _, o in rejected),
@@ -304,14 +325,26 @@ class TrainingLoop:
         records, key = self.writer.records, self.task.main_metric
         evals = self._evaluations()
         phases = [r for r in records if r["phase"] not in ("eval", "done")]
-        flops = sum(r["flops"] for r in phases) if all(r["flops"] >= 0 for r in phases) else -1
-        wasted = sum(r["wasted_flops"] for r in phases) if flops >= 0 else -1
+        flops, wasted = sum(r["flops"] for r in phases), sum(r["wasted_flops"] for r in phases)
+        uncounted = sum(r.get("uncounted_replies", 0) for r in phases)
+        uncounted = f"; {uncounted} replies without a FLOP count" if uncounted else ""
         traffic = sum(r["bytes_down"] + r["bytes_up"] for r in phases)
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
         self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4f} (iteration "
                          f"{evals[0]['iteration']}) -> {evals[-1][key]:.4f} (iteration {evals[-1]['iteration']}); "
-                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted), {traffic / 1e6:.1f} MB sent and received; "
+                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and received; "
                          f"results in {self.writer.directory}")
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _fraction(masks: dict[str, torch.Tensor]) -> float:
@@ -324,6 +357,7 @@ class PlainRunner:
 
     A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
     took longer than ``run.phase_timeout`` is dropped as late, as Flower would stop waiting for it.
+    Clients run with the thread count the process had when the runner was made, not the server's.
     """
 
     def __init__(self, scenario: Scenario, task: BilevelTask, device: torch.device):
@@ -331,24 +365,24 @@ class PlainRunner:
 
         self.scenario = scenario
         self.clients = {p: Client(task, scenario, p, device) for p in range(scenario.clients.num)}
+        self.client_threads = torch.get_num_threads()
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         return {p: None for p in self.clients}
 
     def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
-        outcomes = []
-        for a in assignments:
-            start = time.perf_counter()
-            try:
-                updates, metrics = self.clients[a.partition].run(phase.name, iteration, a.arrays)
-            except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
-                outcomes.append(Outcome(a.partition, error=repr(err)))
-                continue
-            if time.perf_counter() - start > self.scenario.run.phase_timeout:
-                outcomes.append(Outcome(a.partition, error="late: took longer than run.phase_timeout"))
-                continue
-            outcomes.append(Outcome(a.partition, updates, metrics))
-        return outcomes
+        with torch_threads(self.client_threads):
+            return [self._run_client(phase, iteration, a) for a in assignments]
+
+    def _run_client(self, phase: Phase, iteration: int, a: Assignment) -> Outcome:
+        start = time.perf_counter()
+        try:
+            updates, metrics = self.clients[a.partition].run(phase.name, iteration, a.arrays)
+        except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
+            return Outcome(a.partition, error=repr(err))
+        if time.perf_counter() - start > self.scenario.run.phase_timeout:
+            return Outcome(a.partition, error="late: took longer than run.phase_timeout")
+        return Outcome(a.partition, updates, metrics)
 
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:

@@ -111,23 +111,33 @@ class RollingMask(MaskPolicy):
 
 
 class PlacedMask(MaskPolicy):
-    """Client i keeps window number ``placement[i]`` of width ceil(r * C): placement that sets the coverage.
+    """Client i keeps window ``placement[i] + l * q`` of group number l at iteration q: placement that sets the coverage.
 
-    Windows are consecutive blocks, window w starting at channel w * ceil(r * C). With no
-    placement given, client i keeps window i (staggered). With every capacity r = 1/k, clients
-    holding windows 0..k-1 once each give C* = 1; holding each of them twice gives C* = 2: the
-    controlled placement of the paper's C_x* study.
+    Windows are consecutive blocks of width k = ceil(r * C), window w starting at channel w * k
+    (wrapping). With no placement given, client i starts from window i (staggered). Groups are
+    numbered in layout order (x's, then y's), so a weight between group l - 1 (its inputs) and
+    group l (its outputs) is held by the clients whose input and output windows differ by q:
+    every iteration trains one "diagonal" of each conv's block grid, and with k dividing C into
+    n windows the n diagonals take turns, so all of x is trained within n iterations (for any
+    two connected groups whose numbers differ by a gap coprime to n; in Conv4 the gap is 1),
+    while each iteration's coverage counts are set by the placement alone. With every capacity
+    r = 1/n, clients holding windows 0..n-1 once each give C* = 1; holding each of them twice
+    gives C* = 2: the controlled placement of the paper's C_x* study.
     """
 
     name = "placed"
 
     def __init__(self, placement: list[int] | None = None):
         self.placement = list(placement or [])
+        self._number: dict[str, int] = {}
+
+    def begin_round(self, iteration, tensors, layouts, groups):
+        self._number = {g: i for i, g in enumerate(g for layout in layouts.values() for g in layout.groups)}
 
     def indices(self, group, size, capacity, iteration, client):
         k = kept_count(capacity, size)
         window = self.placement[client % len(self.placement)] if self.placement else client
-        return _window(size, k, (window * k) % size)
+        return _window(size, k, ((window + self._number.get(group, 0) * iteration) * k) % size)
 
 
 class RandomMask(MaskPolicy):

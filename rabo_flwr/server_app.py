@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
@@ -20,9 +19,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     scenario = scenario_from_run_config(context.run_config)  # fails here, before any work, on bad input
-    # The server's own work (aggregation, evaluation) is light; one thread keeps it from fighting
-    # co-located simulated clients for cores (measured: the final evaluation 8x slower otherwise).
-    torch.set_num_threads(1)
     clients, run = scenario.clients, scenario.run
     strategy = PhaseStrategy(
         grid, clients=clients.num, min_available=clients.min_available or clients.num,

@@ -187,3 +187,26 @@ def test_fiarse_gradient_factor_is_the_derivative_of_the_masked_weight():
     kept = w.abs() >= theta
     assert torch.allclose(w.grad[kept], (upstream * factor)[kept])
     assert factor[1] == pytest.approx(1.5) and 1 < factor[4] < 1.1  # 1.5 at the threshold, near 1 far above
+
+
+def test_placed_windows_rotate_so_every_block_of_a_conv_is_trained():
+    """Group l's window advances l windows an iteration: a conv from group 0 to group 1 is held
+    on its diagonal (out - in = q mod 4) in iteration q, so its 16 blocks take 4 iterations, each
+    block of an iteration's diagonal held by as many clients as its window has in the placement."""
+    model = Conv4(1, 16)
+    layout = model.layout()
+    tensors = {n: torch.zeros(t.shape) for n, t in model.state_dict().items() if n in layout.dims}
+    placement = [0, 1, 2, 3, 0, 0, 0, 0]
+    policy = make_policy("placed", placement=placement)
+    covered = torch.zeros(16, 16)
+    for q in range(1, 5):
+        policy.begin_round(q, tensors, {"x": layout}, layout.groups)
+        counts = torch.zeros(16, 16)
+        for client in range(len(placement)):
+            rows = policy.indices("backbone.block1", 16, 0.25, q, client)
+            cols = policy.indices("backbone.block0", 16, 0.25, q, client)
+            assert rows[0] // 4 == (cols[0] // 4 + q) % 4
+            counts[rows[:, None], cols] += 1
+        assert sorted(counts[counts > 0].unique().tolist()) == [1, 5] and int((counts > 0).sum()) == 4 * 16
+        covered += counts
+    assert (covered > 0).all()

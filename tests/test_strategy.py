@@ -43,7 +43,8 @@ def tiny_scenario(tmp_path: Path, **sections) -> Path:
 
 @pytest.fixture
 def one_thread():
-    """The ServerApp runs with one torch thread; runs compared with it must too."""
+    """The in-process grid runs its clients inside the loop's server work (one torch thread); plain
+    runs compared with it must run their clients on one thread too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

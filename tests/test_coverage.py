@@ -1,0 +1,33 @@
+"""The C_x* study's arms: all of x trained, and the minimum coverage each arm is designed for."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from rabo_flwr.loop import run_plain
+from rabo_flwr.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 4, "algorithm.inner_steps": 2,
+        "task.n_query": 2, "task.eval_episodes": 4, "task.eval_steps": 2}
+
+
+@pytest.mark.parametrize("arm,designed", [("rabo_c1", 1), ("rabo_c2", 2)])
+def test_cx_star_arms_train_all_of_x_with_their_minimum_coverage(tmp_path, arm, designed):
+    """8 clients at capacity 1/4: each iteration trains one diagonal of every conv's 4x4 block grid,
+    so x is first fully trained at iteration 4; until then C_x* (over all elements) is 0."""
+    scenario = load_scenario(REPO / "scenarios" / "paper" / "cx_star" / f"{arm}.yaml",
+                             TINY | {"run.results_dir": str(tmp_path / arm)})
+    records = run_plain(scenario, logging.getLogger("quiet")).records
+    outer = {r["iteration"]: r for r in records if r["phase"] == "outer"}
+    assert [outer[q]["trained_x"] < 1.0 for q in (1, 2, 3)] == [True, True, True]
+    assert [outer[q]["C_x*"] for q in (1, 2, 3)] == [0, 0, 0]
+    assert outer[4]["trained_x"] == 1.0 and outer[4]["C_x*"] == designed
+    # every iteration: the same clients, the same total coverage, the designed minimum over what it stepped
+    assert all(r["min_coverage_x"] == designed and r["clients_aggregated"] == 8 for r in outer.values())
+    assert len({r["uncovered_x"] for r in outer.values()}) == 1
+    inner = [r for r in records if r["phase"] == "inner"]
+    assert inner[-1]["trained_y"] == 1.0 and inner[-1]["C_y*"] == designed
