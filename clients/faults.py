@@ -1,13 +1,15 @@
 """Injected faults, so tests (and users rehearsing a deployment) can see a run survive them.
 
 A scenario's ``run.faults`` names partitions, phases and iterations; the matching client then
-raises, sleeps past the phase timeout, or returns an update the server must reject: NaN values,
+raises, sleeps past the phase timeout, blocks until a file appears (a straggler a test releases
+once the server has given up on it), or returns an update the server must reject: NaN values,
 a wrong shape, or a huge but finite one (what a diverging client sends).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,12 +31,16 @@ def matching(faults: Sequence[Fault], partition: int, phase: str, iteration: int
 
 
 def before_phase(faults: Sequence[Fault]) -> None:
-    """Faults that strike before the work: an exception, or a straggler's sleep."""
+    """Faults that strike before the work: an exception, a straggler's sleep or its wait for a release file."""
     for fault in faults:
         if fault.kind == "raise":
             raise InjectedFault(f"injected failure ({fault})")
         if fault.kind == "sleep":
             time.sleep(fault.seconds)
+        if fault.kind == "block":
+            deadline = time.monotonic() + fault.seconds
+            while not Path(fault.release).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def corrupt_updates(faults: Sequence[Fault], updates: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

@@ -195,9 +195,11 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "clients": scenario.clients.num, "iterations_run": last, "status": status,
         "metric": key, "start": evals[0][key], "final": evals[-1][key], "final_se": evals[-1].get(f"{key}_se", math.nan),
         "best": best[key], "best_iteration": best["iteration"],
-        "C_x*": min((r["C_x*"] for r in phases if "C_x*" in r), default=0),
+        "C_x*": phases[-1].get("C_x*", 0),  # the run's, over all elements (0 if one was never trained)
         "trained_x": phases[-1]["trained_x"], "trained_y": phases[-1]["trained_y"],
         "flops": sum(r["flops"] for r in phases), "wasted_flops": sum(r["wasted_flops"] for r in phases),
+        "uncounted_replies": sum(r.get("uncounted_replies", 0) for r in phases),
+        "x_elements_by_capacity": x_elements_by_capacity(phases),
         "bytes": sum(r["bytes_down"] + r["bytes_up"] for r in phases),
         "wasted_bytes": sum(r["wasted_bytes"] for r in phases),
         "rejected": sum(r["rejected"] for r in phases), "failures": sum(r["failures"] for r in phases),
@@ -213,6 +215,16 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         row |= {"head_accuracy": final["head_accuracy"], "tail_accuracy": final["tail_accuracy"],
                 "per_class_accuracy": final["per_class_accuracy"], "w": final["w"], "l": final["l"], "Delta": final["Delta"]}
     return row
+
+
+def x_elements_by_capacity(phases: list[dict[str, Any]]) -> dict[float, float]:
+    """Mean size of the x-submodel the clients of each capacity held (phases that sent x), for the tables."""
+    sizes: dict[float, list[int]] = {}
+    for record in phases:
+        for client in record["clients"]:
+            if client["x_elements"]:
+                sizes.setdefault(client["capacity"], []).append(client["x_elements"])
+    return {capacity: sum(v) / len(v) for capacity, v in sorted(sizes.items(), reverse=True)}
 
 
 def add_cost_ratios(rows: list[dict[str, Any]]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 TASKS = ("fewshot", "loss-tuning")
-FAULT_KINDS = ("raise", "sleep", "nan", "wrong-shape", "huge")
+FAULT_KINDS = ("raise", "sleep", "block", "nan", "wrong-shape", "huge")
 
 
 class ScenarioError(ValueError):
@@ -115,8 +115,9 @@ class Fault:
     partition: int = 0
     phase: str = "inner"  # inner, outer or any
     iterations: list[int] = field(default_factory=list)  # empty: every iteration
-    kind: str = "raise"  # raise, sleep, nan, wrong-shape
-    seconds: float = 0.0  # for sleep
+    kind: str = "raise"  # raise, sleep, block, nan, wrong-shape, huge
+    seconds: float = 0.0  # for sleep: how long; for block: the longest it waits
+    release: str = ""  # for block: the client waits until this file exists
 
 
 @dataclass
@@ -281,6 +282,9 @@ def validate(s: Scenario, source: str) -> Scenario:
     for i, fault in enumerate(s.run.faults):
         _check_choice(source, f"run.faults[{i}].phase", fault.phase, (*sorted(phases), "any"))
         _check_choice(source, f"run.faults[{i}].kind", fault.kind, FAULT_KINDS)
+        if fault.kind == "block" and not (fault.release and fault.seconds > 0):
+            raise _fail(source, f"run.faults[{i}].release", "a block fault needs the file that releases it and "
+                        "seconds > 0, the longest it waits")
     for i, change in enumerate(s.clients.schedule):
         _check_capacities(source, f"clients.schedule[{i}].capacities", change.capacities)
         _check_positive(source, f"clients.schedule[{i}].from_iteration", change.from_iteration, allow_zero=True)

@@ -16,7 +16,10 @@ def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, mon
     args = ["cx-star", "--engine", "plain", "--jobs", "2", "--out", str(tmp_path)]
     experiments.main(args)
     rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "cx-star.csv"))}
-    assert {cell: rows[cell]["C_x*"] for cell in rows} == {"rabo-c1": "1", "rabo-c2": "2", "rafbo-c1": "1", "rafbo-c2": "2"}
+    # two iterations train two of the four diagonals of each conv's window grid: C_x*, over all of x,
+    # is 0 (tests/test_coverage.py runs the arms to full coverage and their designed C_x* = 1 and 2)
+    assert {cell: (rows[cell]["C_x*"], float(rows[cell]["trained_x"]) < 1) for cell in rows} == {
+        cell: ("0", True) for cell in ("rabo-c1", "rabo-c2", "rafbo-c1", "rafbo-c2")}
     assert all(r["scale"] == "cpu" and r["iterations_run"] == "2" for r in rows.values())
     curves = list(csv.DictReader(open(tmp_path / "cx-star_curves.csv")))
     assert [(c["iteration"]) for c in curves if c["cell"] == "rabo-c1"] == ["0", "1", "2"]
@@ -24,6 +27,7 @@ def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, mon
     assert "(cpu scale)" in (tmp_path / "cx-star.md").read_text()
     summary = json.loads((tmp_path / "cx-star.json").read_text())
     assert summary[0]["curve"][-1][1] == float(rows["rabo-c1"]["final"])
+    assert summary[0]["x_elements_by_capacity"] == {"0.25": 2 * 9 + 2 * 2 + 3 * (2 * 2 * 9 + 2 * 2)}  # conv + BatchNorm, 2 channels a group
     capsys.readouterr()
     experiments.main(args)  # every cell finished: nothing runs again
     assert capsys.readouterr().out.count("already finished") == 4

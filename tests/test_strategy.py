@@ -13,7 +13,7 @@ import yaml
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from rabo_flwr import server_app
-from rabo_flwr.loop import TrainingLoop, run_plain
+from rabo_flwr.loop import SERVER_THREADS, PlainRunner, TrainingLoop, run_plain
 from rabo_flwr.masks import build_plan, scenario_policies
 from rabo_flwr.protocol import CONFIG, METRICS, PARTITION, update_key
 from rabo_flwr.results import read_metrics
@@ -237,3 +237,48 @@ def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, 
         [(0, 101), (1, 102), (2, 101), (3, 102), (4, 101)]
     direct = run_flower(tiny_scenario(tmp_path / "direct", clients={"num": 5}), num_nodes=5)
     assert stable(records) == stable(direct)
+
+
+def test_a_reply_without_a_flop_count_is_left_out_of_the_sum_and_counted(tmp_path, caplog):
+    """Partition 0 replies flops = -1 (not counted): each phase sums the other replies' FLOPs and
+    says one reply had none, instead of recording -1 for the whole phase."""
+    scenario = load_scenario(tiny_scenario(tmp_path))
+    task = cached_task(scenario)
+    plain = PlainRunner(scenario, task, torch.device("cpu"))
+
+    class FirstUncounted:
+        partitions = plain.partitions
+
+        def run_phase(self, phase, iteration, assignments):
+            outcomes = plain.run_phase(phase, iteration, assignments)
+            outcomes[0].metrics["flops"] = -1.0
+            return outcomes
+
+    with caplog.at_level(logging.INFO, logger="rabo_flwr"):
+        records = TrainingLoop(scenario, task, FirstUncounted(), torch.device("cpu")).run().records
+    phases = [r for r in records if r["phase"] in ("inner", "outer")]
+    for r in phases:
+        assert r["uncounted_replies"] == 1 and r["clients"][0]["flops"] == -1
+        assert r["flops"] == sum(c["flops"] for c in r["clients"][1:]) > 0
+    assert f"{len(phases)} replies without a FLOP count" in caplog.text
+
+
+def test_server_work_runs_on_one_thread_and_plain_clients_on_the_process_count(tmp_path, monkeypatch):
+    """The same server thread count in both engines (the ServerApp has no setting of its own)."""
+    seen = {"server": set(), "client": set()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scenario = load_scenario(tiny_scenario(tmp_path, algorithm={"iterations": 1, "inner_steps": 1}))
+        task = cached_task(scenario)
+        evaluate, step = task.evaluate, TrainingLoop._finish_phase
+        monkeypatch.setattr(task, "evaluate", lambda *a: seen["server"].add(torch.get_num_threads()) or evaluate(*a))
+        monkeypatch.setattr(TrainingLoop, "_finish_phase",
+                            lambda self, *a: seen["server"].add(torch.get_num_threads()) or step(self, *a))
+        plain = PlainRunner(scenario, task, torch.device("cpu"))
+        run_client = plain._run_client
+        monkeypatch.setattr(plain, "_run_client", lambda *a: seen["client"].add(torch.get_num_threads()) or run_client(*a))
+        TrainingLoop(scenario, task, plain, torch.device("cpu")).run()
+        assert seen == {"server": {SERVER_THREADS}, "client": {2}} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
