@@ -111,7 +111,7 @@ class RollingMask(MaskPolicy):
 
 
 class PlacedMask(MaskPolicy):
-    """Client i keeps window ``placement[i] + l * q`` of group number l at iteration q: placement that sets the coverage.
+    """Client i keeps window ``placement[i] + l * q`` of group l at iteration q: the placement sets the coverage.
 
     Windows are consecutive blocks of width k = ceil(r * C), window w starting at channel w * k
     (wrapping). With no placement given, client i starts from window i (staggered). Groups are
@@ -220,8 +220,8 @@ class ImportanceThresholdMask(ImportanceMask):
     own (one theta per layer, each layer keeping gamma of its weights). Local training masks
     the forward pass with m = 1[|w| >= theta] and differentiates through a surrogate of m
     (dm/d|w| = 2 theta / (|w| + theta)^2), which scales the gradient of each kept weight by
-    1 + 2 theta |w| / (|w| + theta)^2 (``rabo_flwr.algorithms.episodic.fiarse_gradient_factors``): up to 1.5 at the
-    threshold, 1 far above it. BatchNorm is not masked.
+    1 + 2 theta |w| / (|w| + theta)^2: up to 1.5 at the threshold, 1 far above it
+    (``rabo_flwr.algorithms.episodic.fiarse_gradient_factors``). BatchNorm is not masked.
 
     The port: submodels here are channel-structured (a client holds whole rows and columns),
     so a client of capacity r keeps ceil(r * C) channels of every group, the top ones by the
@@ -244,10 +244,14 @@ class ImportanceThresholdMask(ImportanceMask):
 
     name = "fiarse"
 
+    def __init__(self):
+        super().__init__()
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._thresholds: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, weights held) -> theta
+
     def begin_round(self, iteration, tensors, layouts, groups):
         super().begin_round(iteration, tensors, layouts, groups)
-        self._tensors = dict(tensors)
-        self._thresholds: dict[tuple[str, int], torch.Tensor] = {}
+        self._tensors, self._thresholds = dict(tensors), {}
 
     def scores(self, tensors, layouts):
         return channel_scores(tensors, layouts, torch.abs, weights_only=True)

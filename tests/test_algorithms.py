@@ -132,3 +132,16 @@ def test_fiarse_client_steps_along_the_threshold_scaled_gradient():
             assert torch.allclose((w - after[side][name]) / 0.1, expected, atol=1e-5), name
     static = one_round(REPO / "scenarios" / "quickstart.yaml", overrides | {"algorithm.name": "static"}, 0.5)[2]
     assert "thresholds" not in static
+
+
+def test_fiarse_client_replies_finite_updates_from_the_zero_initialised_head():
+    """The few-shot head starts at zero: its threshold is 0 at every capacity (0/0 in the factor)."""
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", TINY | {"algorithm.name": "fiarse", "task.labels": "global"})
+    task = cached_task(scenario)
+    x, y = task.init_tensors(scenario.seed)
+    assert all(not t.any() for t in y.values())
+    state = ServerState(task.layouts, x, y, scenario_policies(scenario))
+    state.plan_iteration(1, {0: 0.25})
+    updates, _ = Client(task, scenario, 0, CPU).run("local", 1, state.slices(0))
+    assert all(torch.isfinite(t).all() for side in updates.values() for t in side.values())
+    assert any(t.abs().sum() > 0 for t in updates["y"].values())

@@ -187,6 +187,8 @@ def test_fiarse_gradient_factor_is_the_derivative_of_the_masked_weight():
     kept = w.abs() >= theta
     assert torch.allclose(w.grad[kept], (upstream * factor)[kept])
     assert factor[1] == pytest.approx(1.5) and 1 < factor[4] < 1.1  # 1.5 at the threshold, near 1 far above
+    zero = torch.zeros(3)  # a zero-initialised head: theta = 0 at every capacity, and 0/0 in the formula
+    assert torch.equal(fiarse_gradient_factors({"w": zero}, {"w": torch.zeros(1)})["w"], torch.ones(3))
 
 
 def test_placed_windows_rotate_so_every_block_of_a_conv_is_trained():

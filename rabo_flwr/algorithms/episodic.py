@@ -60,7 +60,8 @@ def fiarse_gradient_factors(weights: Mapping[str, torch.Tensor], thresholds: Map
         if name in weights:
             s = weights[name].detach().abs()
             theta = theta.to(s).reshape(())
-            factors[name] = 1 + 2 * theta * s / (s + theta).clamp_min(torch.finfo(s.dtype).tiny) ** 2
+            # 0/0 where |w| = theta = 0 (a zero-initialised head): no boost there, as FIARSE's nan_to_num gives
+            factors[name] = 1 + torch.nan_to_num(2 * theta * s / (s + theta) ** 2, nan=0.0, posinf=0.0)
     return factors
 
 
