@@ -282,3 +282,19 @@ def test_server_work_runs_on_one_thread_and_plain_clients_on_the_process_count(t
         assert seen == {"server": {SERVER_THREADS}, "client": {2}} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fiarse_thresholds_travel_in_flower_messages_as_in_the_plain_engine(tmp_path, one_thread):
+    """FIARSE's per-tensor thresholds go with the slices: the Flower message path and the plain
+    engine give the same records and model, and the bytes sent include them."""
+    settings = {"algorithm": {"name": "fiarse", "iterations": 2, "inner_steps": 2}, "task": {"labels": "global"}}
+    flower, plain = (tiny_scenario(tmp_path / engine, **settings) for engine in ("flower", "plain"))
+    flower_records = run_flower(flower)
+    plain_records = run_plain(load_scenario(plain), logging.getLogger("quiet")).records
+    assert stable(flower_records) == stable(plain_records)
+    local = phase_records(plain_records, "local")
+    assert all(r["clients_aggregated"] == 3 and r["rejected"] == 0 for r in local.values())
+    for c in local[1]["clients"]:  # x and y slices, float32, and one float32 threshold per weight tensor (4 convs, head)
+        assert c["bytes_down"] == 4 * (c["x_elements"] + c["y_elements"] + 5)
+    a, b = (torch.load(p.parent / "results" / "model.pt") for p in (flower, plain))
+    assert all(torch.equal(a[s][n], b[s][n]) for s in a for n in a[s])
