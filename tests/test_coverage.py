@@ -11,8 +11,8 @@ from rabo_flwr.loop import run_plain
 from rabo_flwr.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 4, "algorithm.inner_steps": 2,
-        "task.n_query": 2, "task.eval_episodes": 4, "task.eval_steps": 2}
+TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 4, "algorithm.inner_steps": 1,
+        "task.k_shot": 1, "task.n_query": 1, "task.eval_episodes": 2, "task.eval_steps": 1}
 
 
 @pytest.mark.parametrize("arm,designed", [("rabo_c1", 1), ("rabo_c2", 2)])
