@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.utils import download_url
 
 from .paths import DataError, cache_file, data_dir, downloads_allowed, file_key, load_cached, missing_data, save_cached
 
@@ -72,6 +71,14 @@ class Episode:
     query_x: torch.Tensor  # float32 [Q, 1, H, W]
     query_y: torch.Tensor  # int64 [Q]
     classes: torch.Tensor  # int64 [n_way]
+
+
+def download_url(url: str, root: str, filename: str, md5: str) -> None:
+    """torchvision's downloader, imported when a download happens (importing torchvision takes
+    seconds, which every fresh ClientApp process of a deployment would pay)."""
+    from torchvision.datasets.utils import download_url as fetch
+
+    fetch(url, root, filename=filename, md5=md5)
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
