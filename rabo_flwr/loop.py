@@ -322,7 +322,8 @@ def _fraction(masks: dict[str, torch.Tensor]) -> float:
 class PlainRunner:
     """The plain engine: every client runs in this process, one after another.
 
-    A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
+    A client is made when it is sampled (nothing is kept per partition, so 1,000 clients cost
+    what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
     took longer than ``run.phase_timeout`` is dropped as late, as Flower would stop waiting for it.
     """
 
@@ -330,17 +331,17 @@ class PlainRunner:
         from clients import Client
 
         self.scenario = scenario
-        self.clients = {p: Client(task, scenario, p, device) for p in range(scenario.clients.num)}
+        self.client = lambda partition: Client(task, scenario, partition, device)
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
-        return {p: None for p in self.clients}
+        return dict.fromkeys(range(self.scenario.clients.num))
 
     def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
         outcomes = []
         for a in assignments:
             start = time.perf_counter()
             try:
-                updates, metrics = self.clients[a.partition].run(phase.name, iteration, a.arrays)
+                updates, metrics = self.client(a.partition).run(phase.name, iteration, a.arrays)
             except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
                 outcomes.append(Outcome(a.partition, error=repr(err)))
                 continue
