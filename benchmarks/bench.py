@@ -7,7 +7,12 @@
    and what counting FLOPs costs (counted once per unit and shape, then reused) against not counting.
 2. Hypergradient estimators: time, gradient evaluations, peak memory and error against
    ``exact`` at one client's (x, y) and batch, for every task that exists.
+   At the same parallelism too: Flower with one actor against the sequential plain engine.
 3. Time per iteration against the number of clients and against capacity (plain loop).
+4. Many clients: time per iteration and server memory as clients grow, 10 sampled each time
+   (``flwr run`` up to 1,000 clients, the plain engine up to 10,000), and a figure of both.
+5. Edge deployment: phase times of the README's trial (SuperLink and 3 SuperNodes on this
+   machine) and one message's stages in a fresh process (imports, task and data, the phase).
 
 Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
 (``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
@@ -24,10 +29,13 @@ import math
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import tracemalloc
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -60,12 +68,16 @@ def settings(quick: bool) -> dict[str, Any]:
                 "plain_threads": [1], "repeats": 1, "resnet12_width": 8,
                 "neumann_K": [5], "fd_coords": [16],
                 "scaling_iterations": 2, "scaling_base": {"model.width": 16},
-                "clients": [2, 4], "capacities": [1.0, 0.0625]}
+                "clients": [2, 4], "capacities": [1.0, 0.0625],
+                "scale_iterations": 2, "scale_base": {"model.width": 16}, "scale_flower": [10, 100],
+                "scale_plain": [10, 100]}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
             "scaling_iterations": 4, "scaling_base": {},
-            "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625]}
+            "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625],
+            "scale_iterations": 6, "scale_base": {}, "scale_flower": [10, 100, 1000],
+            "scale_plain": [10, 100, 1000, 10000]}
 
 
 def machine() -> dict[str, Any]:
@@ -99,14 +111,53 @@ def per_iteration(records: list[dict]) -> dict[str, Any]:
 # ---------------------------------------------------------------- part 1: Flower overhead
 
 
-def flower_run(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
-    """One ``flwr run`` (fresh SuperLink and Ray) of the scenario; times from its metrics.jsonl."""
+def actors(count: int) -> dict[str, Any]:
+    """Federation settings for ``count`` Ray actors of one CPU each (Ray told it has ``count`` CPUs)."""
+    return {"client-resources-num-cpus": 1, "init-args-num-cpus": count}
+
+
+class ServerMemory:
+    """Peak resident memory (VmHWM) of the run's ``flwr-simulation`` process (ServerApp, Flower's
+    simulation engine and Ray's driver), read from /proc every 0.2 s while the run lasts."""
+
+    def __init__(self, home: FlowerHome):
+        self.home, self.peak_bytes, self.stop = home, 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.2):
+            for pid in self.home.leftovers():
+                try:
+                    if b"flwr-simulation" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        continue
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                hwm = next((int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM:")), 0)
+                self.peak_bytes = max(self.peak_bytes, hwm)
+
+    def __enter__(self) -> "ServerMemory":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def flower_run(overrides: dict[str, Any], work: Path, federation: dict[str, Any] | None = None,
+               scenario: Path = QUICKSTART) -> dict[str, Any]:
+    """One ``flwr run`` (fresh SuperLink and Ray) of the scenario; times from its metrics.jsonl.
+
+    ``federation`` defaults to one SuperNode per client and one CPU per actor (2 actors on 2 cores).
+    """
     results = work / "flower-results"
-    num = overrides["clients.num"]
-    with FlowerHome(work / "flower", env={"OMP_NUM_THREADS": "1"}) as home:
+    shutil.rmtree(results, ignore_errors=True)
+    federation = federation or {"num-supernodes": overrides["clients.num"], "client-resources-num-cpus": 1}
+    with FlowerHome(work / "flower", env={"OMP_NUM_THREADS": "1"}) as home, ServerMemory(home) as memory:
         start = time.perf_counter()
-        outcome = home.run(REPO, run_config={"scenario": str(QUICKSTART), **overrides, "run.results_dir": str(results)},
-                           federation_config={"num-supernodes": num, "client-resources-num-cpus": 1}, timeout=900)
+        outcome = home.run(REPO, run_config={"scenario": str(scenario), **overrides, "run.results_dir": str(results)},
+                           federation_config=federation, timeout=900)
         whole = time.perf_counter() - start
     if outcome.status != "finished:completed":
         raise RuntimeError(f"flwr run ended {outcome.status}:\n{outcome.log[-3000:]}")
@@ -116,30 +167,51 @@ def flower_run(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     # Everything outside the iterations and the server's evaluation: SuperLink and Ray start,
     # app loading, node registration, shutdown.
     return out | {"flwr_run_s": whole, "eval_s": evaluation, "startup_s": whole - out["total_s"] - evaluation,
-                  "first_iteration_excess_s": out["first_s"] - out["median_s"]}
+                  "first_iteration_excess_s": out["first_s"] - out["median_s"], "federation": federation,
+                  "server_peak_rss_mib": memory.peak_bytes / 2**20}
 
 
-def plain_run(overrides: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
-    """``run_plain`` in this process, data loaded beforehand so iteration 1 times no decoding."""
+def plain_run(overrides: dict[str, Any], threads: int, work: Path, scenario_path: Path = QUICKSTART,
+              traced: bool = False) -> dict[str, Any]:
+    """``run_plain`` in this process, data loaded beforehand so iteration 1 times no decoding;
+    ``traced``: also the peak of Python's allocations during the run (tracemalloc, slower)."""
     torch.set_num_threads(threads)
-    scenario = load_scenario(QUICKSTART, overrides | {"run.results_dir": str(work / "plain-results")})
+    scenario = load_scenario(scenario_path, overrides | {"run.results_dir": str(work / "plain-results")})
     cached_task(scenario).prepare()
+    if traced:
+        tracemalloc.start()
     start = time.perf_counter()
-    records = run_plain(scenario, logging.getLogger("bench")).records
-    return per_iteration(records) | {"run_s": time.perf_counter() - start}
+    try:
+        records = run_plain(scenario, logging.getLogger("bench")).records
+        peak = tracemalloc.get_traced_memory()[1] if traced else None
+    finally:
+        tracemalloc.stop()
+    out = per_iteration(records) | {"run_s": time.perf_counter() - start}
+    return out | ({"peak_traced_mib": peak / 2**20} if traced else {})
 
 
 def flower_overhead(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
     """Flower against the plain engine, and counting FLOPs (cached, the default) against not counting.
 
+    At the same parallelism: Flower with one actor (Ray given one CPU) runs one client at a time
+    with one thread, as the sequential plain engine with one torch thread does; the two runs
+    alternate (plain, Flower, plain) and the Flower row is compared with the mean of the two
+    plain runs around it, so a change of the machine's load between them shows as their spread.
     The uncounted run goes first, so the counted one cannot profit from a warm FLOP cache.
     """
     overrides = cfg["flower"] | TINY_EVAL
-    flower = flower_run(overrides, work)
     uncounted = plain_run(overrides | {"run.count_flops": False}, 1, work)
+    before = plain_run(overrides, 1, work)
+    one_actor = flower_run(overrides, work, {"num-supernodes": overrides["clients.num"], **actors(1)})
+    after = plain_run(overrides, 1, work)
+    plain_mean = (before["median_s"] + after["median_s"]) / 2
+    one_actor |= {"plain_before_s": before["median_s"], "plain_after_s": after["median_s"],
+                  "flower_over_plain": one_actor["median_s"] / plain_mean}
+    flower = flower_run(overrides, work)
     plain = {t: plain_run(overrides, t, work) for t in cfg["plain_threads"]}
     torch.set_num_threads(threads)
     return {"scenario": str(QUICKSTART.relative_to(REPO)), "overrides": overrides, "flower": flower,
+            "flower_one_actor": one_actor,
             "plain": {f"{t}_threads": p | {"flower_over_plain": flower["median_s"] / p["median_s"]}
                       for t, p in plain.items()},
             "flops_not_counted": uncounted | {"counted_over_uncounted": plain[1]["median_s"] / uncounted["median_s"]}}
@@ -287,6 +359,120 @@ def scaling(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, list[dic
     return {"clients": by_clients, "capacity": by_capacity}
 
 
+# ---------------------------------------------------------------- part 4: many clients
+
+
+def scale(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+    """Time per iteration and server memory against the number of clients, 10 sampled each time.
+
+    ``flwr run`` with 10 SuperNodes and 2 actors: 10 clients at 100%, 100 at 10%, 1,000 at 1%;
+    every client at capacity 1/2 (so the 10 sampled do the same work whichever they are), shards
+    by character. Server memory: the flwr-simulation process's peak RSS (:class:`ServerMemory`).
+    The plain engine over up to 10,000 clients gives the loop's own Python memory: the peak that
+    ``tracemalloc`` sees during the run, data loaded beforehand (torch's tensor storage is not
+    traced: the model and its slices are the same at every client count).
+    """
+    scenario = work / "scale.yaml"
+    scenario.write_text(f"base: {QUICKSTART}\nclients:\n  capacities: [0.5]\ntask:\n  shard_by: character\n")
+    base = cfg["scale_base"] | TINY_EVAL | {"algorithm.iterations": cfg["scale_iterations"]}
+    flower = []
+    for num in cfg["scale_flower"]:
+        overrides = base | {"clients.num": num, "clients.fraction": 10 / num}
+        try:
+            row = flower_run(overrides, work, {"num-supernodes": 10, **actors(2)}, scenario)
+        except RuntimeError as err:
+            row = {"error": str(err)[-1500:]}
+        flower.append({"clients": num, "fraction": 10 / num, **row})
+        print(f"  flwr run, {num} clients: {row.get('median_s', row.get('error', '')[-200:])}", flush=True)
+    plain = []
+    for num in cfg["scale_plain"]:
+        overrides = base | {"clients.num": num, "clients.fraction": 10 / num}
+        try:
+            row = plain_run(overrides, threads, work, scenario)
+            row["loop_peak_traced_mib"] = plain_run(overrides | {"algorithm.iterations": 2}, threads, work, scenario,
+                                                    traced=True)["peak_traced_mib"]
+        except Exception as err:  # noqa: BLE001 - the code before this work could not shard 1,000 clients
+            row = {"error": repr(err)[-1500:]}
+        plain.append({"clients": num, "fraction": 10 / num, **row})
+        print(f"  plain, {num} clients: {row.get('median_s', row.get('error', '')[-200:])}", flush=True)
+    return {"flower": flower, "plain": plain}
+
+
+def scale_figure(results: dict[str, Any], path: Path) -> None:
+    """Time per iteration and server memory against the number of clients (10 sampled), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, rows, marker in (("flwr run (10 SuperNodes, 2 actors)", results["flower"], "o"),
+                                ("plain engine", results["plain"], "s")):
+        ok = [r for r in rows if "median_s" in r]
+        left.plot([r["clients"] for r in ok], [r["median_s"] for r in ok], marker=marker, label=label)
+    ok = [r for r in results["flower"] if "server_peak_rss_mib" in r]
+    right.plot([r["clients"] for r in ok], [r["server_peak_rss_mib"] for r in ok], marker="o",
+               label="flwr-simulation peak RSS (MiB)")
+    ok = [r for r in results["plain"] if "loop_peak_traced_mib" in r]
+    right.plot([r["clients"] for r in ok], [r["loop_peak_traced_mib"] for r in ok], marker="s",
+               label="plain engine: loop's peak Python memory (MiB)")
+    for axis, title in ((left, "time per iteration (s, median)"), (right, "server memory (MiB)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("clients (10 sampled per iteration)")
+        axis.set_title(title)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- part 5: edge deployment
+
+EDGE_RUN = {"clients.num": 3, "algorithm.iterations": 2, "model.width": 16, "algorithm.inner_steps": 3,
+            "task.eval_episodes": 10}  # the README's trial on one machine
+EDGE_CAPACITIES = (1.0, 0.5, 0.25)
+
+
+def deployment(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+    """The README's edge trial (a SuperLink and 3 SuperNodes on this machine, each message in a
+    fresh ClientApp process): phase times from its metrics.jsonl; then one message's stages in a
+    fresh process, twice per phase (the second finds what the first left in the on-disk caches)."""
+    from rabo_flwr.deployment import LocalDeployment
+
+    env = {k: os.environ[k] for k in ("RABO_DATA_DIR", "RABO_CACHE_DIR") if k in os.environ} | {"OMP_NUM_THREADS": "1"}
+    results = work / "edge-results"
+    with LocalDeployment(work / "edge", env=env, connection="bench-edge") as dep:
+        superlink = dep.start_superlink()
+        for partition, capacity in enumerate(EDGE_CAPACITIES):
+            dep.start_supernode(superlink, {"partition-id": partition, "capacity": capacity})
+        dep.wait_for_nodes(len(EDGE_CAPACITIES))
+        start = time.perf_counter()
+        outcome = dep.run(REPO, EDGE_RUN | {"run.results_dir": str(results)}, timeout=1200)
+        whole = time.perf_counter() - start
+    if outcome.status != "finished:completed":
+        raise RuntimeError(f"edge run ended {outcome.status}:\n{outcome.log[-3000:]}")
+    phases = [r for r in read_metrics(results / "metrics.jsonl") if r["phase"] in ("inner", "outer")]
+    run = {"flwr_run_s": whole, "phase_s": [r["wall_time"] for r in phases],
+           "phase_clients_max_s": [r["client_wall_time_max"] for r in phases],
+           "median_phase_s": statistics.median(r["wall_time"] for r in phases)}
+    messages = []
+    for repeat in range(2):
+        for phase in ("inner", "outer"):
+            out = work / f"message-{phase}-{repeat}.json"
+            spec = {"phase": phase, "run_config": {"scenario": str(QUICKSTART), **EDGE_RUN}, "out": str(out)}
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(Path(__file__).with_name("message_worker.py")), json.dumps(spec)], check=True,
+                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+            stages = json.loads(out.read_text())
+            stages["process_s"] = time.perf_counter() - start
+            stages["interpreter_and_exit_s"] = stages["process_s"] - sum(
+                v for k, v in stages.items() if k.endswith("_import_s") or k == "handle_s")
+            messages.append({"phase": phase, "repeat": repeat, **stages})
+    return {"run_config": EDGE_RUN, "capacities": EDGE_CAPACITIES, "run": run, "messages": messages}
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -318,6 +504,17 @@ def report(results: dict[str, Any]) -> str:
         parts.append(table("Flower overhead: time per global iteration (s, median)",
                            ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
                             "Flower / this"], rows))
+        if "flower_one_actor" in fo:
+            o = fo["flower_one_actor"]
+            parts.append(table("Flower at the same parallelism: one client at a time, one thread (s, median)",
+                               ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
+                                "Flower / plain"],
+                               [["Flower simulation, 1 actor x 1 thread", o["median_s"], o["median_inner_s"],
+                                 o["median_outer_s"], o["median_clients_compute_s"], o["first_s"], o["flower_over_plain"]],
+                                ["plain engine, sequential, 1 thread (run before)", o["plain_before_s"], None, None, None,
+                                 None, None],
+                                ["plain engine, sequential, 1 thread (run after)", o["plain_after_s"], None, None, None,
+                                 None, None]]))
         parts.append(f"Counting FLOPs (cached, the default) against not counting: "
                      f"{u['counted_over_uncounted']:.3g} times the time per iteration.\n")
         parts.append(table("Flower start-up (s)", ["flwr run wall", "iterations", "evaluation",
@@ -340,6 +537,30 @@ def report(results: dict[str, Any]) -> str:
                      r["median_s"] / r["clients"]] for r in results["scaling"][key]]
             parts.append(table(f"Plain engine: time per iteration vs {label} (s, median)",
                                [label, "iteration", "inner", "outer", "per client"], rows))
+    if "scale" in results:
+        rows = [[r["clients"], r["fraction"], r.get("median_s"), r.get("median_inner_s"), r.get("median_outer_s"),
+                 r.get("server_peak_rss_mib"), r.get("error", "")[-120:].replace("\n", " ") or None]
+                for r in results["scale"]["flower"]]
+        parts.append(table("flwr run, 10 clients sampled per iteration (s, median; MiB)",
+                           ["clients", "fraction", "iteration", "inner", "outer", "server peak RSS (MiB)", "error"],
+                           rows))
+        rows = [[r["clients"], r["fraction"], r.get("median_s"), r.get("loop_peak_traced_mib"),
+                 r.get("error", "")[-120:].replace("\n", " ") or None] for r in results["scale"]["plain"]]
+        parts.append(table("Plain engine, 10 clients sampled per iteration (s, median; MiB)",
+                           ["clients", "fraction", "iteration", "loop's peak Python memory (MiB)", "error"], rows))
+    if "deployment" in results:
+        d = results["deployment"]
+        parts.append(table("Edge trial: 3 SuperNodes, every message a fresh ClientApp process (s)",
+                           ["flwr run wall", "median phase", "phases", "slowest client's compute per phase"],
+                           [[d["run"]["flwr_run_s"], d["run"]["median_phase_s"],
+                             " ".join(f"{t:.1f}" for t in d["run"]["phase_s"]),
+                             " ".join(f"{t:.2f}" for t in d["run"]["phase_clients_max_s"])]]))
+        keys = ["interpreter_and_exit_s", "flwr_import_s", "torch_import_s", "app_import_s", "handle_s",
+                "client_run_s", "process_s"]
+        parts.append(table("One message in a fresh process, by stage (s)",
+                           ["phase", "repeat", "interpreter + exit", "flwr import", "torch import",
+                            "project import", "handler", "of which client.run", "whole process"],
+                           [[m["phase"], m["repeat"], *[m.get(k) for k in keys]] for m in d["messages"]]))
     return "\n".join(parts)
 
 
@@ -349,7 +570,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results.json, "
                         "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
-    parser.add_argument("--parts", default="flower,hypergradients,scaling", help="comma-separated subset")
+    parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment",
+                        help="comma-separated subset")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or REPO / "benchmarks" / ("results-quick.json" if args.quick else "results.json")
@@ -374,6 +596,13 @@ def main() -> None:
         if "scaling" in parts:
             print("part 3: clients and capacity", flush=True)
             results["scaling"] = scaling(cfg, args.threads, Path(tmp))
+        if "scale" in parts:
+            print("part 4: many clients", flush=True)
+            results["scale"] = scale(cfg, args.threads, Path(tmp))
+            scale_figure(results["scale"], args.out.with_name(args.out.stem + "-scale.png"))
+        if "deployment" in parts:
+            print("part 5: edge deployment", flush=True)
+            results["deployment"] = deployment(cfg, args.threads, Path(tmp))
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

@@ -7,6 +7,7 @@ plain loop run the same client code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Mapping
 
@@ -29,7 +30,7 @@ def _as_tensors(arrays: Mapping[str, ArrayLike], device: torch.device) -> dict[s
 
 def cost_context(scenario: Scenario) -> str:
     """What, besides tensor shapes, decides a computation's FLOPs: the task and model settings."""
-    return json.dumps({"task": scenario.to_dict()["task"], "model": scenario.to_dict()["model"]}, sort_keys=True)
+    return json.dumps({"task": dataclasses.asdict(scenario.task), "model": dataclasses.asdict(scenario.model)}, sort_keys=True)
 
 
 class Client:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import Client
 
 from .protocol import CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASES, PROFILE, update_key
-from .runtime import cached_task, choose_device
-from .scenario import scenario_from_run_config
+from .arrays import from_record, to_record
+from .runtime import run_setup
 
 app = ClientApp()
 
@@ -21,13 +21,13 @@ def _announced_capacity(context: Context) -> float:
 
 def _handle(phase: str, message: Message, context: Context) -> Message:
     """Run ``phase`` for the partition named in the message (in simulation one node serves several)."""
-    scenario = scenario_from_run_config(context.run_config)
+    setup = run_setup(context.run_id, context.run_config)
     config = message.content[CONFIG]
-    client = Client(cached_task(scenario), scenario, int(config[PARTITION]), choose_device(scenario))
-    arrays = {side: record.to_torch_state_dict() for side, record in message.content.array_records.items()}
+    client = Client(setup.task, setup.scenario, int(config[PARTITION]), setup.device)
+    arrays = {side: from_record(record) for side, record in message.content.array_records.items()}
     updates, metrics = client.run(phase, int(config[ITERATION]), arrays)
     metrics[CAPACITY] = _announced_capacity(context)
-    content = RecordDict({update_key(side): ArrayRecord(u) for side, u in updates.items()})
+    content = RecordDict({update_key(side): to_record(u) for side, u in updates.items()})
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=message)
 

@@ -8,20 +8,68 @@ once per process and adds the remembered count every later time the unit runs. A
 total is then exact, including estimators whose number of products varies from call to call
 (conjugate gradient, truncated Neumann series), at the price of one counted run per unit.
 ``tests/test_cost.py`` checks the total against a full count.
+
+The counts are also kept on disk (``$RABO_CACHE_DIR/flops``, keyed by the unit, the torch
+version and a hash of this project's source), because a deployment runs every message in a
+fresh process: without them each message would count again, and its first count imports
+``torch._dynamo`` (seconds).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 T = TypeVar("T")
 
 # (unit name, shapes, context) -> FLOPs of one run; per process, shared by every meter
 _UNIT_FLOPS: dict[Hashable, int] = {}
+
+
+@lru_cache(maxsize=1)
+def _source_hash() -> str:
+    """A hash of this project's Python source: what a unit computes, hence its count, depends on it."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    root = Path(__file__).resolve().parent
+    for path in sorted([*root.rglob("*.py"), *(root.parent / "clients").glob("*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _stored_count_path(key: Hashable) -> Path | None:
+    """Where the count of ``key`` is kept on disk; None for a key whose text is not stable."""
+    from .data.paths import cache_dir
+
+    text = repr(key)
+    if " at 0x" in text:  # an object's address: another process would not find it
+        return None
+    name = hashlib.sha256(f"{_source_hash()} {text}".encode()).hexdigest()[:32]
+    return cache_dir() / "flops" / f"{name}.json"
+
+
+def _load_count(key: Hashable) -> int | None:
+    path = _stored_count_path(key)
+    try:
+        return int(json.loads(path.read_text())["flops"]) if path else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_count(key: Hashable, count: int) -> None:
+    from .files import atomic_write
+
+    path = _stored_count_path(key)
+    if path is not None:
+        try:
+            atomic_write(path, lambda f: json.dump({"flops": count, "unit": repr(key)}, f), "w")
+        except OSError:
+            pass  # a read-only cache only costs the next process a count
 
 
 def shapes(*groups: Iterable[torch.Tensor] | Any) -> tuple:
@@ -59,13 +107,21 @@ class CostMeter:
             return work()
         key = (name, signature, self.context)
         known = _UNIT_FLOPS.get(key) if self.cache else None
+        if known is None and self.cache:
+            known = _load_count(key)
+            if known is not None:
+                _UNIT_FLOPS[key] = known
         if known is not None:
             self.flops += known
             return work()
+        from torch.utils.flop_counter import FlopCounterMode  # imports triton: only when counting
+
         with FlopCounterMode(display=False) as counter:
             result = work()
         count = counter.get_total_flops()
         _UNIT_FLOPS[key] = count
+        if self.cache:
+            _store_count(key, count)
         self.flops += count
         self.units_counted += 1
         return result

@@ -355,7 +355,8 @@ def _fraction(masks: dict[str, torch.Tensor]) -> float:
 class PlainRunner:
     """The plain engine: every client runs in this process, one after another.
 
-    A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
+    A client is made when it is sampled (nothing is kept per partition, so 1,000 clients cost
+    what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
     took longer than ``run.phase_timeout`` is dropped as late, as Flower would stop waiting for it.
     Clients run with the thread count the process had when the runner was made, not the server's.
     """
@@ -364,11 +365,11 @@ class PlainRunner:
         from clients import Client
 
         self.scenario = scenario
-        self.clients = {p: Client(task, scenario, p, device) for p in range(scenario.clients.num)}
+        self.client = lambda partition: Client(task, scenario, partition, device)
         self.client_threads = torch.get_num_threads()
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
-        return {p: None for p in self.clients}
+        return dict.fromkeys(range(self.scenario.clients.num))
 
     def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
         with torch_threads(self.client_threads):
@@ -377,7 +378,7 @@ class PlainRunner:
     def _run_client(self, phase: Phase, iteration: int, a: Assignment) -> Outcome:
         start = time.perf_counter()
         try:
-            updates, metrics = self.clients[a.partition].run(phase.name, iteration, a.arrays)
+            updates, metrics = self.client(a.partition).run(phase.name, iteration, a.arrays)
         except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
             return Outcome(a.partition, error=repr(err))
         if time.perf_counter() - start > self.scenario.run.phase_timeout:

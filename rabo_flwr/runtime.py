@@ -1,16 +1,20 @@
 """Per-process caches and device choice shared by the server and client apps.
 
 Data sets and models are costly to build; in simulation one process serves many messages,
-so they are built once per process and scenario. In deployment every message may run in a
-fresh process, where the data layer's on-disk cache keeps this cheap.
+so they are built once per process and scenario, and a Flower run's scenario is parsed once
+per process and run, not per message. In deployment every message may run in a fresh process,
+where the data layer's on-disk cache keeps this cheap.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 
-from .scenario import Scenario
+from .scenario import Scenario, scenario_from_run_config
 from .tasks import BilevelTask, build_task
 
 
@@ -30,3 +34,30 @@ def cached_task(scenario: Scenario) -> BilevelTask:
     if key not in _TASKS:
         _TASKS[key] = build_task(scenario)
     return _TASKS[key]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What every message of a run needs: its scenario, task and device."""
+
+    scenario: Scenario
+    task: BilevelTask
+    device: torch.device
+
+
+_RUNS: dict[str, RunSetup] = {}
+
+
+def run_setup(run_id: int, run_config: Mapping[str, Any]) -> RunSetup:
+    """The run's scenario, task and device, resolved once per process and run.
+
+    Flower fixes a run's config when the run starts, so (run id, run config) names the same
+    scenario for every message of the run: the YAML is read and validated, and the task looked
+    up, once instead of per message.
+    """
+    key = json.dumps([run_id, sorted(run_config.items())])
+    setup = _RUNS.get(key)
+    if setup is None:
+        scenario = scenario_from_run_config(run_config)
+        setup = _RUNS[key] = RunSetup(scenario, cached_task(scenario), choose_device(scenario))
+    return setup

@@ -11,9 +11,15 @@ Nodes and partitions. Every node answers a profile query (``query.profile``) wit
 ``partition-id`` and the capacity it announces. In a deployment each node serves exactly its
 own partition, with the capacity it announced, and the run waits (``run.node_wait_timeout``)
 for ``clients.min_available`` of them. In simulation (``virtual_clients``) Flower starts as many
-SuperNodes as the federation asks for (2 unless ``num-supernodes`` says otherwise), and partition
-p is served by the node with ``partition-id`` p mod (number of nodes): the partition travels in
-the message, so any number of SuperNodes runs any number of clients.
+SuperNodes as the federation asks for (2 unless ``num-supernodes`` says otherwise), and a phase's
+i-th message goes to the node with the i-th ``partition-id`` (mod the number of nodes): the
+partition travels in the message, so any number of SuperNodes runs any number of clients, and a
+phase's messages are spread evenly over the nodes (Flower's simulation hands each node one
+message per 0.1 s tick).
+
+Messages travel through :mod:`rabo_flwr.arrays` (tensors to ``ArrayRecord`` and back) and
+:func:`rabo_flwr.exchange.send_and_receive` (replies polled every few milliseconds instead of
+Flower's fixed 0.1 s or 3 s).
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import time
 from dataclasses import dataclass
 from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from rabo_flwr.algorithms import Phase
+from rabo_flwr.arrays import from_record, to_record
+from rabo_flwr.exchange import send_and_receive
 from rabo_flwr.federation import SIDES
 from rabo_flwr.loop import Assignment, Outcome
 from rabo_flwr.protocol import (CAPACITY, CONFIG, ITERATION, METRICS, PARTITION, PROFILE, PROFILE_QUERY,
@@ -39,10 +47,6 @@ class NodeProfile:
 
     partition: int
     announced_capacity: float | None
-
-
-def to_record(tensors) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 class PhaseStrategy:
@@ -67,10 +71,11 @@ class PhaseStrategy:
             return {p: None for p in range(self.clients)}
         return {profile.partition: profile.announced_capacity for profile in self.profiles.values()}
 
-    def node_of(self, partition: int) -> int:
+    def node_of(self, partition: int, index: int) -> int:
+        """The node serving ``partition``, the ``index``-th client of a phase."""
         if self.virtual_clients:
             nodes = sorted(self.profiles, key=lambda n: self.profiles[n].partition)
-            return nodes[partition % len(nodes)]
+            return nodes[index % len(nodes)]
         return next(n for n, p in self.profiles.items() if p.partition == partition)
 
     def _discover(self) -> None:
@@ -93,7 +98,7 @@ class PhaseStrategy:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=PROFILE_QUERY) for n in nodes]
         # a node's first message starts its ClientApp (imports, data): give it the node wait, not a phase's time
-        for reply in self.grid.send_and_receive(messages, timeout=self.node_wait_timeout):
+        for reply in send_and_receive(self.grid, messages, timeout=self.node_wait_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "node %s did not answer its profile query: %s", node, reply.error.reason)
@@ -118,12 +123,12 @@ class PhaseStrategy:
     def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
         """One message per assignment; replies that arrive within ``phase_timeout`` become outcomes."""
         sent: dict[int, Message] = {}
-        for a in assignments:
+        for index, a in enumerate(assignments):
             content = RecordDict({side: to_record(slices) for side, slices in a.arrays.items()})
             content[CONFIG] = ConfigRecord({ITERATION: iteration, PARTITION: a.partition, CAPACITY: a.capacity})
-            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition),
+            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition, index),
                                         message_type=train_message(phase.name), group_id=str(iteration))
-        replies = list(self.grid.send_and_receive(list(sent.values()), timeout=self.phase_timeout))
+        replies = send_and_receive(self.grid, list(sent.values()), timeout=self.phase_timeout)
         partition_of = {m.metadata.message_id: p for p, m in sent.items()}
         return [self._outcome(partition_of[r.metadata.reply_to_message_id], r, phase)
                 for r in replies if r.metadata.reply_to_message_id in partition_of]
@@ -133,7 +138,7 @@ class PhaseStrategy:
             return Outcome(partition, error=reply.error.reason)
         content = reply.content
         try:
-            updates = {side: content[update_key(side)].to_torch_state_dict()
+            updates = {side: from_record(content[update_key(side)])
                        for side in SIDES if update_key(side) in content.array_records}
             metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
         except Exception as err:  # noqa: BLE001 - an undecodable payload is the client's fault, not the run's

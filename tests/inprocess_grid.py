@@ -30,6 +30,7 @@ class InProcessGrid(Grid):
         }
         self.tamper = tamper
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}  # message id -> reply not pulled yet
         # Messages read the sender's identity from the process; Flower sets it in its own processes.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -46,14 +47,9 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message to its node's ClientApp at once; the reply waits to be pulled."""
+        ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Grid.push_messages does
             self.sent.append(message)
@@ -64,5 +60,12 @@ class InProcessGrid(Grid):
             if self.tamper is not None:
                 reply = self.tamper(message, reply)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

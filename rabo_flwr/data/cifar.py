@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10
 
 from .paths import DataError, cache_file, data_dir, downloads_allowed, file_key, load_cached, missing_data, save_cached
 
@@ -31,6 +30,13 @@ _BINARY_DIR = "cifar-10-batches-py"
 _ARCHIVE = Path("cifar10") / "cifar10-jpg.tar.gz"
 _CACHE_VERSION = 1
 _IMAGE_RE = r"([^/]+)/([^/]+\.(?:jpe?g|png))"
+
+
+def CIFAR10(root: str, train: bool, download: bool):  # noqa: N802 - stands for torchvision's class
+    """torchvision's CIFAR10 data set, imported when used (importing torchvision takes seconds)."""
+    from torchvision.datasets import CIFAR10 as dataset
+
+    return dataset(root, train=train, download=download)
 
 
 def _from_binary(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.utils import download_url
 
 from .paths import DataError, cache_file, data_dir, downloads_allowed, file_key, load_cached, missing_data, save_cached
 
@@ -72,6 +71,14 @@ class Episode:
     query_x: torch.Tensor  # float32 [Q, 1, H, W]
     query_y: torch.Tensor  # int64 [Q]
     classes: torch.Tensor  # int64 [n_way]
+
+
+def download_url(url: str, root: str, filename: str, md5: str) -> None:
+    """torchvision's downloader, imported when a download happens (importing torchvision takes
+    seconds, which every fresh ClientApp process of a deployment would pay)."""
+    from torchvision.datasets.utils import download_url as fetch
+
+    fetch(url, root, filename=filename, md5=md5)
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
@@ -305,33 +312,75 @@ class EpisodeSampler:
         )
 
 
+class ClassShards:
+    """Which characters each of ``num_shards`` clients holds, worked out per shard when asked.
+
+    ``by="alphabet"``: whole alphabets (non-IID clients: unseen scripts), permuted with ``seed``
+    and dealt round-robin, so at most as many shards as alphabets. ``by="character"``: a seeded
+    permutation of the characters cut into ``num_shards`` disjoint runs whose sizes differ by at
+    most one; when that would leave a shard fewer than ``min_classes`` characters (an episode
+    needs ``n_way``; Omniglot's 964 background characters give 5-way episodes to at most 192
+    disjoint shards), shard s holds instead the ``min_classes`` characters from position
+    ``s * num_classes // num_shards`` of the permutation on (cyclically), so shards overlap and
+    each character is held by about ``num_shards * min_classes / num_classes`` clients (about 5
+    for 1,000 clients of 5-way episodes). Memory is one permutation, whatever ``num_shards``;
+    each shard's class ids come sorted.
+    """
+
+    def __init__(self, alphabet_of_class: np.ndarray, num_shards: int, seed: int, by: str = "character",
+                 min_classes: int = 1):
+        self.alphabet_of_class = np.asarray(alphabet_of_class, dtype=np.int64)
+        self.num_shards, self.by = num_shards, by
+        num_classes = len(self.alphabet_of_class)
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        rng = np.random.default_rng(seed)
+        if by == "alphabet":
+            alphabets = np.unique(self.alphabet_of_class)
+            if num_shards > len(alphabets):
+                raise DataError(
+                    f"cannot give {num_shards} shards whole alphabets: the split has only "
+                    f"{len(alphabets)} alphabets (use at most that many shards, or shard by character)"
+                )
+            self.order = rng.permutation(alphabets)
+        elif by == "character":
+            if not 1 <= min_classes <= num_classes:
+                raise ValueError(f"min_classes must be in 1..{num_classes}, got {min_classes}")
+            self.order = rng.permutation(num_classes)
+            self.overlapping = num_classes // num_shards < min_classes
+            self.min_classes = min_classes
+        else:
+            raise ValueError(f"by must be 'alphabet' or 'character', got {by!r}")
+
+    def __len__(self) -> int:
+        return self.num_shards
+
+    def __getitem__(self, shard: int) -> np.ndarray:
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} outside 0..{self.num_shards - 1}")
+        if self.by == "alphabet":
+            return np.flatnonzero(np.isin(self.alphabet_of_class, self.order[shard::self.num_shards]))
+        num_classes = len(self.order)
+        if self.overlapping:
+            start = shard * num_classes // self.num_shards
+            return np.sort(self.order[(start + np.arange(self.min_classes)) % num_classes])
+        size, extra = divmod(num_classes, self.num_shards)  # np.array_split: the first `extra` get one more
+        start = shard * size + min(shard, extra)
+        return np.sort(self.order[start:start + size + (shard < extra)])
+
+
 def shard_classes_by_alphabet(
     alphabet_of_class: np.ndarray, num_shards: int, seed: int
 ) -> list[np.ndarray]:
-    """Split characters into shards of whole alphabets (non-IID clients: unseen scripts).
-
-    Alphabets are permuted with ``seed`` and dealt round-robin to shards; each shard's class
-    ids are returned sorted.
-    """
-    alphabet_of_class = np.asarray(alphabet_of_class, dtype=np.int64)
-    alphabets = np.unique(alphabet_of_class)
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if num_shards > len(alphabets):
-        raise DataError(
-            f"cannot give {num_shards} shards whole alphabets: the split has only "
-            f"{len(alphabets)} alphabets (use at most that many shards, or shard_classes)"
-        )
-    order = np.random.default_rng(seed).permutation(alphabets)
-    return [
-        np.flatnonzero(np.isin(alphabet_of_class, order[s::num_shards])) for s in range(num_shards)
-    ]
+    """Every shard of whole alphabets (:class:`ClassShards` with ``by="alphabet"``)."""
+    shards = ClassShards(alphabet_of_class, num_shards, seed, by="alphabet")
+    return [shards[s] for s in range(num_shards)]
 
 
 def shard_classes(num_classes: int, num_shards: int, seed: int) -> list[np.ndarray]:
-    """Split class ids 0..num_classes-1 into ``num_shards`` seeded random shards whose sizes
-    differ by at most one (every class in exactly one shard); each shard sorted."""
+    """Class ids 0..num_classes-1 in ``num_shards`` disjoint seeded shards whose sizes differ by at
+    most one (every class in exactly one shard; :class:`ClassShards` with ``by="character"``)."""
     if not 1 <= num_shards <= num_classes:
         raise ValueError(f"num_shards must be in 1..{num_classes}, got {num_shards}")
-    perm = np.random.default_rng(seed).permutation(num_classes)
-    return [np.sort(s) for s in np.array_split(perm, num_shards)]
+    shards = ClassShards(np.zeros(num_classes, dtype=np.int64), num_shards, seed, by="character")
+    return [shards[s] for s in range(num_shards)]

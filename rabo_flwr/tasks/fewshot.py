@@ -2,8 +2,10 @@
 
 Lower level g: cross-entropy of the head on an episode's support set plus a ridge term
 (which makes g strongly convex in a linear head). Upper level f: cross-entropy on the same
-episode's query set. Characters of the background alphabets are sharded across clients; the
-evaluation alphabets are never trained on.
+episode's query set. Characters of the background alphabets are sharded across clients
+(:class:`~rabo_flwr.data.omniglot.ClassShards`: whole alphabets, or characters, overlapping when
+there are more clients than ``n_way``-character shards); the evaluation alphabets are never
+trained on.
 
 ``task.labels`` says what the head classifies: ``episode`` (the bilevel rows, ProtoNet, MAML:
 an N-way head over an episode's own labels 0..N-1, fitted per episode) or ``global`` (the
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.omniglot import Episode, EpisodeSampler, load_omniglot, load_one_shot_runs, shard_classes, shard_classes_by_alphabet
+from ..data.omniglot import ClassShards, Episode, EpisodeSampler, load_omniglot, load_one_shot_runs
 from ..models import build_head
 from ..models.backbones import build_backbone
 from ..cost import shapes
@@ -58,12 +60,12 @@ class FewShotTask(BilevelTask):
         return split, EpisodeSampler(split.images, split.labels)
 
     @cached_property
-    def _shards(self) -> list[np.ndarray]:
+    def _shards(self) -> ClassShards:
+        """Each partition's characters, worked out when asked (the same memory for 10 or 10,000 clients)."""
         split, _ = self._train
-        num, seed = self.scenario.clients.num, self.scenario.seed
-        if self.scenario.task.shard_by == "alphabet":
-            return shard_classes_by_alphabet(split.alphabet_of_class, num, seed)
-        return shard_classes(len(split.alphabet_of_class), num, seed)
+        cfg = self.scenario.task
+        return ClassShards(split.alphabet_of_class, self.scenario.clients.num, self.scenario.seed, by=cfg.shard_by,
+                           min_classes=cfg.n_way)
 
     def prepare(self) -> None:
         self._shards, self._eval_episodes  # noqa: B018 - loads and decodes both splits
