@@ -62,3 +62,8 @@ class Client:
         }
         updates = {side: {k: v.detach().cpu() for k, v in u.items()} for side, u in result.updates.items()}
         return corrupt_updates(faults, updates), metrics
+
+    def evaluate(self, x: Mapping[str, ArrayLike], y: Mapping[str, ArrayLike]) -> dict[str, float]:
+        """The global model's metrics on this partition's held-out data (``BilevelTask.evaluate_client``)."""
+        return self.task.evaluate_client(self.partition, _as_tensors(x, self.device), _as_tensors(y, self.device),
+                                         self.device)
