@@ -141,8 +141,10 @@ class TrainingLoop:
         """The whole run, from ``initial`` (x, y) if given, else the task's seeded initialisation."""
         scenario, run, algo = self.scenario, self.scenario.run, self.scenario.algorithm
         resumed = load_checkpoint(scenario.results_path) if run.resume else None  # before anything is written
-        if initial is not None:
+        if initial is not None and not resumed:
             self._check_initial(initial)
+        if run.federated_eval and type(self.task).evaluate_client is BilevelTask.evaluate_client:
+            raise ValueError(f"run.federated_eval: {type(self.task).__name__} has no evaluate_client")
         self.task.prepare()  # missing or corrupt data stops the run here, before any results are written
         writer = ResultsWriter(scenario.results_path, scenario, history=resumed.metrics if resumed else None)
         x, y = (resumed.x, resumed.y) if resumed else initial or self.task.init_tensors(scenario.seed)
@@ -416,7 +418,13 @@ class PlainRunner:
         phase_round.finish(outcomes)
 
     def evaluate_clients(self, iteration: int, x: Tensors, y: Tensors) -> dict[str, float]:
-        return mean_client_metrics([client.evaluate(x, y) for client in self.clients.values()])
+        replies = []
+        for partition, client in self.clients.items():
+            try:
+                replies.append(client.evaluate(x, y))
+            except Exception as err:  # noqa: BLE001 - as a ClientApp's exception, left out of the mean
+                LOGGER.warning(f"iteration {iteration} evaluation: partition {partition} failed: {err!r}")
+        return mean_client_metrics(replies)
 
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:

@@ -336,7 +336,7 @@ class PhaseStrategy(Strategy):
         messages = self.configure_evaluate(server_round, global_arrays(x, y), self._evaluate_config, self.grid)
         replies = self.grid.send_and_receive(messages, timeout=self.phase_timeout)
         metrics = self.aggregate_evaluate(server_round, replies)
-        return dict(metrics) if metrics is not None else {"clients": 0}
+        return dict(metrics) if metrics is not None else mean_client_metrics([])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -223,3 +223,20 @@ def test_the_example_app_runs_with_flwr_run(tmp_path, example_on_path):
     plain = run_plain(load_scenario(EXAMPLE_SCENARIO, {"run.results_dir": str(tmp_path / "plain")}), QUIET).state
     assert torch.allclose(model["x"]["log_penalty"], plain.x["log_penalty"], atol=1e-5)
     assert torch.allclose(model["y"]["w"], plain.y["w"], atol=1e-5)
+
+
+def test_federated_evaluation_needs_the_tasks_client_side_evaluation(tmp_path, example_on_path):
+    """A task without evaluate_client under run.federated_eval: one error before any result is written."""
+    from ridge_penalties.task import RidgePenalties
+
+    from rabo_flwr.loop import PlainRunner, TrainingLoop
+    from rabo_flwr.tasks import BilevelTask
+
+    class WithoutClientEvaluation(RidgePenalties):
+        evaluate_client = BilevelTask.evaluate_client
+
+    scenario = load_scenario(EXAMPLE_SCENARIO, {"run.results_dir": str(tmp_path / "results")})
+    task, cpu = WithoutClientEvaluation(scenario), torch.device("cpu")
+    with pytest.raises(ValueError, match="run.federated_eval: WithoutClientEvaluation has no evaluate_client"):
+        TrainingLoop(scenario, task, PlainRunner(scenario, task, cpu), cpu, QUIET).run()
+    assert not scenario.results_path.exists()
