@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -201,13 +202,13 @@ class TrainingLoop:
             start = time.perf_counter()
             assignments = [Assignment(p, capacities[p], self.state.slices(p, phase.sends)) for p in chosen]
             phase_round = PhaseRound(phase, q, (q - 1) * len(self.phases) + i + 1, assignments,
-                                     lambda outcomes: self._complete_phase(phase, q, assignments, outcomes, start))
+                                     partial(self._complete_phase, phase, q, assignments, start))
             self.runner.run_phase(phase_round)
             if phase_round.record is None:
                 raise RuntimeError(f"iteration {q} {phase.name}: the engine did not finish the phase")
 
-    def _complete_phase(self, phase: Phase, q: int, assignments: list[Assignment], outcomes: list[Outcome],
-                        started: float) -> dict:
+    def _complete_phase(self, phase: Phase, q: int, assignments: list[Assignment], started: float,
+                        outcomes: list[Outcome]) -> dict:
         record = self._finish_phase(phase, q, assignments, outcomes, started)
         self.writer.log(record)
         side = next(iter(phase.steps))

@@ -105,6 +105,8 @@ class PhaseStrategy(Strategy):
 
     def __init__(self, scenario: Scenario, task: BilevelTask | None = None, *, virtual_clients: bool | None = None,
                  device: torch.device | None = None) -> None:
+        if not self.algorithms:
+            raise TypeError("PhaseStrategy is the base of the family strategies: use Rabo or SinglePhase")
         if scenario.algorithm.name not in self.algorithms:
             raise ValueError(f"{type(self).__name__} runs algorithm.name in {', '.join(self.algorithms)}; "
                              f"the scenario's is {scenario.algorithm.name!r}")
