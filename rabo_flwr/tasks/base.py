@@ -52,8 +52,8 @@ class BilevelTask:
     so every method taking x or y must work on the slices its layouts allow.
 
     To use a task of your own, subclass this, give the scenario ``task.name:
-    "package.module:ClassName"`` and, if it takes options, define them as a dataclass named
-    ``Options`` inside the class; the scenario's ``task.options`` mapping is validated into it
+    "package.module:ClassName"`` and, if it takes options, give the class an attribute ``Options``,
+    a dataclass of them (defaults and types); the scenario's ``task.options`` mapping is validated into it
     (unknown keys and wrong types fail with the file and key; raise ``ValueError`` in its
     ``__post_init__`` for range checks) and reaches the constructor as ``scenario.task.options``.
 
