@@ -66,3 +66,11 @@ class Client:
         }
         updates = {side: {k: v.detach().cpu() for k, v in u.items()} for side, u in result.updates.items()}
         return corrupt_updates(faults, updates), metrics
+
+    def evaluate(self, x: Mapping[str, ArrayLike], y: Mapping[str, ArrayLike]) -> dict[str, float]:
+        """The global model's metrics on this partition's held-out data (``BilevelTask.evaluate_client``)."""
+        metrics = self.task.evaluate_client(self.partition, _as_tensors(x, self.device), _as_tensors(y, self.device),
+                                            self.device)
+        if "examples" not in metrics:
+            raise ValueError(f"{type(self.task).__name__}.evaluate_client returned no 'examples' (its weight in the mean)")
+        return metrics

@@ -1,6 +1,11 @@
-"""ClientApp: message handlers around :class:`clients.Client` (messages in, tensors through, messages out)."""
+"""ClientApp: message handlers around :class:`clients.Client` (messages in, tensors through, messages out).
+
+``app`` is the project's; :func:`client_app` builds the same for a user's app whose scenario lives elsewhere.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -9,9 +14,10 @@ from clients import Client
 
 from .protocol import CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASES, PROFILE, update_key
 from .arrays import from_record, to_record
-from .runtime import run_setup
+from .runtime import project_scenario, run_setup
+from .scenario import Scenario
 
-app = ClientApp()
+ScenarioOf = Callable[[Context], Scenario]
 
 
 def _announced_capacity(context: Context) -> float:
@@ -19,29 +25,49 @@ def _announced_capacity(context: Context) -> float:
     return float(context.node_config.get(NODE_CAPACITY, 0.0))
 
 
-def _handle(phase: str, message: Message, context: Context) -> Message:
+def _client_and_arrays(message: Message, context: Context, scenario_of: ScenarioOf) -> tuple[Client, dict]:
+    """The client of the partition named in the message, and the message's arrays by side."""
+    setup = run_setup(context, scenario_of)
+    client = Client(setup.task, setup.scenario, int(message.content[CONFIG][PARTITION]), setup.device)
+    return client, {side: from_record(record) for side, record in message.content.array_records.items()}
+
+
+def _handle(phase: str, message: Message, context: Context, scenario_of: ScenarioOf) -> Message:
     """Run ``phase`` for the partition named in the message (in simulation one node serves several)."""
-    setup = run_setup(context.run_id, context.run_config)
-    config = message.content[CONFIG]
-    client = Client(setup.task, setup.scenario, int(config[PARTITION]), setup.device)
-    arrays = {side: from_record(record) for side, record in message.content.array_records.items()}
-    updates, metrics = client.run(phase, int(config[ITERATION]), arrays)
+    client, arrays = _client_and_arrays(message, context, scenario_of)
+    updates, metrics = client.run(phase, int(message.content[CONFIG][ITERATION]), arrays)
     metrics[CAPACITY] = _announced_capacity(context)
     content = RecordDict({update_key(side): to_record(u) for side, u in updates.items()})
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=message)
 
 
-def _register(phase: str) -> None:
-    app.train(phase)(lambda message, context: _handle(phase, message, context))
+def _evaluate(message: Message, context: Context, scenario_of: ScenarioOf) -> Message:
+    """Federated evaluation: the global model on the named partition's own held-out data."""
+    client, arrays = _client_and_arrays(message, context, scenario_of)
+    metrics = client.evaluate(arrays.get("x", {}), arrays.get("y", {}))
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
-for _phase in PHASES:
-    _register(_phase)
+def client_app(scenario_of: ScenarioOf = project_scenario) -> ClientApp:
+    """A ClientApp serving every phase, federated evaluation and the profile query of the scenario
+    that ``scenario_of`` reads from a message's context (a user's app passes where its scenario lives)."""
+    built = ClientApp()
+    for phase in PHASES:
+        _register(built, phase, scenario_of)
+    built.evaluate()(lambda message, context: _evaluate(message, context, scenario_of))
+    built.query(PROFILE)(profile)
+    return built
 
 
-@app.query(PROFILE)
+def _register(built: ClientApp, phase: str, scenario_of: ScenarioOf) -> None:
+    built.train(phase)(lambda message, context: _handle(phase, message, context, scenario_of))
+
+
 def profile(message: Message, context: Context) -> Message:
     """Partition id and announced capacity (0 when the node leaves it to the scenario)."""
     reply = {PARTITION: int(context.node_config[NODE_PARTITION]), CAPACITY: _announced_capacity(context)}
     return Message(RecordDict({PROFILE: MetricRecord(reply)}), reply_to=message)
+
+
+app = client_app()

@@ -7,8 +7,9 @@ the divergence guard), coverage-counted steps, cost and coverage records. Then t
 schedule, checkpoints, early stopping, a progress line, and at the end a summary.
 
 An engine is a :class:`PhaseRunner`: the plain engine (:class:`PlainRunner`, below) calls the
-clients in this process; the Flower engine (``strategies.PhaseStrategy``) turns each phase into
-messages. Both hand back :class:`Outcome` objects, so everything else happens here, once.
+clients in this process; the Flower engine (``strategies.PhaseStrategy``, a Flower ``Strategy``)
+turns each phase into messages. Both are handed a :class:`PhaseRound` and finish it with
+:class:`Outcome` objects, so everything else happens here, once.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from .aggregation import coverage_of
 from .algorithms import ALGORITHMS, Phase
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .federation import ServerState, Tensors, check_update, divergent, sample_clients, update_rms
+from .federation import SIDES, ServerState, Tensors, check_update, divergent, sample_clients, update_rms
 from .masks import scenario_policies
 from .results import ResultsWriter
 from .scenario import Scenario
@@ -61,14 +63,49 @@ class Outcome:
     error: str = ""
 
 
+class PhaseRound:
+    """One phase of one iteration as an engine sees it: what to send, and :meth:`finish` for the replies.
+
+    ``number`` counts phases over the run from 1 (Flower's server round: one phase per round).
+    """
+
+    def __init__(self, phase: Phase, iteration: int, number: int, assignments: list[Assignment],
+                 complete: Callable[[list[Outcome]], dict]):
+        self.phase = phase
+        self.iteration = iteration
+        self.number = number
+        self.assignments = assignments
+        self._complete = complete
+        self.record: dict | None = None
+
+    def finish(self, outcomes: list[Outcome]) -> dict:
+        """Check the outcomes, take the coverage-counted steps, log the phase; returns its record."""
+        if self.record is not None:
+            raise RuntimeError(f"iteration {self.iteration} {self.phase.name}: finished twice")
+        self.record = self._complete(outcomes)
+        return self.record
+
+
 class PhaseRunner(Protocol):
     """How an engine reaches the clients."""
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         """Partitions that can take part now, with the capacity each one announced (None: the scenario's)."""
 
-    def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
-        """Send every assignment, return the outcomes (missing ones count as failed)."""
+    def run_phase(self, phase_round: PhaseRound) -> None:
+        """Send every assignment, then ``phase_round.finish(outcomes)`` (missing outcomes count as failed)."""
+
+    def evaluate_clients(self, iteration: int, x: Tensors, y: Tensors) -> dict[str, float]:
+        """Federated evaluation (``run.federated_eval``): every available partition evaluates the
+        global model on its own held-out data; :func:`mean_client_metrics` of their replies."""
+
+
+def mean_client_metrics(replies: list[dict[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of each metric over the replies (``examples`` is the weight), and their count."""
+    total = sum(float(r["examples"]) for r in replies)
+    names = sorted({k for r in replies for k in r if k != "examples"})
+    means = {k: sum(float(r[k]) * float(r["examples"]) for r in replies if k in r) / total for k in names} if total else {}
+    return {**means, "examples": total, "clients": len(replies)}
 
 
 def nbytes(arrays: dict[str, Tensors]) -> int:
@@ -93,8 +130,10 @@ class TrainingLoop:
     """Runs a scenario's global iterations through ``runner`` and writes its results directory."""
 
     def __init__(self, scenario: Scenario, task: BilevelTask, runner: PhaseRunner, device: torch.device,
-                 logger: logging.Logger = LOGGER):
+                 logger: logging.Logger = LOGGER,
+                 evaluate_fn: Callable[[int, Tensors, Tensors], dict | None] | None = None):
         self.scenario = scenario
+        self.evaluate_fn = evaluate_fn  # more server-side metrics, beside the task's own evaluation
         self.task = task
         self.runner = runner
         self.device = device
@@ -108,16 +147,21 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self) -> LoopResult:
+    def run(self, initial: tuple[Tensors, Tensors] | None = None) -> LoopResult:
+        """The whole run, from ``initial`` (x, y) if given, else the task's seeded initialisation."""
         with torch_threads(SERVER_THREADS):
-            return self._run()
+            return self._run(initial)
 
-    def _run(self) -> LoopResult:
+    def _run(self, initial: tuple[Tensors, Tensors] | None) -> LoopResult:
         scenario, run, algo = self.scenario, self.scenario.run, self.scenario.algorithm
         resumed = load_checkpoint(scenario.results_path) if run.resume else None  # before anything is written
+        if initial is not None and not resumed:
+            self._check_initial(initial)
+        if run.federated_eval and type(self.task).evaluate_client is BilevelTask.evaluate_client:
+            raise ValueError(f"run.federated_eval: {type(self.task).__name__} has no evaluate_client")
         self.task.prepare()  # missing or corrupt data stops the run here, before any results are written
         writer = ResultsWriter(scenario.results_path, scenario, history=resumed.metrics if resumed else None)
-        x, y = (resumed.x, resumed.y) if resumed else self.task.init_tensors(scenario.seed)
+        x, y = (resumed.x, resumed.y) if resumed else initial or self.task.init_tensors(scenario.seed)
         self.state = ServerState(self.task.layouts, x, y, scenario_policies(scenario))
         self.trained = {s: {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in self.state.tensors[s].items()}
                         for s in ("x", "y")}
@@ -151,6 +195,14 @@ class TrainingLoop:
         self._summary(last, wall, stopped_early)
         return LoopResult(self.state, writer.records, writer.directory)
 
+    def _check_initial(self, initial: tuple[Tensors, Tensors]) -> None:
+        """Initial tensors must have the names and shapes of the task's own (finite, floating point)."""
+        reference = dict(zip(SIDES, self.task.init_tensors(self.scenario.seed)))
+        for side, tensors in zip(SIDES, initial):
+            problem = check_update(tensors, {n: tuple(t.shape) for n, t in reference[side].items()})
+            if problem:
+                raise ValueError(f"initial {side}: {problem}")
+
     def _loop_state(self) -> dict:
         return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage}
 
@@ -160,16 +212,24 @@ class TrainingLoop:
         chosen = sample_clients(list(available), scenario.clients.fraction, scenario.seed, q)
         capacities = {p: available[p] if available[p] is not None else scenario.capacity(p, q) for p in chosen}
         self.state.plan_iteration(q, capacities)
-        for phase in self.phases:
+        for i, phase in enumerate(self.phases):
             start = time.perf_counter()
             assignments = [Assignment(p, capacities[p], self.state.slices(p, phase.sends)) for p in chosen]
-            outcomes = self.runner.run_phase(phase, q, assignments)
-            record = self._finish_phase(phase, q, assignments, outcomes, start)
-            self.writer.log(record)
-            side = next(iter(phase.steps))
-            self.logger.info(f"iteration {q} {phase.name}: {record['clients_aggregated']}/{record['clients_sent']} "
-                             f"aggregated{self._problems(record)}, {phase.loss}={record[phase.loss]:.4f}, "
-                             f"C_{side}*={record[f'C_{side}*']}")
+            phase_round = PhaseRound(phase, q, (q - 1) * len(self.phases) + i + 1, assignments,
+                                     partial(self._complete_phase, phase, q, assignments, start))
+            self.runner.run_phase(phase_round)
+            if phase_round.record is None:
+                raise RuntimeError(f"iteration {q} {phase.name}: the engine did not finish the phase")
+
+    def _complete_phase(self, phase: Phase, q: int, assignments: list[Assignment], started: float,
+                        outcomes: list[Outcome]) -> dict:
+        record = self._finish_phase(phase, q, assignments, outcomes, started)
+        self.writer.log(record)
+        side = next(iter(phase.steps))
+        self.logger.info(f"iteration {q} {phase.name}: {record['clients_aggregated']}/{record['clients_sent']} "
+                         f"aggregated{self._problems(record)}, {phase.loss}={record[phase.loss]:.4f}, "
+                         f"C_{side}*={record[f'C_{side}*']}")
+        return record
 
     # ------------------------------------------------------------------ a phase's replies
 
@@ -292,8 +352,16 @@ class TrainingLoop:
     # ------------------------------------------------------------------ evaluation, stopping, messages
 
     def _evaluate(self, q: int) -> None:
+        """The task's evaluation, ``evaluate_fn``'s metrics, and (``run.federated_eval``) the clients' as ``client_*``."""
         start = time.perf_counter()
         metrics = self.task.evaluate(self.state.x, self.state.y, self.device)
+        extra = self.evaluate_fn(q, self.state.x, self.state.y) if self.evaluate_fn else None
+        clash = sorted(set(extra or {}) & set(metrics))
+        if clash:
+            raise ValueError(f"evaluate_fn returned metrics the task's evaluation already has: {clash}")
+        metrics |= extra or {}
+        if self.scenario.run.federated_eval:
+            metrics |= {f"client_{k}": v for k, v in self.runner.evaluate_clients(q, self.state.x, self.state.y).items()}
         self.writer.log({"iteration": q, "phase": "eval", **metrics, "eval_time": time.perf_counter() - start})
 
     def _evaluations(self) -> list[dict]:
@@ -371,19 +439,30 @@ class PlainRunner:
     def partitions(self, iteration: int) -> dict[int, float | None]:
         return dict.fromkeys(range(self.scenario.clients.num))
 
-    def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
+    def run_phase(self, phase_round: PhaseRound) -> None:
         with torch_threads(self.client_threads):
-            return [self._run_client(phase, iteration, a) for a in assignments]
+            outcomes = [self._run_client(phase_round, a) for a in phase_round.assignments]
+        phase_round.finish(outcomes)  # the server's work, on the server's threads
 
-    def _run_client(self, phase: Phase, iteration: int, a: Assignment) -> Outcome:
+    def _run_client(self, phase_round: PhaseRound, a: Assignment) -> Outcome:
         start = time.perf_counter()
         try:
-            updates, metrics = self.client(a.partition).run(phase.name, iteration, a.arrays)
+            updates, metrics = self.client(a.partition).run(phase_round.phase.name, phase_round.iteration, a.arrays)
         except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
             return Outcome(a.partition, error=repr(err))
         if time.perf_counter() - start > self.scenario.run.phase_timeout:
             return Outcome(a.partition, error="late: took longer than run.phase_timeout")
         return Outcome(a.partition, updates, metrics)
+
+    def evaluate_clients(self, iteration: int, x: Tensors, y: Tensors) -> dict[str, float]:
+        replies = []
+        with torch_threads(self.client_threads):
+            for partition in range(self.scenario.clients.num):
+                try:
+                    replies.append(self.client(partition).evaluate(x, y))
+                except Exception as err:  # noqa: BLE001 - as a ClientApp's exception, left out of the mean
+                    LOGGER.warning(f"iteration {iteration} evaluation: partition {partition} failed: {err!r}")
+        return mean_client_metrics(replies)
 
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Callable
 
 import torch
+from flwr.app import Context
 
 from .scenario import Scenario, scenario_from_run_config
 from .tasks import BilevelTask, build_task
@@ -48,16 +49,21 @@ class RunSetup:
 _RUNS: dict[str, RunSetup] = {}
 
 
-def run_setup(run_id: int, run_config: Mapping[str, Any]) -> RunSetup:
-    """The run's scenario, task and device, resolved once per process and run.
+def project_scenario(context: Context) -> Scenario:
+    """The project's scenario: ``scenario`` of the run config, relative to the project (with overrides)."""
+    return scenario_from_run_config(context.run_config)
 
-    Flower fixes a run's config when the run starts, so (run id, run config) names the same
-    scenario for every message of the run: the YAML is read and validated, and the task looked
-    up, once instead of per message.
+
+def run_setup(context: Context, scenario_of: Callable[[Context], Scenario] = project_scenario) -> RunSetup:
+    """The run's scenario (read by ``scenario_of``), task and device, resolved once per process and run.
+
+    Flower fixes a run's config when the run starts, so (reader, run id, run config) names the
+    same scenario for every message of the run: the YAML is read and validated, and the task
+    looked up, once instead of per message.
     """
-    key = json.dumps([run_id, sorted(run_config.items())])
+    key = json.dumps([id(scenario_of), context.run_id, sorted(context.run_config.items())])
     setup = _RUNS.get(key)
     if setup is None:
-        scenario = scenario_from_run_config(run_config)
+        scenario = scenario_of(context)
         setup = _RUNS[key] = RunSetup(scenario, cached_task(scenario), choose_device(scenario))
     return setup

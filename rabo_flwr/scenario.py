@@ -27,7 +27,8 @@ class ScenarioError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = "fewshot"
+    name: str = "fewshot"  # a built-in task (TASKS) or your own: "package.module:ClassName" (a BilevelTask)
+    options: Any = field(default_factory=dict)  # your own task's options: validated into its ``Options`` dataclass
     n_way: int = 5
     k_shot: int = 1
     n_query: int = 5  # query images per class; 0 means all remaining images of the class
@@ -131,6 +132,7 @@ class RunConfig:
     phase_timeout: float = 600.0  # seconds a phase waits for replies; stragglers are dropped
     node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
     count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter, counted once per unit and shape
+    federated_eval: bool = False  # at each evaluation, every client also evaluates on its own held-out data
     checkpoint_every: int = 0  # 0: no checkpoints
     resume: bool = False  # continue from results_dir/checkpoint.pt
     faults: list[Fault] = field(default_factory=list)
@@ -248,7 +250,12 @@ def validate(s: Scenario, source: str) -> Scenario:
     from .masks import POLICIES
     from .models.backbones import BACKBONES
 
-    _check_choice(source, "task.name", s.task.name, TASKS)
+    if ":" in s.task.name:
+        _check_custom_task(s, source)
+    else:
+        _check_choice(source, "task.name", s.task.name, TASKS)
+        if s.task.options:
+            raise _fail(source, "task.options", f"only a task of your own (\"package.module:ClassName\") takes options")
     _check_choice(source, "algorithm.name", s.algorithm.name, tuple(ALGORITHMS))
     algorithm = ALGORITHMS[s.algorithm.name]
     if s.algorithm.estimator:
@@ -317,6 +324,39 @@ def validate(s: Scenario, source: str) -> Scenario:
             if any(r != 1.0 for r in capacities):
                 raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1")
     return s
+
+
+def _check_custom_task(s: Scenario, source: str) -> None:
+    """A user's task class: importable, a BilevelTask; its options valid for its ``Options`` dataclass
+    (then stored as that dataclass); no built-in task's keys set."""
+    from .tasks import BilevelTask, task_class
+
+    try:
+        cls = task_class(s.task.name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise _fail(source, "task.name", str(err)) from None
+    if not (isinstance(cls, type) and issubclass(cls, BilevelTask)):
+        raise _fail(source, "task.name", f"{s.task.name} is not a subclass of rabo_flwr.tasks.BilevelTask")
+    defaults = TaskConfig()
+    for f in dataclasses.fields(TaskConfig):
+        if f.name not in ("name", "options") and getattr(s.task, f.name) != getattr(defaults, f.name):
+            raise _fail(source, f"task.{f.name}", f"not an option of {s.task.name} (its options go under task.options)")
+    options_type = getattr(cls, "Options", None)
+    options = s.task.options
+    if options_type is not None and isinstance(options, options_type):  # validated before
+        return
+    if not isinstance(options, Mapping):
+        raise _fail(source, "task.options", f"expected a mapping, got {type(options).__name__}")
+    if options_type is None:
+        if options:
+            raise _fail(source, "task.options", f"{s.task.name} takes no options (it defines no Options dataclass)")
+        return
+    try:
+        s.task.options = _build(options_type, options, source, "task.options")
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ScenarioError):
+            raise
+        raise _fail(source, "task.options", str(err)) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
@@ -397,6 +437,7 @@ def scenario_keys(cls: type = Scenario, prefix: str = "") -> list[str]:
 APP_DIR = Path(__file__).resolve().parent.parent  # holds scenarios/, also inside an installed FAB
 
 
-def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:
-    """The run's scenario: the file named by ``scenario``, with the other run-config keys as overrides."""
-    return load_scenario(str(run_config.get("scenario", "scenarios/quickstart.yaml")), run_config, base_dir=APP_DIR)
+def scenario_from_run_config(run_config: Mapping[str, Any], app_dir: Path = APP_DIR) -> Scenario:
+    """The run's scenario: the file named by ``scenario`` (relative to ``app_dir``, this project unless a
+    user's app says otherwise), with the other run-config keys as overrides."""
+    return load_scenario(str(run_config.get("scenario", "scenarios/quickstart.yaml")), run_config, base_dir=Path(app_dir))

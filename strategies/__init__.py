@@ -1,5 +1,11 @@
-"""The Flower side of the training loop (a thin adapter over rabo_flwr's Flower-free core)."""
+"""Flower strategies for the training loop (thin adapters over rabo_flwr's Flower-free core).
 
-from .phase_strategy import PhaseStrategy
+``Rabo`` (RABO, RAFBO, FedMBO, FedAvg of the lower level) and ``SinglePhase`` (the single-level
+and few-shot baselines) are ``flwr.serverapp.strategy.Strategy`` subclasses: use them in your
+own ServerApp with ``strategy.start(grid, strategy.initial_arrays(), num_rounds)``.
+"""
 
-__all__ = ["PhaseStrategy"]
+from .families import Rabo, SinglePhase, strategy_for
+from .phase_strategy import PhaseStrategy, global_arrays, sides_of
+
+__all__ = ["PhaseStrategy", "Rabo", "SinglePhase", "global_arrays", "sides_of", "strategy_for"]

@@ -148,3 +148,18 @@ def test_hypergradient_of_the_hyperparameters_is_the_derivative_of_phi():
     slope = (phi({k: x[k] + eps * direction[k] for k in x}) - phi({k: x[k] - eps * direction[k] for k in x})) / (2 * eps)
     assert slope == pytest.approx(length, rel=0.02)
     assert phi({k: x[k] - 0.1 * direction[k] for k in x}) < phi(x)
+
+
+def test_a_clients_evaluation_is_its_own_validation_split(task):
+    """Federated evaluation in loss tuning: accuracy and f (balanced cross-entropy) on the client's validation
+    split, computed here independently from the split's images; other clients have other splits."""
+    x, y = task.init_tensors(0)
+    for partition in range(2):
+        _, val = task.client_splits[partition]
+        metrics = task.evaluate_client(partition, x, y, CPU)
+        batch = task.client_batch(partition, 1, CPU, 1).upper  # the same validation split f sees in training
+        with torch.no_grad():
+            logits = task.classifier(y, batch[0])
+        assert metrics["examples"] == len(val) == len(batch[1])
+        assert metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == batch[1]).float().mean()), abs=1e-6)
+        assert metrics["val_loss"] == pytest.approx(float(task.upper_loss(x, y, batch)), rel=1e-5)

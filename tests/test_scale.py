@@ -15,7 +15,7 @@ from rabo_flwr.data.omniglot import ClassShards
 from rabo_flwr.loop import PlainRunner, TrainingLoop
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
-from strategies import PhaseStrategy
+from strategies import strategy_for
 from tests.inprocess_grid import InProcessGrid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,23 +44,24 @@ def counted(monkeypatch):
 
 
 def run(tmp_path: Path, num: int, fraction: float, engine: str):
-    scenario = load_scenario(QUICKSTART, SMALL | {"clients.num": num, "clients.fraction": fraction,
-                                                   "run.results_dir": str(tmp_path / f"{engine}-{num}")})
+    """The run's records, the server's final state, and the engine (the strategy under Flower)."""
+    overrides = SMALL | {"clients.num": num, "clients.fraction": fraction, "run.results_dir": str(tmp_path / f"{engine}-{num}")}
+    scenario = load_scenario(QUICKSTART, overrides)
     task = cached_task(scenario)
     if engine == "flower":
-        grid = InProcessGrid({"scenario": str(QUICKSTART), **SMALL, "clients.num": num, "clients.fraction": fraction,
-                              "run.results_dir": str(tmp_path / f"{engine}-{num}")}, num_nodes=3)
-        runner = PhaseStrategy(grid, clients=num, min_available=num, virtual_clients=True, node_wait_timeout=30,
-                               phase_timeout=60)
-    else:
-        runner = PlainRunner(scenario, task, torch.device("cpu"))
-    return TrainingLoop(scenario, task, runner, torch.device("cpu"), logging.getLogger("quiet")).run(), runner
+        strategy = strategy_for(scenario, task=task, virtual_clients=True, device=torch.device("cpu"))
+        strategy.start(InProcessGrid({"scenario": str(QUICKSTART), **overrides}, num_nodes=3), strategy.initial_arrays(),
+                       num_rounds=scenario.algorithm.iterations * strategy.rounds_per_iteration)
+        return strategy._loop.writer.records, strategy._loop.state, strategy
+    runner = PlainRunner(scenario, task, torch.device("cpu"))
+    result = TrainingLoop(scenario, task, runner, torch.device("cpu"), logging.getLogger("quiet")).run()
+    return result.records, result.state, runner
 
 
 @pytest.mark.parametrize("engine", ["plain", "flower"])
 def test_thousand_clients_at_one_percent_keep_only_the_sampled_clients_state(tmp_path, counted, engine):
-    result, runner = run(tmp_path, 1000, 0.01, engine)
-    phases = [r for r in result.records if r["phase"] in ("inner", "outer")]
+    records, state, runner = run(tmp_path, 1000, 0.01, engine)
+    phases = [r for r in records if r["phase"] in ("inner", "outer")]
     assert [(r["iteration"], r["phase"]) for r in phases] == [(1, "inner"), (1, "outer"), (2, "inner"), (2, "outer")]
     sampled = {q: sorted(c["partition"] for c in r["clients"]) for q, r in ((r["iteration"], r) for r in phases)}
     for r in phases:
@@ -68,7 +69,7 @@ def test_thousand_clients_at_one_percent_keep_only_the_sampled_clients_state(tmp
         assert np.isfinite(r["lower_loss" if r["phase"] == "inner" else "upper_loss"])
     assert sampled[1] != sampled[2] and max(sampled[1] + sampled[2]) >= 100  # really drawn from the 1,000
     # what the server keeps: plans of this iteration's 10 clients, one profile per node (not per client)
-    assert len(result.state.plans) == 10
+    assert len(state.plans) == 10
     if engine == "flower":
         assert len(runner.profiles) == 3
     # a shard is worked out only for a sampled client, once per phase it trains in; a client is made per message

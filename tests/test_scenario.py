@@ -49,7 +49,7 @@ def test_pyproject_offers_every_scalar_scenario_key():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     flat = set(config)
     expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule",
-                                                         "algorithm.estimator_options", "run.faults",
+                                                         "algorithm.estimator_options", "run.faults", "task.options",
                                                          "algorithm.placement")}
     assert flat - {"scenario"} == expected
 

@@ -20,7 +20,7 @@ from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.submodel import numel_in_plan
-from strategies import PhaseStrategy
+from strategies import Rabo
 from tests.inprocess_grid import InProcessGrid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,10 +228,9 @@ def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, 
     path = tiny_scenario(tmp_path / "virtual", clients={"num": 5})
     scenario = load_scenario(path)
     grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
-    strategy = PhaseStrategy(grid, clients=5, min_available=5, virtual_clients=True, node_wait_timeout=30,
-                             phase_timeout=30)
-    records = TrainingLoop(scenario, cached_task(scenario), strategy, torch.device("cpu"),
-                           logging.getLogger("quiet")).run().records
+    strategy = Rabo(scenario, virtual_clients=True)
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=2 * scenario.algorithm.iterations)
+    records = read_metrics(scenario.results_path / "metrics.jsonl")
     sent = [m for m in grid.sent if m.metadata.message_type == "train.inner" and m.metadata.group_id == "1"]
     assert sorted((m.content[CONFIG][PARTITION], m.metadata.dst_node_id) for m in sent) == \
         [(0, 101), (1, 102), (2, 101), (3, 102), (4, 101)]
@@ -249,10 +248,15 @@ def test_a_reply_without_a_flop_count_is_left_out_of_the_sum_and_counted(tmp_pat
     class FirstUncounted:
         partitions = plain.partitions
 
-        def run_phase(self, phase, iteration, assignments):
-            outcomes = plain.run_phase(phase, iteration, assignments)
-            outcomes[0].metrics["flops"] = -1.0
-            return outcomes
+        def run_phase(self, phase_round):
+            finish = phase_round.finish
+
+            def first_uncounted(outcomes):
+                outcomes[0].metrics["flops"] = -1.0
+                return finish(outcomes)
+
+            phase_round.finish = first_uncounted
+            plain.run_phase(phase_round)
 
     with caplog.at_level(logging.INFO, logger="rabo_flwr"):
         records = TrainingLoop(scenario, task, FirstUncounted(), torch.device("cpu")).run().records

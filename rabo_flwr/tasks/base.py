@@ -45,10 +45,35 @@ class FunctionalModule:
 
 
 class BilevelTask:
-    """Interface of a task. x is the upper-level variable, y the lower-level one.
+    """Interface of a task: min_x F(x) = f(x, y*(x)) with y*(x) = argmin_y g(x, y), summed over clients.
 
-    Subclasses define the layouts, initial tensors and the two losses; the algorithm only
-    ever sees name->tensor dicts (possibly sliced to a submodel).
+    x is the upper-level variable, y the lower-level one; each is a dict of named tensors
+    (``Tensors``). The algorithm only ever sees such dicts, possibly sliced to a client's submodel,
+    so every method taking x or y must work on the slices its layouts allow.
+
+    To use a task of your own, subclass this, give the scenario ``task.name:
+    "package.module:ClassName"`` and, if it takes options, give the class an attribute ``Options``,
+    a dataclass of them (defaults and types); the scenario's ``task.options`` mapping is validated into it
+    (unknown keys and wrong types fail with the file and key; raise ``ValueError`` in its
+    ``__post_init__`` for range checks) and reaches the constructor as ``scenario.task.options``.
+
+    Required: the constructor ``__init__(scenario)``, the attributes below, :meth:`init_tensors`,
+    :meth:`client_batch`, :meth:`lower_loss`, :meth:`upper_loss`, :meth:`evaluate`.
+    Optional: :meth:`prepare`, :meth:`lower_objective` (a faster g for the inner steps),
+    :meth:`evaluate_client` (only with ``run.federated_eval``).
+
+    Attributes
+    ----------
+    x_layout, y_layout : Layout
+        The names of x's and y's tensors and, per dimension, the channel group it belongs to
+        (``None``: never sliced). Submodel masks are optional: a side whose dims are all ``None``
+        (``Layout(groups={}, dims={name: (None,) * ndim})``) always travels whole; a model-shaped
+        side declares groups (e.g. ``{"features": 16}``) and ``dims`` naming them, and a client of
+        capacity r then holds ``ceil(r * size)`` of each group's channels.
+    num_partitions : int
+        Number of client data partitions (usually ``scenario.clients.num``).
+    main_metric : str
+        A key of :meth:`evaluate`'s result, higher is better: early stopping and summaries follow it.
     """
 
     x_layout: Layout
@@ -57,32 +82,56 @@ class BilevelTask:
     main_metric: str  # the evaluation metric that early stopping and summaries follow
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
+        """The initial global ``(x, y)``, full size, floating point, seeded by ``seed`` (same seed, same tensors).
+
+        Their names are exactly the layouts' names; shapes are the full model's.
+        """
         raise NotImplementedError
 
     def prepare(self) -> None:
         """Load (and cache) every data set the run needs, so missing or corrupt data stops the
-        server before any client trains."""
+        server before any client trains. Optional."""
 
     def client_batch(self, partition: int, iteration: int, device: torch.device, steps: int) -> ClientBatch:
-        """A partition's data for one global iteration (seeded by iteration and partition), ``steps`` inner steps."""
+        """A partition's data for one global iteration (seeded by iteration and partition), ``steps`` inner steps.
+
+        Returns a :class:`ClientBatch`: ``lower_steps`` (``steps`` batches, one per inner SGD step on g),
+        ``lower`` (the batch of g in the hypergradient), ``upper`` (the batch of f), ``examples``
+        (how many examples the client used, an int). Batches may be anything ``lower_loss`` and
+        ``upper_loss`` accept, on ``device``.
+        """
         raise NotImplementedError
 
     def lower_loss(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """g(x, y) on ``batch``: a scalar tensor, twice differentiable in x and y (hypergradients
+        differentiate it twice); strongly convex in y for the hypergradient estimators to be exact."""
         raise NotImplementedError
 
     def upper_loss(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """f(x, y) on ``batch``: a scalar tensor, differentiable in x and y (it may ignore x)."""
         raise NotImplementedError
 
     def lower_objective(self, x: Mapping[str, torch.Tensor], batch: Any,
                         meter: CostMeter) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-        """g(x, .) on one batch for the inner steps.
+        """g(x, .) on one batch for the inner steps. Optional.
 
         Tasks override it to precompute what does not depend on y, metering that work with ``meter``.
         """
         return lambda y: self.lower_loss(x, y, batch)
 
     def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+        """Server-side metrics of the full global model: a dict of floats (or lists of floats)
+        including :attr:`main_metric`; recorded at iteration 0, every ``run.eval_every`` and at the end."""
         raise NotImplementedError
+
+    def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+        """Federated evaluation: the full global model on the partition's own held-out data. Optional
+        (needed with ``run.federated_eval``).
+
+        Returns a dict of floats with ``examples`` (the number of held-out examples, the weight of
+        this client in the mean the server records as ``client_<metric>``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no client-side evaluation (run.federated_eval)")
 
     @property
     def layouts(self) -> dict[str, Layout]:

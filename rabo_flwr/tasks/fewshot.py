@@ -36,6 +36,9 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1)[0]))
 
 
+CLIENT_EVAL_ITERATION = 2**31 - 2  # seeds the clients' evaluation episodes apart from any training iteration's
+
+
 class FewShotTask(BilevelTask):
     def __init__(self, scenario: Scenario):
         self.scenario = scenario
@@ -176,6 +179,15 @@ class FewShotTask(BilevelTask):
         if self.scenario.task.eval_one_shot_runs:
             metrics["one_shot_runs_accuracy"] = float(self._episode_accuracies(x, self._one_shot_runs, 20, device).mean())
         return metrics
+
+    def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+        """Query accuracy of fresh heads (as in :meth:`evaluate`) on episodes of the partition's own
+        characters: a fixed, seeded set of ``task.eval_episodes / clients.num`` (at least one)."""
+        cfg = self.scenario.task
+        count = max(1, cfg.eval_episodes // self.scenario.clients.num)
+        episodes = self.client_episodes(partition, CLIENT_EVAL_ITERATION, torch.device("cpu"), count)
+        per_episode = self._episode_accuracies(x, episodes, cfg.n_way, device)
+        return {"accuracy": float(per_episode.mean()), "examples": float(sum(len(e.query_y) for e in episodes))}
 
     @cached_property
     def _one_shot_runs(self) -> list[Episode]:

@@ -182,7 +182,9 @@ class LossTuningTask(BilevelTask):
 
     def upper_loss(self, x, y, batch):
         images, labels = batch
-        logits = self.classifier(y, images)
+        return self._upper_objective(x, self.classifier(y, images), labels)
+
+    def _upper_objective(self, x, logits, labels):
         if self.scenario.task.upper_objective == "vs":
             return vs_loss(logits, labels, *hyperparameters(x))
         return balanced_cross_entropy(logits, labels)
@@ -205,6 +207,18 @@ class LossTuningTask(BilevelTask):
                 "head_accuracy": float(np.mean([per_class[c] for c in HEAD_CLASSES])),
                 "tail_accuracy": float(np.mean([per_class[c] for c in TAIL_CLASSES])),
                 "per_class_accuracy": per_class, "w": w, "l": l, "Delta": delta}
+
+    def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+        """Accuracy and the upper-level loss f of the global model on the partition's validation split."""
+        images, labels = self._train
+        _, val = self.client_splits[partition]
+        with torch.no_grad():
+            logits = torch.cat([self.classifier(y, to_input(images[val[s:s + EVAL_BATCH]], device))
+                                for s in range(0, len(val), EVAL_BATCH)])
+            targets = torch.from_numpy(labels[val]).to(device)
+            loss = self._upper_objective(x, logits, targets)
+        return {"val_accuracy": float((logits.argmax(1) == targets).float().mean()), "val_loss": float(loss),
+                "examples": float(len(val))}
 
 
 def _subsample_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

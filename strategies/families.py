@@ -1,0 +1,48 @@
+"""The strategies a ServerApp uses, one per family of algorithms (they differ only in what they accept)."""
+
+from __future__ import annotations
+
+from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
+from rabo_flwr.scenario import Scenario
+
+from .phase_strategy import PhaseStrategy
+
+
+class Rabo(PhaseStrategy):
+    """Resource-adaptive federated bilevel optimization: RABO, RAFBO, FedMBO, and FedAvg of the lower level.
+
+    Each global iteration has two server rounds (phases). Inner: every sampled client takes
+    ``algorithm.inner_steps`` SGD steps on the lower-level loss g over its submodel of y and
+    replies ``(y_0 - y_T) / beta``; the server steps y by ``beta`` times the coverage-counted mean
+    (each element averaged over the clients that hold it). Outer: every client replies its
+    hypergradient of the upper-level loss f on its submodel of x; the server steps x by ``alpha``
+    likewise. The scenario's ``algorithm.name`` picks the member: ``rabo`` (exact hypergradient,
+    importance masks), ``rafbo`` (finite-difference hypergradient, Algorithm 2 of the paper),
+    ``fedmbo`` (Neumann series, full model), ``fedavg`` (the inner phase alone, x fixed); its
+    ``estimator``, ``mask_x`` and ``mask_y`` override the member's own.
+
+    Implementation based on arXiv:2512.24667. Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly)))
+
+
+class SinglePhase(PhaseStrategy):
+    """Single-level submodel training and full-model few-shot baselines: one server round per iteration.
+
+    Every sampled client trains its submodel (x and, where the algorithm has one, y) for
+    ``algorithm.inner_steps`` local steps and replies ``(w_0 - w_T) / lr``; the server's step with
+    the same ``lr`` is the coverage-counted average of the clients' models. ``algorithm.name``:
+    ``static`` (HeteroFL), ``oap``, ``fedrolex``, ``fiarse``, ``dist-protonet``, ``dist-maml``.
+
+    Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms)
+
+
+def strategy_for(scenario: Scenario, **kwargs) -> PhaseStrategy:
+    """The family's strategy for the scenario's algorithm (``kwargs``: :class:`PhaseStrategy`'s)."""
+    cls = Rabo if scenario.algorithm.name in Rabo.algorithms else SinglePhase
+    return cls(scenario, **kwargs)
