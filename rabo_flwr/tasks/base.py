@@ -54,7 +54,8 @@ class BilevelTask:
     x_layout: Layout
     y_layout: Layout
     num_partitions: int
-    main_metric: str  # the evaluation metric that early stopping and summaries follow
+    main_metric: str  # the validation metric that early stopping and the choice of the kept model follow
+    test_metric: str  # the test metric reported for the kept model
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
@@ -81,7 +82,9 @@ class BilevelTask:
         """
         return lambda y: self.lower_loss(x, y, batch)
 
-    def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+    def evaluate(self, x: Tensors, y: Tensors, device: torch.device, split: str) -> dict[str, float]:
+        """Metrics of the model on ``split``: "val" (held out from the training data; every choice reads it)
+        or "test" (read only for reported numbers); metric names start with the split's."""
         raise NotImplementedError
 
     @property
