@@ -51,6 +51,8 @@ from .results import read_metrics  # noqa: E402
 from .scenario import APP_DIR, Scenario, load_scenario  # noqa: E402
 
 PAPER = APP_DIR / "scenarios" / "paper"
+STEP_SIZES = PAPER / "step_sizes"  # the sweeps' chosen step sizes (committed; the sets they tune read them)
+PUBLISHED = APP_DIR / "docs" / "results"  # --publish: tables, plots, each cell's compact records
 
 # Table II: rows in the paper's order, columns as task overrides; the paper's accuracies.
 SINGLE_LEVEL_ROWS = ["static", "oap", "fedrolex", "fiarse"]
@@ -109,7 +111,7 @@ def grid_points(keys: list[tuple[str, ...]]) -> list[dict[str, float]]:
 
 def step_sizes_path(sweep: str, scale: str) -> Path:
     """Where a sweep's ``--publish`` writes the chosen step sizes (committed: the sets read them)."""
-    return PAPER / "step_sizes" / f"{sweep}-{scale}.yaml"
+    return STEP_SIZES / f"{sweep}-{scale}.yaml"
 
 
 def read_step_sizes(sweep: str, scale: str) -> dict[str, Any] | None:
@@ -277,20 +279,21 @@ def cell_status(scenario: Scenario) -> str:
     return "resumable" if (directory / CHECKPOINT).is_file() else "restart"
 
 
-def _record_invocation(cell: Cell, action: str) -> None:
+def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
     path = cell.scenario().results_path / "cell.json"
     info = json.loads(path.read_text()) if path.is_file() and action != "started" else {}
     info = {"label": cell.label, "command": cell.command, "invocations": info.get("invocations", [])}
-    info["invocations"].append({"argv": shlex.join([Path(sys.executable).name, "-m", "rabo_flwr.experiments", *sys.argv[1:]]),
+    info["invocations"].append({"argv": shlex.join(["python", "-m", "rabo_flwr.experiments", *argv]),
                                 "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
 
 
 def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
-    """Run one cell (in a worker process); its log goes to ``run.log`` in its results directory."""
+    """Run one cell (in a worker process; ``argv``: the harness's arguments, for cell.json); its log
+    goes to ``run.log`` in its results directory. A cell whose process is stopped resumes from its
+    last checkpoint the next time its set runs."""
     import torch
 
-    sys.argv = argv  # the invocation, for cell.json
     torch.set_num_threads(threads)
     status = cell_status(cell.scenario())
     if status == "finished":
@@ -299,7 +302,7 @@ def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
         cell = Cell(cell.label, cell.path, cell.overrides | {"run.resume": True}, cell.row, cell.command, cell.point)
     scenario = cell.scenario()
     scenario.results_path.mkdir(parents=True, exist_ok=True)
-    _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started")
+    _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started", argv)
     logger = logging.getLogger(f"rabo_flwr.experiments.{cell.label}")
     logger.setLevel(logging.INFO)
     handler = logging.FileHandler(scenario.results_path / "run.log", mode="a" if status == "resumable" else "w")
@@ -322,12 +325,12 @@ def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     return f"{cell.label}: done"
 
 
-def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int) -> None:
+def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: list[str]) -> None:
     for cell in cells:  # every conflict before any cell runs
         cell_status(cell.scenario())
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells),
-                                [list(sys.argv)] * len(cells)):
+                                [argv] * len(cells)):
             print(message, flush=True)
 
 
@@ -619,7 +622,7 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
 def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
     """Copy a set's tables and plots, and each cell's compact records, resolved scenario and cell.json,
     to docs/results/<scale>/ (committed: every published number traces to its run's records)."""
-    published = APP_DIR / "docs" / "results" / scale
+    published = PUBLISHED / scale
     published.mkdir(parents=True, exist_ok=True)
     for path in out.glob(f"{name}*.*"):
         shutil.copy2(path, published / path.name)
@@ -669,11 +672,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/; "
                              "a sweep also writes the chosen step sizes that the sets it tunes read")
     args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep", "scalability") else args.set
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
     cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override))
     if not args.plot_only:
-        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
+        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv)
     if args.rows:  # the table shows the whole set, whatever this call ran
         cells = cells_for(args.set, args.column, None, args.scale, out)
     rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]

@@ -120,8 +120,9 @@ class TrainingLoop:
         started = time.perf_counter()
         if first == 1:
             self._evaluate(0)
-        last, stopped_early = first - 1, False
-        for q in range(first, algo.iterations + 1):
+        # a run that stopped early just before it was cut short resumes as stopped
+        last, stopped_early = first - 1, resumed is not None and self._patience_exhausted()
+        for q in range(first, first if stopped_early else algo.iterations + 1):
             self._iteration(q)
             last = q
             evaluate = q == algo.iterations or (run.eval_every and q % run.eval_every == 0)

@@ -45,7 +45,8 @@ def one_round(path: Path, overrides: dict, capacity: float):
 
 
 def episodes(task, scenario):
-    return task.client_episodes(0, 1, CPU, scenario.algorithm.inner_steps)
+    """The iteration's episode, the one every local step trains on (as the bilevel rows' phases do)."""
+    return task.client_episodes(0, 1, CPU, 1)
 
 
 @pytest.mark.parametrize("name", ["static", "oap", "fedrolex", "fiarse"])
@@ -107,3 +108,16 @@ def test_fedavg_of_the_lower_level_lowers_g_and_leaves_x_alone():
 
     assert objective(after) < objective(before) - 1e-3
     assert all(torch.equal(before["x"][k], after["x"][k]) for k in before["x"])
+
+
+@pytest.mark.parametrize("name", ["fedrolex", "dist-protonet", "dist-maml"])
+def test_an_iteration_is_the_same_client_data_in_every_row(name):
+    """Single-level, ProtoNet and MAML rows train on the episode the bilevel phases use, one per
+    client per iteration: their reply reports that episode's examples, whatever the local steps."""
+    path = REPO / "scenarios" / "paper" / "table2" / f"{name}.yaml"
+    scenario, task, _, _, metrics = one_round(path, {"model.backbone": "conv4", "task.n_query": 5,
+                                                     "algorithm.inner_steps": 3}, 1.0)
+    batch = task.client_batch(0, 1, CPU, scenario.algorithm.inner_steps)
+    (episode,) = episodes(task, scenario)
+    assert torch.equal(batch.upper[0], episode.query_x) and torch.equal(batch.lower[0], episode.support_x)
+    assert metrics["examples"] == batch.examples == 5 * (1 + 5)
