@@ -319,8 +319,8 @@ def validate(s: Scenario, source: str) -> Scenario:
         for key, capacities in [("clients.capacities", s.clients.capacities)] + [
                 (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:
             if any(s.clients.min_capacity <= r < 1.0 for r in capacities):
-                raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity of a client "
-                                         f"that trains (clients.min_capacity={s.clients.min_capacity}) must be 1")
+                raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1 "
+                                         f"(or below clients.min_capacity, whose clients sit out)")
     return s
 
 
