@@ -76,7 +76,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 800,
                     "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005, "run.checkpoint_every": 20},
-        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 600,
+        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 400,
                         "run.eval_every": 20, "run.patience": 5, "run.min_delta": 0.005, "run.checkpoint_every": 10},
     },
     "paper": {"fewshot": {}, "loss-tuning": {}},
