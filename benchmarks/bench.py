@@ -58,7 +58,7 @@ from rabo_flwr.scenario import load_scenario  # noqa: E402
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
 LOSS_TUNING = REPO / "scenarios" / "loss_tuning_mini.yaml"
 CPU = torch.device("cpu")
-TINY_EVAL = {"task.eval_episodes": 10, "task.eval_steps": 5}  # Flower always evaluates at 0 and the end
+TINY_EVAL = {"task.eval_episodes": 10, "task.val_episodes": 10, "task.eval_steps": 5}  # Flower always evaluates at 0 and the end
 
 
 def settings(quick: bool) -> dict[str, Any]:

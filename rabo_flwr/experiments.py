@@ -1,17 +1,24 @@
 """The paper's experiments, one command per set: run every cell, then write CSV, Markdown and plots.
 
-    python -m rabo_flwr.experiments table2 --column 5w1s          # Table II, one column, every row
-    python -m rabo_flwr.experiments cx-star                       # the C_x* study (Fig. 3)
-    python -m rabo_flwr.experiments loss-tuning                   # the loss-tuning rows (Fig. 5)
+    python -m rabo_flwr.experiments lr-sweep --column 5w1s --publish   # step sizes of every Table II row
+    python -m rabo_flwr.experiments table2 --column 5w1s               # Table II, one column, every row
+    python -m rabo_flwr.experiments cx-star                            # the C_x* study (Fig. 3)
+    python -m rabo_flwr.experiments loss-tuning-sweep --publish        # the lower-level step of loss tuning
+    python -m rabo_flwr.experiments loss-tuning                        # the loss-tuning rows (Fig. 5)
 
-A cell is a scenario file under ``scenarios/paper/`` plus overrides (the column, the scale).
-``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a Conv4 backbone instead of
-ResNet12, a small CNN instead of ResNet18, and early stopping; ``--scale paper`` runs the files
-as they are (a GPU's work). Every output is labelled with its scale. Cells run in parallel
-processes (``--jobs``, one torch thread each when more than one), through the plain engine
-(the same loop and client code as Flower's, without it) or ``--engine flower`` (``flwr run``).
-A cell whose results directory already holds a finished run of the same scenario is not run
-again, so an interrupted set resumes and ``--plot-only`` redraws from what is there.
+A cell is a scenario file under ``scenarios/paper/`` plus overrides (the column, the scale, the
+step sizes chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
+Conv4 backbone instead of ResNet12, a small CNN instead of ResNet18, early stopping on the
+validation split, checkpoints; ``--scale paper`` runs the files as they are (a GPU's work).
+Every choice reads validation: early stopping, the model kept (the best validation evaluation),
+the step sizes (a sweep's ``--publish`` writes :func:`step_sizes_path`, which the sets it tunes
+read); the test split is read once per run, on the kept model. Cells run in parallel processes
+(``--jobs``) through the plain engine or ``--engine flower`` (``flwr run``).
+
+A cell's results directory is never overwritten by another scenario: a finished run of the same
+resolved scenario is skipped, an unfinished one resumes from its checkpoint, and a directory
+holding a different scenario stops the set with the keys that differ. Each cell's ``cell.json``
+records the command that makes exactly it and every invocation that ran it.
 """
 
 from __future__ import annotations
@@ -22,59 +29,94 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .checkpoint import CHECKPOINT  # noqa: E402
+from .files import atomic_write  # noqa: E402
 from .results import read_metrics  # noqa: E402
 from .scenario import APP_DIR, Scenario, load_scenario  # noqa: E402
 
 PAPER = APP_DIR / "scenarios" / "paper"
+STEP_SIZES = PAPER / "step_sizes"  # the sweeps' chosen step sizes (committed; the sets they tune read them)
+PUBLISHED = APP_DIR / "docs" / "results"  # --publish: tables, plots, each cell's compact records
 
 # Table II: rows in the paper's order, columns as task overrides; the paper's accuracies.
-TABLE2_ROWS = ["dist-protonet", "dist-maml", "fedmbo", "static", "oap", "fedrolex", "fiarse", "rabo", "rafbo"]
+SINGLE_LEVEL_ROWS = ["static", "oap", "fedrolex", "fiarse"]
+BILEVEL_ROWS = ["fedmbo", "rabo", "rafbo"]
+TABLE2_ROWS = ["dist-protonet", "dist-maml", "fedmbo", *SINGLE_LEVEL_ROWS, "rabo", "rafbo"]
+FULL_ONLY = "-full-only"  # a row trained by the capacity-1 clients alone (2 of 10): is adaptivity worth it?
 COLUMNS = {"5w1s": {"task.n_way": 5, "task.k_shot": 1}, "5w5s": {"task.n_way": 5, "task.k_shot": 5},
            "20w1s": {"task.n_way": 20, "task.k_shot": 1}, "20w5s": {"task.n_way": 20, "task.k_shot": 5}}
+# The 20-way columns at CPU scale run these rows ("best-single-level": the sweep's best single-level row).
+TWENTY_WAY_ROWS = ["dist-protonet", "fedmbo", "best-single-level", "rabo", "rafbo"]
 PAPER_TABLE2 = {  # arXiv 2512.24667, Table II (ResNet12, 10 clients)
     "dist-protonet": (80.76, 89.33, 60.05, 78.01), "dist-maml": (81.46, 92.01, 61.36, 78.35),
     "fedmbo": (82.66, 93.69, 63.18, 81.64), "static": (72.34, 85.09, 42.99, 51.01), "oap": (73.58, 86.16, 45.45, 51.92),
     "fedrolex": (73.74, 86.95, 47.25, 55.29), "fiarse": (74.33, 87.78, 49.52, 55.87), "rabo": (76.05, 89.12, 54.97, 77.41),
     "rafbo": (75.09, 88.57, 51.37, 71.16)}
 PAPER_COST = {"rabo": 0.267, "rafbo": 0.178}  # FLOPs relative to FedMBO (Fig. 4); bytes: 0.267 for both
-LOSS_TUNING_ROWS = ["ce", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
+LOSS_TUNING_ROWS = ["ce", "ce-full", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
 
 # What each scale changes, per task. "paper" runs the scenario files unchanged.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 800,
-                    "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005},
-        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 200,
-                        "run.eval_every": 20},
+                    "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005, "run.checkpoint_every": 20},
+        "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 400,
+                        "run.eval_every": 20, "run.patience": 5, "run.min_delta": 0.005, "run.checkpoint_every": 10},
     },
     "paper": {"fewshot": {}, "loss-tuning": {}},
 }
 
-
-# Step-size sweep: every family gets the same grid and budget (100 iterations), judged on 200
-# evaluation episodes drawn with another seed than the test episodes of the tables.
-SWEEP = {
-    "rabo": [{"algorithm.alpha": a} for a in (0.03, 0.1, 0.3, 1.0)],
-    "fedrolex": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3, 1.0)]
-                + [{"algorithm.alpha": 0.1, "algorithm.beta": 0.1, "task.labels": "episode"}],  # why labels are global
-    "dist-protonet": [{"algorithm.alpha": lr} for lr in (0.03, 0.1, 0.3, 1.0)],
-    "dist-maml": [{"algorithm.alpha": lr, "algorithm.beta": lr} for lr in (0.03, 0.1, 0.3, 1.0)],
+# Step-size sweeps: one grid for every step size of every row, one budget, judged on validation
+# only (run.final_test off: a sweep never reads the test split). Each row lists the keys it tunes;
+# a row with two step sizes is swept over the grid's product.
+GRID = (0.03, 0.1, 0.3, 1.0)
+TUNED_KEYS = {
+    **{row: [("algorithm.alpha",), ("algorithm.beta",)] for row in BILEVEL_ROWS},  # upper and lower level
+    **{row: [("algorithm.alpha", "algorithm.beta")] for row in SINGLE_LEVEL_ROWS},  # one local rate, both sides
+    "dist-protonet": [("algorithm.alpha",)],
+    "dist-maml": [("algorithm.alpha", "algorithm.beta"), ("algorithm.adapt_lr",)],  # meta step, adaptation rate
 }
-SWEEP_BUDGET = {"algorithm.iterations": 100, "run.eval_every": 50, "task.eval_episodes": 200, "task.eval_seed": 1,
-                "run.patience": 0}
+SWEEP_BUDGET = {
+    "fewshot": {"algorithm.iterations": 100, "run.eval_every": 25, "run.patience": 0, "run.final_test": False},
+    "loss-tuning": {"algorithm.iterations": 100, "run.eval_every": 20, "run.patience": 0, "run.final_test": False},
+}
+# The sweep of loss tuning tunes the lower-level step (y's training, the same in every row) on
+# plain cross-entropy, the row whose budget matters most; every loss-tuning row reads it.
+LOSS_TUNING_SWEEP = {"ce": [("algorithm.beta",)]}
+
+
+def grid_points(keys: list[tuple[str, ...]]) -> list[dict[str, float]]:
+    """Every combination of grid values, one per group of keys (a group shares its value)."""
+    points: list[dict[str, float]] = [{}]
+    for group in keys:
+        points = [point | {key: value for key in group} for point in points for value in GRID]
+    return points
+
+
+def step_sizes_path(sweep: str, scale: str) -> Path:
+    """Where a sweep's ``--publish`` writes the chosen step sizes (committed: the sets read them)."""
+    return STEP_SIZES / f"{sweep}-{scale}.yaml"
+
+
+def read_step_sizes(sweep: str, scale: str) -> dict[str, Any] | None:
+    path = step_sizes_path(sweep, scale)
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 @dataclass
@@ -84,98 +126,235 @@ class Cell:
     label: str
     path: Path
     overrides: dict[str, Any]
+    row: str = ""  # the row it belongs to (a sweep has several cells per row)
+    command: str = ""  # the command that runs exactly this cell
+    point: dict[str, float] = field(default_factory=dict)  # a sweep's step sizes for this cell
 
     def scenario(self) -> Scenario:
         return load_scenario(self.path, self.overrides)
 
 
+def _row_file(directory: str, row: str) -> tuple[Path, dict[str, Any]]:
+    """A row's scenario file and the overrides that make it: ``<row>-full-only`` is ``<row>`` with the
+    paper's capacity profile and only the capacity-1 clients training."""
+    if not row.endswith(FULL_ONLY):
+        return PAPER / directory / f"{row}.yaml", {}
+    profile = load_scenario(PAPER / "fewshot.yaml").clients.capacities
+    return PAPER / directory / f"{row.removesuffix(FULL_ONLY)}.yaml", {"clients.capacities": profile,
+                                                                       "clients.min_capacity": 1.0}
+
+
+def _tuned(sweep: str, scale: str, row: str) -> dict[str, Any]:
+    """The step sizes a sweep chose for a row; a clear error when the sweep has not been published."""
+    chosen = read_step_sizes(sweep, scale)
+    if chosen is None or row not in chosen["rows"]:
+        column = " --column 5w1s" if sweep == "lr-sweep" else ""
+        raise SystemExit(f"{step_sizes_path(sweep, scale)}: no step sizes for row {row!r}; run "
+                         f"`python -m rabo_flwr.experiments {sweep}{column} --scale {scale} --publish` first (README, Experiments)")
+    return chosen["rows"][row]
+
+
+def set_rows(name: str, column: str, scale: str) -> list[str]:
+    """Every row of a set (Table II's full-only and 20-way rows depend on the sweep's best single-level row)."""
+    if name == "lr-sweep":
+        return [*TABLE2_ROWS, "fedmbo" + FULL_ONLY, *(row + FULL_ONLY for row in SINGLE_LEVEL_ROWS)]
+    if name == "table2":
+        chosen = read_step_sizes("lr-sweep", scale)
+        best = chosen["best_single_level"] if chosen else None
+        if column.startswith("20w") and scale == "cpu":
+            return [best if row == "best-single-level" else row for row in TWENTY_WAY_ROWS if best or row != "best-single-level"]
+        return [*TABLE2_ROWS, "fedmbo" + FULL_ONLY, *([best + FULL_ONLY] if best else [])]
+    if name == "cx-star":
+        return [f"{a}-c{c}" for a in ("rabo", "rafbo") for c in (1, 2)]
+    if name in ("loss-tuning", "loss-tuning-sweep"):
+        return LOSS_TUNING_ROWS if name == "loss-tuning" else list(LOSS_TUNING_SWEEP)
+    if name == "scalability":
+        return ["rabo", "rafbo"]
+    raise ValueError(f"unknown set {name!r}")
+
+
 def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path,
               extra_overrides: dict[str, Any] | None = None) -> list[Cell]:
-    """The cells of a set, every scenario validated before anything runs."""
-    def sweep_label(row: str, point: dict[str, Any]) -> str:
-        return f"{row}-{'-'.join(str(v) for v in point.values())}"
-
-    if name == "table2":
-        specs = [(row, PAPER / "table2" / f"{row}.yaml", COLUMNS[column]) for row in rows or TABLE2_ROWS]
-    elif name == "cx-star":
-        specs = [(f"{a}-c{c}", PAPER / "cx_star" / f"{a}_c{c}.yaml", {}) for a in ("rabo", "rafbo") for c in (1, 2)
-                 if not rows or f"{a}-c{c}" in rows]
-    elif name == "loss-tuning":
-        specs = [(row, PAPER / "losstuning" / f"{row}.yaml", {}) for row in rows or LOSS_TUNING_ROWS]
-    elif name == "scalability":  # the paper's Table III; 30 background alphabets, so 50 clients shard by character
-        specs = [(f"{row}-{n}", PAPER / "table2" / f"{row}.yaml",
-                  COLUMNS[column] | {"clients.num": n, "task.shard_by": "character" if n > 30 else "alphabet"})
-                 for row in rows or ("rabo", "rafbo") for n in (10, 20, 30, 50)]
-    elif name == "lr-sweep":
-        specs = [(sweep_label(row, point), PAPER / "table2" / f"{row}.yaml", COLUMNS[column] | SWEEP_BUDGET | point)
-                 for row in rows or SWEEP for point in SWEEP[row]]
-    else:
-        raise ValueError(f"unknown set {name!r}")
-    cells = [Cell(label, path, SCALES[scale][load_scenario(path).task.name] | extra | (extra_overrides or {})
-                  | {"run.results_dir": str(out / "runs" / label)}) for label, path, extra in specs]
+    """The cells of a set (``rows``: row names or cell labels; None: every row), every scenario
+    validated before anything runs."""
+    specs = []  # (row, label, path, overrides, sweep point)
+    for row in set_rows(name, column, scale):
+        if name in ("table2", "scalability"):
+            path, extra = _row_file("table2", row)
+            extra = COLUMNS[column] | extra | (_tuned("lr-sweep", scale, row) if scale == "cpu" else {})
+            if name == "table2":
+                specs.append((row, row, path, extra, {}))
+            for n in (10, 20, 30, 50) if name == "scalability" else ():
+                # 25 training alphabets (5 validate), so more clients than that shard by character
+                specs.append((row, f"{row}-{n}", path, extra | {"clients.num": n,
+                                                                 "task.shard_by": "character" if n > 25 else "alphabet"}, {}))
+        elif name == "cx-star":
+            algorithm, coverage = row.rsplit("-c", 1)
+            specs.append((row, row, PAPER / "cx_star" / f"{algorithm}_c{coverage}.yaml", {}, {}))
+        elif name == "loss-tuning":
+            extra = _tuned("loss-tuning-sweep", scale, "ce") if scale == "cpu" else {}
+            specs.append((row, row, PAPER / "losstuning" / f"{row}.yaml", extra, {}))
+        else:  # a sweep
+            path, extra = _row_file("table2" if name == "lr-sweep" else "losstuning", row)
+            keys = (TUNED_KEYS[row.removesuffix(FULL_ONLY)] if name == "lr-sweep" else LOSS_TUNING_SWEEP[row])
+            for point in grid_points(keys):
+                label = f"{row}-" + "-".join(f"{group[0].split('.')[1]}{point[group[0]]}" for group in keys)
+                columns = COLUMNS[column] if name == "lr-sweep" else {}
+                specs.append((row, label, path, columns | extra | point, point))
+    wanted = set(rows or [])
+    cells = []
+    for row, label, path, extra, point in specs:
+        if wanted and row not in wanted and label not in wanted:
+            continue
+        task = load_scenario(path).task.name
+        sweep = SWEEP_BUDGET[task] if name.endswith("sweep") else {}
+        overrides = SCALES[scale][task] | sweep | extra | (extra_overrides or {})
+        cells.append(Cell(label, path, overrides | {"run.results_dir": str(out / "runs" / label)}, row,
+                          _command(name, column, scale, label, extra_overrides or {}), point))
+    unknown = wanted - {c.row for c in cells} - {c.label for c in cells}
+    if unknown:
+        raise SystemExit(f"{name}: no rows or cells named {sorted(unknown)} (rows: {', '.join(set_rows(name, column, scale))})")
     for cell in cells:
         cell.scenario()  # a bad file or override stops the set here, before any cell runs
     return cells
 
 
-def finished(scenario: Scenario) -> bool:
-    """The results directory holds a completed run of exactly this scenario."""
+def _command(name: str, column: str, scale: str, label: str, overrides: dict[str, Any]) -> str:
+    """The command line that runs exactly one cell."""
+    parts = ["python", "-m", "rabo_flwr.experiments", name]
+    if name in ("table2", "lr-sweep", "scalability"):
+        parts += ["--column", column]
+    parts += ["--scale", scale, "--rows", label]
+    if overrides:
+        parts += ["--override", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    return shlex.join(parts)
+
+
+# ---------------------------------------------------------------------------- running cells
+
+
+IGNORED_KEYS = ("run.resume",)  # how a run was started, not what it computes
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested mapping (a resolved scenario)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def scenario_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two resolved scenarios: key -> (old, new)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in IGNORED_KEYS and a.get(k) != b.get(k)}
+
+
+class CellConflict(RuntimeError):
+    """A cell's results directory holds a run of another scenario (never overwritten)."""
+
+
+def cell_status(scenario: Scenario) -> str:
+    """``new``, ``finished``, ``resumable`` (a checkpoint of this scenario) or ``restart`` (an unfinished
+    run of this scenario without a checkpoint); raises CellConflict for a run of another scenario."""
     directory = scenario.results_path
+    saved_path = directory / "scenario.yaml"
+    if not saved_path.is_file():
+        return "new"
+    differs = scenario_diff(yaml.safe_load(saved_path.read_text()), scenario.to_dict())
+    if differs:
+        listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differs.items())
+        raise CellConflict(f"{directory} holds a run of another scenario ({listed}); it is never overwritten: "
+                           "move it away, or give this run another --out")
     try:
-        import yaml
+        records = read_metrics(directory / "metrics.jsonl")
+    except (OSError, ValueError):
+        records = []
+    if records and records[-1]["phase"] == "done":
+        return "finished"
+    return "resumable" if (directory / CHECKPOINT).is_file() else "restart"
 
-        same = yaml.safe_load((directory / "scenario.yaml").read_text()) == scenario.to_dict()
-        return same and read_metrics(directory / "metrics.jsonl")[-1]["phase"] == "done"
-    except (OSError, ValueError, IndexError, KeyError):
-        return False
+
+def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
+    path = cell.scenario().results_path / "cell.json"
+    info = json.loads(path.read_text()) if path.is_file() and action != "started" else {}
+    info = {"label": cell.label, "command": cell.command, "invocations": info.get("invocations", [])}
+    info["invocations"].append({"argv": shlex.join(["python", "-m", "rabo_flwr.experiments", *argv]),
+                                "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
 
 
-def run_cell(cell: Cell, engine: str, threads: int) -> str:
-    """Run one cell (in a worker process); its log goes to ``run.log`` in its results directory."""
+def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
+    """Run one cell (in a worker process; ``argv``: the harness's arguments, for cell.json); its log
+    goes to ``run.log`` in its results directory. A cell whose process is stopped resumes from its
+    last checkpoint the next time its set runs."""
     import torch
 
     torch.set_num_threads(threads)
+    status = cell_status(cell.scenario())
+    if status == "finished":
+        return f"{cell.label}: already finished in {cell.scenario().results_path}"
+    if status == "resumable":
+        cell = Cell(cell.label, cell.path, cell.overrides | {"run.resume": True}, cell.row, cell.command, cell.point)
     scenario = cell.scenario()
-    if finished(scenario):
-        return f"{cell.label}: already finished in {scenario.results_path}"
     scenario.results_path.mkdir(parents=True, exist_ok=True)
+    _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started", argv)
     logger = logging.getLogger(f"rabo_flwr.experiments.{cell.label}")
     logger.setLevel(logging.INFO)
-    handler = logging.FileHandler(scenario.results_path / "run.log", mode="w")
+    handler = logging.FileHandler(scenario.results_path / "run.log", mode="a" if status == "resumable" else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
     if engine == "plain":
         from .loop import run_plain
 
         run_plain(scenario, logger)
-        return f"{cell.label}: done"
+        return f"{cell.label}: done" + (" (resumed)" if status == "resumable" else "")
     from .flower_run import FlowerHome, RunFailed
 
     with FlowerHome(scenario.results_path / "_flower", {"OMP_NUM_THREADS": str(threads)}) as home:
         outcome = home.run(APP_DIR, run_config={"scenario": str(cell.path), **cell.overrides},
                            federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1})
-    (scenario.results_path / "run.log").write_text(outcome.log)
+    with open(scenario.results_path / "run.log", "a") as log:
+        log.write(outcome.log)
     if outcome.status != "finished:completed":
         raise RunFailed(f"{cell.label}: run ended {outcome.status}\n{outcome.log[-4000:]}")
     return f"{cell.label}: done"
 
 
-def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int) -> None:
+def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: list[str]) -> None:
+    for cell in cells:  # every conflict before any cell runs
+        cell_status(cell.scenario())
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells)):
+        for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells),
+                                [argv] * len(cells)):
             print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------- summaries
 
 
+def _examples(phases: list[dict[str, Any]]) -> int:
+    """Distinct examples the clients trained on: each iteration's first phase (later phases reuse its data)."""
+    first = {}
+    for r in phases:
+        first.setdefault(r["iteration"], r)
+    return sum(c.get("examples", 0) for r in first.values() for c in r.get("clients", []))
+
+
 def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     """One row of a set's table from a cell's metrics.jsonl and the scenario the run saved beside it.
 
-    A run that ended without its ``done`` record (the process was stopped) is summarised up to its
-    last evaluation and marked interrupted; None when there is no evaluation after iteration 0."""
+    The reported number is the test metric of the model kept on validation (the run's ``test``
+    record); curves are validation. A run without its ``done`` record (the process was stopped)
+    is summarised up to its last evaluation and marked ``cut short``, with no test number; None
+    when there is no evaluation after iteration 0."""
     directory = cell.scenario().results_path
     try:
+        saved = yaml.safe_load((directory / "scenario.yaml").read_text())
         scenario = load_scenario(directory / "scenario.yaml")
         records = read_metrics(directory / "metrics.jsonl")
     except (OSError, ValueError):
@@ -184,21 +363,28 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     if len(evals) < 2:
         return None
     done = records[-1] if records[-1]["phase"] == "done" else None
+    test = next((r for r in records if r["phase"] == "test"), None)
     last = done["iteration"] if done else evals[-1]["iteration"]
-    phases = [r for r in records if r["phase"] not in ("eval", "done") and r["iteration"] <= last]
-    status = ("stopped early" if done["stopped_early"] else "budget") if done else "interrupted"
+    phases = [r for r in records if r["phase"] not in ("eval", "test", "done") and r["iteration"] <= last]
+    status = ("stopped early" if done["stopped_early"] else "budget") if done else "cut short"
+    val_key = "val_accuracy" if scenario.task.name == "fewshot" else "val_balanced_accuracy"
     key = "test_accuracy" if scenario.task.name == "fewshot" else "balanced_accuracy"
-    best = max(evals, key=lambda r: r[key])
+    kept = max(evals, key=lambda r: r[val_key])  # the first best, as the loop keeps it
+    to_kept = [r for r in phases if r["iteration"] <= kept["iteration"]]
+    file_scenario = load_scenario(cell.path).to_dict()
     row = {
-        "cell": cell.label, "scale": scale, "task": scenario.task.name, "algorithm": scenario.algorithm.name,
-        "estimator": scenario.algorithm.resolved_estimator, "backbone": scenario.model.backbone,
-        "clients": scenario.clients.num, "iterations_run": last, "status": status,
-        "metric": key, "start": evals[0][key], "final": evals[-1][key], "final_se": evals[-1].get(f"{key}_se", math.nan),
-        "best": best[key], "best_iteration": best["iteration"],
+        "cell": cell.label, "row": cell.row, "scale": scale, "task": scenario.task.name,
+        "algorithm": scenario.algorithm.name, "estimator": scenario.algorithm.resolved_estimator,
+        "backbone": scenario.model.backbone, "clients": scenario.clients.num,
+        "min_capacity": scenario.clients.min_capacity, "iterations_run": last, "status": status,
+        "metric": key, "test": test[key] if test else math.nan, "test_se": test.get(f"{key}_se", math.nan) if test else math.nan,
+        "validation_metric": val_key, "kept_iteration": kept["iteration"], "kept_validation": kept[val_key],
+        "start_validation": evals[0][val_key], "final_validation": evals[-1][val_key],
         "C_x*": phases[-1].get("C_x*", 0),  # the run's, over all elements (0 if one was never trained)
         "trained_x": phases[-1]["trained_x"], "trained_y": phases[-1]["trained_y"],
         "flops": sum(r["flops"] for r in phases), "wasted_flops": sum(r["wasted_flops"] for r in phases),
-        "uncounted_replies": sum(r.get("uncounted_replies", 0) for r in phases),
+        "flops_to_kept": sum(r["flops"] for r in to_kept), "examples_to_kept": _examples(to_kept),
+        "examples": _examples(phases), "uncounted_replies": sum(r.get("uncounted_replies", 0) for r in phases),
         "x_elements_by_capacity": x_elements_by_capacity(phases),
         "bytes": sum(r["bytes_down"] + r["bytes_up"] for r in phases),
         "wasted_bytes": sum(r["wasted_bytes"] for r in phases),
@@ -206,14 +392,15 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "negative_curvature_replies": sum(r["negative_curvature_clients"] for r in phases),
         "flops_per_iteration": sum(r["flops"] for r in phases) / max(1, last),
         "wall_time": sum(r["wall_time"] for r in phases) + sum(r.get("eval_time", 0.0) for r in evals),
-        "overrides": {k: v for k, v in cell.overrides.items() if k != "run.results_dir"}
-                     | {"algorithm.iterations": scenario.algorithm.iterations},
-        "curve": [(r["iteration"], r[key], r.get(f"{key}_se", 0.0)) for r in evals],
+        # what the run used, read from its own resolved scenario (not from the calling command)
+        "overrides": {k: new for k, (_, new) in scenario_diff(file_scenario, saved).items() if k != "run.results_dir"},
+        "curve": [(r["iteration"], r[val_key], r.get(f"{val_key}_se", 0.0)) for r in evals],
+        "command": _cell_info(directory).get("command", cell.command),
+        "invocations": _cell_info(directory).get("invocations", []),
+        "scenario": saved,
     }
-    if scenario.task.name == "loss-tuning":
-        final = evals[-1]
-        row |= {"head_accuracy": final["head_accuracy"], "tail_accuracy": final["tail_accuracy"],
-                "per_class_accuracy": final["per_class_accuracy"], "w": final["w"], "l": final["l"], "Delta": final["Delta"]}
+    if scenario.task.name == "loss-tuning" and test:
+        row |= {k: test[k] for k in ("head_accuracy", "tail_accuracy", "per_class_accuracy", "w", "l", "Delta")}
     return row
 
 
@@ -227,10 +414,30 @@ def x_elements_by_capacity(phases: list[dict[str, Any]]) -> dict[float, float]:
     return {capacity: sum(v) / len(v) for capacity, v in sorted(sizes.items(), reverse=True)}
 
 
+def _cell_info(directory: Path) -> dict[str, Any]:
+    path = directory / "cell.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def compact_records(directory: Path) -> list[dict[str, Any]]:
+    """A run's evaluation, test and done records, each with the cost spent up to its iteration
+    (FLOPs, bytes, distinct examples, phase wall time); the per-phase and per-client records stay out."""
+    records = read_metrics(directory / "metrics.jsonl")
+    phases = [r for r in records if r["phase"] not in ("eval", "test", "done")]
+    out = []
+    for r in records:
+        if r["phase"] in ("eval", "test", "done"):
+            spent = [p for p in phases if p["iteration"] <= r["iteration"]]
+            out.append(r | {"flops_so_far": sum(p["flops"] for p in spent), "examples_so_far": _examples(spent),
+                            "bytes_so_far": sum(p["bytes_down"] + p["bytes_up"] for p in spent),
+                            "phase_wall_time_so_far": sum(p["wall_time"] for p in spent)})
+    return out
+
+
 def add_cost_ratios(rows: list[dict[str, Any]]) -> None:
     """FLOPs and bytes relative to FedMBO's on the same task: per iteration (the paper's Figs. 4 and 6)
     and in total to the end of the run (rows stop at different iterations)."""
-    fedmbo = {r["task"]: r for r in rows if r["algorithm"] == "fedmbo"}
+    fedmbo = {r["task"]: r for r in rows if r["algorithm"] == "fedmbo" and not r.get("min_capacity")}
     for row in rows:
         ref = fedmbo.get(row["task"])
         per = lambda r, k: r[k] / max(1, r["iterations_run"])  # noqa: E731
@@ -258,20 +465,21 @@ def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, 
         writer.writerows(flat)
     with open(out / f"{name}_curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["cell", "iteration", rows[0]["metric"], "se"])
+        writer.writerow(["cell", "iteration", rows[0]["validation_metric"], "se"])
         for r in rows:
             writer.writerows([r["cell"], *point] for point in r["curve"])
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     _plot_curves(name, rows, out, title)
     if any(r["algorithm"] == "fedmbo" for r in rows):
         _plot_cost(name, rows, out, title)
-    if rows[0]["task"] == "loss-tuning":
-        _plot_hyperparameters(name, rows, out, title)
+    if rows[0]["task"] == "loss-tuning" and any("w" in r for r in rows):
+        _plot_hyperparameters(name, [r for r in rows if "w" in r], out, title)
     _write_markdown(name, rows, out, title, paper_column)
 
 
 def _plot_curves(name, rows, out, title):
-    """Accuracy against global iterations (the paper's Fig. 2) and against FLOPs spent (cost-matched)."""
+    """Validation accuracy against global iterations (the paper's Fig. 2) and against FLOPs spent
+    (cost-matched); the reported test numbers are in the tables."""
     colors = plt.cm.tab20.colors if len(rows) > 10 else plt.cm.tab10.colors
     for suffix, xlabel, scale_x in (("accuracy", "global iteration", lambda r, its: its),
                                     ("accuracy_vs_flops", "FLOPs spent (all clients, all work sent; log scale)",
@@ -289,7 +497,7 @@ def _plot_curves(name, rows, out, title):
         if suffix == "accuracy_vs_flops":
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{rows[0]['metric'].replace('_', ' ')} (%)")
+        ax.set_ylabel(f"{rows[0]['validation_metric'].replace('val_', 'validation ').replace('_', ' ')} (%)")
         ax.set_title(f"{title} ({rows[0]['scale']} scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -331,50 +539,124 @@ def _plot_hyperparameters(name, rows, out, title):
 def _write_markdown(name, rows, out, title, paper_column):
     metric = rows[0]["metric"].replace("_", " ")
     lines = [f"# {title} ({rows[0]['scale']} scale)", ""]
-    budget = min(r["curve"][-1][0] for r in rows)  # the last iteration every row was evaluated at
-    header = ["row", f"final {metric} ± SE", f"at iteration {budget}", "best (iteration)", "iterations run (end)", "C_x*",
-              "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "wasted FLOPs", "rejected"]
+    header = ["row", f"test {metric} ± SE", "kept at iteration (validation)", "iterations run (end)",
+              "examples to kept", "FLOPs to kept", "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "C_x*", "wasted FLOPs", "rejected"]
     if paper_column is not None:
         header.insert(1, "paper")
     if rows[0]["task"] == "loss-tuning":
-        header[4:4] = ["head classes (final)", "tail classes (final)"]
+        header[3:3] = ["head classes", "tail classes"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        at_budget = next((a, se) for q, a, se in r["curve"] if q == budget)
-        cells = [r["cell"], _pct(r["final"], r["final_se"]), _pct(*at_budget), f"{_pct(r['best'])} ({r['best_iteration']})",
-                 f"{r['iterations_run']} ({r['status']})", str(r["C_x*"]),
-                 _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)),
+        cells = [r["cell"], _pct(r["test"], r["test_se"]), f"{r['kept_iteration']} ({_pct(r['kept_validation'])})",
+                 f"{r['iterations_run']} ({r['status']})", f"{r['examples_to_kept']:,}", f"{r['flops_to_kept']:.3g}",
+                 _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)), str(r["C_x*"]),
                  f"{r['wasted_flops']:.3g}", str(r["rejected"])]
         if paper_column is not None:
             paper = PAPER_TABLE2.get(r["algorithm"])
             cells.insert(1, f"{paper[paper_column]:.2f}%" if paper and r["cell"] == r["algorithm"] else "")
         if r["task"] == "loss-tuning":
-            cells[4:4] = [_pct(r["head_accuracy"]), _pct(r["tail_accuracy"])]
+            cells[3:3] = [_pct(r.get("head_accuracy", math.nan)), _pct(r.get("tail_accuracy", math.nan))]
         lines.append("| " + " | ".join(cells) + " |")
-    common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k) == v for r in rows)}
-    lines += ["", f"Scale: {rows[0]['scale']}; overrides of every row's scenario file: `{json.dumps(common)}`.",
-              "Final = the last evaluation: where early stopping stopped the row (`stopped early`), its iteration "
-              "budget (`budget`), or where the session running it ended (`interrupted`, still a valid prefix of "
-              f"the run); `at iteration {budget}` compares every row at the same budget. SE = standard error over "
-              "the evaluation episodes. Cost ratios are per global iteration, over all work sent "
-              "(rejected and failed replies included; `wasted FLOPs` is that part)."]
-    if len({r["overrides"]["algorithm.iterations"] for r in rows}) > 1:
-        lines.append("Iteration budgets differ between rows: " + ", ".join(
-            f"{r['cell']} {r['overrides']['algorithm.iterations']}" for r in rows) + ".")
+    common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k, object()) == v for r in rows)}
+    lines += ["", f"Scale: {rows[0]['scale']}. Overrides of the scenario files that every run used (read from the runs' "
+                  f"own resolved scenarios): `{json.dumps(common)}`."]
+    own = {r["cell"]: {k: v for k, v in r["overrides"].items() if k not in common} for r in rows}
+    lines.append("Each row's own overrides: " + "; ".join(f"{c} `{json.dumps(o)}`" for c, o in own.items() if o) + ".")
+    lines.append(
+        "Protocol: every choice reads validation (held-out data, never the test split): early stopping, the model "
+        "kept (the best validation evaluation) and the step sizes (the sweep). The test number is read once per run, "
+        "on the kept model; the plots show validation curves. An iteration is the same client data in every row "
+        "(one episode per client in few-shot learning; the `-full-only` rows train only the capacity-1 clients), so "
+        "rows are compared at the model each kept, with the FLOPs and the distinct examples (all clients) spent to "
+        "reach it; the accuracy-against-FLOPs plot compares them at equal FLOPs. Cost ratios are per global "
+        "iteration, over all work sent (rejected and failed replies included; `wasted FLOPs` is that part); "
+        "SE = standard error over the test episodes.")
+    short = [r["cell"] for r in rows if r["status"] == "cut short"]
+    if short:
+        lines.append(f"Cut short (the process ended before the run did; no test number until it is resumed): "
+                     f"{', '.join(short)}.")
     if paper_column is not None:
         lines.append("Paper = Table II of arXiv 2512.24667 (ResNet12, full scale); paper cost ratios: RABO 0.267, "
                      "RAFBO 0.178 of FedMBO's FLOPs, 0.267 of its bytes.")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def choose_step_sizes(rows: list[dict[str, Any]], cells: list[Cell], name: str, column: str,
+                      scale: str) -> dict[str, Any]:
+    """Each row's grid point with the best validation metric (the first in grid order on a tie),
+    and the best single-level row; only once every cell of the sweep has finished."""
+    by_label = {r["cell"]: r for r in rows}
+    unfinished = [c.label for c in cells if c.label not in by_label or by_label[c.label]["status"] == "cut short"]
+    if unfinished:
+        raise SystemExit(f"{name}: {len(unfinished)} cells not finished ({', '.join(unfinished[:5])}...): "
+                         "rerun the sweep's command to finish them before publishing its step sizes")
+    chosen: dict[str, Any] = {"set": name, "scale": scale, "grid": list(GRID), "rows": {}, "validation": {}}
+    if name == "lr-sweep":
+        chosen["column"] = column
+    for cell in cells:
+        value = by_label[cell.label]["kept_validation"]
+        if cell.row not in chosen["rows"] or value > chosen["validation"][cell.row]:
+            chosen["rows"][cell.row], chosen["validation"][cell.row] = cell.point, value
+    if name == "lr-sweep":
+        chosen["best_single_level"] = max(SINGLE_LEVEL_ROWS, key=lambda row: chosen["validation"][row])
+    return chosen
+
+
+def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell], chosen: dict[str, Any] | None,
+                         out: Path, title: str) -> None:
+    """Every cell of the sweep: its step sizes, its best validation evaluation, and the value chosen per row."""
+    by_label = {r["cell"]: r for r in rows}
+    metric = rows[0]["validation_metric"].replace("val_", "validation ").replace("_", " ")
+    lines = [f"# {title} ({rows[0]['scale']} scale)", "", f"| row | step sizes | best {metric} (iteration) | "
+             f"{metric} at the end | end | chosen |", "| --- | --- | --- | --- | --- | --- |"]
+    for cell in cells:
+        r = by_label.get(cell.label)
+        picked = chosen and chosen["rows"].get(cell.row) == cell.point
+        steps = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in cell.point.items())
+        lines.append(f"| {cell.row} | {steps} | " + (f"{_pct(r['kept_validation'])} ({r['kept_iteration']}) | "
+                     f"{_pct(r['final_validation'])} | {r['iterations_run']} ({r['status']})" if r else "| | not run") +
+                     f" | {'**chosen**' if picked else ''} |")
+    budget = SWEEP_BUDGET[rows[0]["task"]]
+    lines += ["", f"One grid for every step size ({', '.join(f'{v:g}' for v in GRID)}; a row with two step sizes "
+                  f"takes every pair) and one budget for every row (`{json.dumps(budget)}`); each point is judged on "
+                  "validation only (the test split is never read in a sweep). A row's chosen point is the one with the "
+                  "best validation evaluation (the first in grid order on a tie)."]
+    if chosen:
+        lines.append("Chosen: " + "; ".join(f"{row} {json.dumps(point)} ({_pct(chosen['validation'][row])})"
+                                            for row, point in chosen["rows"].items()) + ".")
+        if "best_single_level" in chosen:
+            lines.append(f"Best single-level row on validation: {chosen['best_single_level']} (its `-full-only` row "
+                         "and the 20-way columns use it).")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
+    """Copy a set's tables and plots, and each cell's compact records, resolved scenario and cell.json,
+    to docs/results/<scale>/ (committed: every published number traces to its run's records)."""
+    published = PUBLISHED / scale
+    published.mkdir(parents=True, exist_ok=True)
+    for path in out.glob(f"{name}*.*"):
+        shutil.copy2(path, published / path.name)
+    for cell in cells:
+        directory = cell.scenario().results_path
+        if not (directory / "metrics.jsonl").is_file():
+            continue
+        target = published / name / "runs" / cell.label
+        target.mkdir(parents=True, exist_ok=True)
+        records = compact_records(directory)
+        atomic_write(target / "records.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
+        for file in ("scenario.yaml", "cell.json"):
+            if (directory / file).is_file():
+                shutil.copy2(directory / file, target / file)
+    return published
+
+
 SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
               "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}",
-              "scalability": "Scalability (Table III), {column}"}
+              "loss-tuning-sweep": "Step-size sweep, loss tuning", "scalability": "Scalability (Table III), {column}"}
 
 
 def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -387,8 +669,8 @@ def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=sorted(SET_TITLES))
-    parser.add_argument("--column", choices=sorted(COLUMNS), default="5w1s", help="Table II column (table2 only)")
-    parser.add_argument("--rows", nargs="*", help="run only these rows (file names without .yaml)")
+    parser.add_argument("--column", choices=sorted(COLUMNS), default="5w1s", help="Table II column (table2, lr-sweep)")
+    parser.add_argument("--rows", nargs="*", help="run only these rows or cells (row names, or cell labels of a sweep)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--engine", choices=("plain", "flower"), default="plain")
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="cells run at once")
@@ -398,13 +680,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="scenario keys for every cell, after the scale's (e.g. algorithm.iterations=200)")
     parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the set's tables and plots (not its runs) to docs/results/<scale>/")
+                        help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/; "
+                             "a sweep also writes the chosen step sizes that the sets it tunes read")
     args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep", "scalability") else args.set
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
     cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override))
     if not args.plot_only:
-        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
+        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv)
     if args.rows:  # the table shows the whole set, whatever this call ran
         cells = cells_for(args.set, args.column, None, args.scale, out)
     rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]
@@ -413,11 +697,17 @@ def main(argv: list[str] | None = None) -> None:
     add_cost_ratios(rows)
     title = SET_TITLES[args.set].format(column=args.column)
     write_outputs(name, rows, out, title, list(COLUMNS).index(args.column) if args.set == "table2" else None)
+    if args.set.endswith("sweep"):
+        complete = all(r["status"] != "cut short" for r in rows) and len(rows) == len(cells)
+        chosen = choose_step_sizes(rows, cells, args.set, args.column, args.scale) if complete or args.publish else None
+        write_sweep_markdown(name, rows, cells, chosen, out, title)
+        if args.publish:
+            path = step_sizes_path(args.set, args.scale)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"# Written by `python -m rabo_flwr.experiments {args.set} --scale {args.scale} --publish` "
+                            f"from {name}.md; the sets it tunes read it.\n" + yaml.safe_dump(chosen, sort_keys=False))
     if args.publish:
-        published = APP_DIR / "docs" / "results" / args.scale
-        published.mkdir(parents=True, exist_ok=True)
-        for path in out.glob(f"{name}*.*"):
-            shutil.copy2(path, published / path.name)
+        publish(name, out, cells, args.scale)
     print((out / f"{name}.md").read_text())
 
 

@@ -4,7 +4,8 @@ Per global iteration: which partitions are available (the engine knows), a seede
 them, their capacities and submodel plans, then every phase of the algorithm: slices out,
 replies back (the engine moves them), reply checks (names, shapes, dtype, finite values, and
 the divergence guard), coverage-counted steps, cost and coverage records. Then the evaluation
-schedule, checkpoints, early stopping, a progress line, and at the end a summary.
+schedule (validation), checkpoints, early stopping, a progress line, and at the end the test
+evaluation of the model kept (the best on validation) and a summary.
 
 An engine is a :class:`PhaseRunner`: the plain engine (:class:`PlainRunner`, below) calls the
 clients in this process; the Flower engine (``strategies.PhaseStrategy``, a Flower ``Strategy``)
@@ -165,9 +166,11 @@ class TrainingLoop:
         self.state = ServerState(self.task.layouts, x, y, scenario_policies(scenario))
         self.trained = {s: {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in self.state.tensors[s].items()}
                         for s in ("x", "y")}
+        self.kept = None  # (iteration, validation metric, x, y) of the best validation evaluation so far
         if resumed:
             self.trained, self.flops_by_submodel = resumed.state["trained"], resumed.state["flops_by_submodel"]
             self.min_coverage = resumed.state.get("min_coverage", {})
+            self.kept = resumed.state["kept"]
         self.writer = writer
         first = resumed.iteration + 1 if resumed else 1
         self.logger.info(f"{scenario.name}: {algo.name} on {scenario.task.name}, {scenario.clients.num} clients, "
@@ -175,8 +178,9 @@ class TrainingLoop:
         started = time.perf_counter()
         if first == 1:
             self._evaluate(0)
-        last, stopped_early = first - 1, False
-        for q in range(first, algo.iterations + 1):
+        # a run that stopped early just before it was cut short resumes as stopped
+        last, stopped_early = first - 1, resumed is not None and self._patience_exhausted()
+        for q in range(first, first if stopped_early else algo.iterations + 1):
             self._iteration(q)
             last = q
             evaluate = q == algo.iterations or (run.eval_every and q % run.eval_every == 0)
@@ -189,6 +193,8 @@ class TrainingLoop:
             self._progress(q, first, started)
             if stopped_early:
                 break
+        if run.final_test:
+            self._test()
         wall = time.perf_counter() - started
         writer.save_model(self.state.x, self.state.y)
         writer.log({"phase": "done", "iteration": last, "wall_time": wall, "stopped_early": stopped_early})
@@ -204,13 +210,16 @@ class TrainingLoop:
                 raise ValueError(f"initial {side}: {problem}")
 
     def _loop_state(self) -> dict:
-        return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage}
+        return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage,
+                "kept": self.kept}
 
     def _iteration(self, q: int) -> None:
         scenario = self.scenario
-        available = self.runner.partitions(q)
-        chosen = sample_clients(list(available), scenario.clients.fraction, scenario.seed, q)
-        capacities = {p: available[p] if available[p] is not None else scenario.capacity(p, q) for p in chosen}
+        announced = self.runner.partitions(q)
+        available = {p: r if r is not None else scenario.capacity(p, q) for p, r in announced.items()}
+        eligible = [p for p, r in available.items() if r >= scenario.clients.min_capacity]
+        chosen = sample_clients(eligible, scenario.clients.fraction, scenario.seed, q)
+        capacities = {p: available[p] for p in chosen}
         self.state.plan_iteration(q, capacities)
         for i, phase in enumerate(self.phases):
             start = time.perf_counter()
@@ -352,9 +361,10 @@ class TrainingLoop:
     # ------------------------------------------------------------------ evaluation, stopping, messages
 
     def _evaluate(self, q: int) -> None:
-        """The task's evaluation, ``evaluate_fn``'s metrics, and (``run.federated_eval``) the clients' as ``client_*``."""
+        """Validation: the task's metrics on "val", ``evaluate_fn``'s, and (``run.federated_eval``) the clients'
+        as ``client_*``; the model of the best validation metric so far is kept for the final test."""
         start = time.perf_counter()
-        metrics = self.task.evaluate(self.state.x, self.state.y, self.device)
+        metrics = self.task.evaluate(self.state.x, self.state.y, self.device, "val")
         extra = self.evaluate_fn(q, self.state.x, self.state.y) if self.evaluate_fn else None
         clash = sorted(set(extra or {}) & set(metrics))
         if clash:
@@ -363,6 +373,20 @@ class TrainingLoop:
         if self.scenario.run.federated_eval:
             metrics |= {f"client_{k}": v for k, v in self.runner.evaluate_clients(q, self.state.x, self.state.y).items()}
         self.writer.log({"iteration": q, "phase": "eval", **metrics, "eval_time": time.perf_counter() - start})
+        key = self.task.main_metric
+        if self.kept is None or metrics[key] > self.kept[1]:
+            copy = lambda tensors: {k: v.detach().clone() for k, v in tensors.items()}  # noqa: E731
+            self.kept = (q, metrics[key], copy(self.state.x), copy(self.state.y))
+
+    def _test(self) -> None:
+        """The test split, read once: on the model of the best validation evaluation (the one kept)."""
+        start = time.perf_counter()
+        q, value, x, y = self.kept
+        metrics = self.task.evaluate(x, y, self.device, "test")
+        self.writer.log({"iteration": q, "phase": "test", "kept_by": self.task.main_metric, self.task.main_metric: value,
+                         **metrics, "eval_time": time.perf_counter() - start})
+        self.logger.info(f"test: {self.task.test_metric} {metrics[self.task.test_metric]:.4f} of the model kept at "
+                         f"iteration {q} ({self.task.main_metric} {value:.4f})")
 
     def _evaluations(self) -> list[dict]:
         return [r for r in self.writer.records if r["phase"] == "eval"]
@@ -392,7 +416,7 @@ class TrainingLoop:
     def _summary(self, last: int, wall: float, stopped_early: bool) -> None:
         records, key = self.writer.records, self.task.main_metric
         evals = self._evaluations()
-        phases = [r for r in records if r["phase"] not in ("eval", "done")]
+        phases = [r for r in records if r["phase"] not in ("eval", "test", "done")]
         flops, wasted = sum(r["flops"] for r in phases), sum(r["wasted_flops"] for r in phases)
         uncounted = sum(r.get("uncounted_replies", 0) for r in phases)
         uncounted = f"; {uncounted} replies without a FLOP count" if uncounted else ""

@@ -41,7 +41,9 @@ class TaskConfig:
     eval_lr: float = 0.5
     eval_l2: float = 0.1  # ridge of the evaluation heads (fixed, so runs stay comparable)
     eval_one_shot_runs: bool = False
-    eval_seed: int = -1  # seed of the fixed evaluation episodes; -1: the scenario's seed (tuning uses another)
+    eval_seed: int = -1  # seed of the fixed test episodes; -1: the scenario's seed
+    val_alphabets: int = 5  # background alphabets held out as validation (every choice reads them, never the test set)
+    val_episodes: int = 200  # fixed validation episodes of those alphabets, evaluated at every evaluation
     download: bool = True  # fetch missing archives with torchvision's utilities; RABO_OFFLINE=1 turns it off
     # loss-tuning (long-tail CIFAR-10)
     imbalance_ratio: float = 100.0
@@ -77,6 +79,7 @@ class ClientsConfig:
     schedule: list[CapacityChange] = field(default_factory=list)
     fraction: float = 1.0
     min_available: int = 0  # 0 means all ``num`` clients
+    min_capacity: float = 0.0  # clients of a lower capacity sit out (the ``-full-only`` rows: 1.0, capacity-1 clients only)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     phase_timeout: float = 600.0  # seconds a phase waits for replies; stragglers are dropped
     node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
+    final_test: bool = True  # evaluate the test split once, on the model selected on validation (the sweep: false)
     count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter, counted once per unit and shape
     federated_eval: bool = False  # at each evaluation, every client also evaluates on its own held-out data
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -297,10 +301,14 @@ def validate(s: Scenario, source: str) -> Scenario:
         _check_positive(source, f"clients.schedule[{i}].from_iteration", change.from_iteration, allow_zero=True)
     if not 0.0 < s.clients.fraction <= 1.0:
         raise _fail(source, "clients.fraction", f"must be in (0, 1], got {s.clients.fraction}")
+    if not 0.0 <= s.clients.min_capacity <= 1.0:
+        raise _fail(source, "clients.min_capacity", f"must be in [0, 1], got {s.clients.min_capacity}")
+    if not any(r >= s.clients.min_capacity for r in s.clients.capacities):
+        raise _fail(source, "clients.min_capacity", f"{s.clients.min_capacity} exceeds every capacity: no client would train")
     if s.clients.min_available > s.clients.num:
         raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
-                "task.image_size", "task.eval_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
+                "task.image_size", "task.eval_episodes", "task.val_alphabets", "task.val_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
                 "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout"):
         section, name = key.split(".")
@@ -321,8 +329,9 @@ def validate(s: Scenario, source: str) -> Scenario:
     if algorithm.full_model:
         for key, capacities in [("clients.capacities", s.clients.capacities)] + [
                 (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:
-            if any(r != 1.0 for r in capacities):
-                raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1")
+            if any(s.clients.min_capacity <= r < 1.0 for r in capacities):
+                raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1 "
+                                         f"(or below clients.min_capacity, whose clients sit out)")
     return s
 
 

@@ -45,7 +45,8 @@ def one_round(path: Path, overrides: dict, capacity: float):
 
 
 def episodes(task, scenario):
-    return task.client_episodes(0, 1, CPU, scenario.algorithm.inner_steps)
+    """The iteration's episode, the one every local step trains on (as the bilevel rows' phases do)."""
+    return task.client_episodes(0, 1, CPU, 1)
 
 
 @pytest.mark.parametrize("name", ["static", "oap", "fedrolex", "fiarse"])
@@ -145,3 +146,16 @@ def test_fiarse_client_replies_finite_updates_from_the_zero_initialised_head():
     updates, _ = Client(task, scenario, 0, CPU).run("local", 1, state.slices(0))
     assert all(torch.isfinite(t).all() for side in updates.values() for t in side.values())
     assert any(t.abs().sum() > 0 for t in updates["y"].values())
+
+
+@pytest.mark.parametrize("name", ["fedrolex", "dist-protonet", "dist-maml"])
+def test_an_iteration_is_the_same_client_data_in_every_row(name):
+    """Single-level, ProtoNet and MAML rows train on the episode the bilevel phases use, one per
+    client per iteration: their reply reports that episode's examples, whatever the local steps."""
+    path = REPO / "scenarios" / "paper" / "table2" / f"{name}.yaml"
+    scenario, task, _, _, metrics = one_round(path, {"model.backbone": "conv4", "task.n_query": 5,
+                                                     "algorithm.inner_steps": 3}, 1.0)
+    batch = task.client_batch(0, 1, CPU, scenario.algorithm.inner_steps)
+    (episode,) = episodes(task, scenario)
+    assert torch.equal(batch.upper[0], episode.query_x) and torch.equal(batch.lower[0], episode.support_x)
+    assert metrics["examples"] == batch.examples == 5 * (1 + 5)

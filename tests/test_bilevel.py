@@ -83,7 +83,7 @@ def test_outer_phase_hypergradient_is_the_derivative_of_phi(scenario):
     assert {k: v.shape for k, v in h.items()} == {k: v.shape for k, v in x.items()}
     length = sum(float(v.pow(2).sum()) for v in h.values()) ** 0.5
     direction = {k: v / length for k, v in h.items()}
-    eps = 1e-2
+    eps = 1e-3  # small enough that Phi's curvature along h stays out of the central difference
     slope = (phi({k: x[k] + eps * direction[k] for k in x}) - phi({k: x[k] - eps * direction[k] for k in x})) / (2 * eps)
     assert slope == pytest.approx(length, rel=0.1)  # <grad Phi, h / |h|> = |h| if h = grad Phi
     assert phi({k: x[k] - 0.05 * direction[k] for k in x}) < phi(x)

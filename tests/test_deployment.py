@@ -55,7 +55,7 @@ def test_deployment_superlink_and_three_supernodes_train_their_announced_submode
     deployment.wait_for_nodes(len(CAPACITIES))
 
     results = tmp_path / "results"
-    run_config = {"algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 10, "model.width": 16,
+    run_config = {"algorithm.iterations": 2, "clients.num": 3, "task.eval_episodes": 10, "task.val_episodes": 10, "model.width": 16,
                   "algorithm.inner_steps": 3, "algorithm.mask_x": "static", "algorithm.mask_y": "static",
                   "run.results_dir": str(results)}
     outcome = deployment.run(REPO, run_config, timeout=300)

@@ -1,17 +1,41 @@
-"""The experiment harness end to end on tiny settings: outputs written, C_x* placement honoured."""
+"""The experiment harness end to end on tiny settings: outputs, skipping only identical finished
+runs, never overwriting a run of another scenario, resuming an interrupted cell to the same
+numbers, the command and scenario of each cell, the sweeps' step sizes read by the sets."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shlex
+
+import pytest
+import torch
+import yaml
 
 from rabo_flwr import experiments
+from rabo_flwr.loop import TrainingLoop
+from rabo_flwr.results import read_metrics
 
 TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
-        "task.n_query": 2, "task.eval_episodes": 4, "task.eval_steps": 2, "run.eval_every": 1}
+        "task.n_query": 2, "task.eval_episodes": 4, "task.val_episodes": 4, "task.eval_steps": 2, "run.eval_every": 1,
+        "run.checkpoint_every": 1}
+TINY_LOSS_TUNING = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
+                    "task.batch_size": 16, "task.train_subsample": 0.03, "task.test_subsample": 0.02,
+                    "clients.num": 2, "run.eval_every": 1, "run.checkpoint_every": 1}
 
 
-def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, monkeypatch, capsys):
+def without_times(records):
+    """Records without wall-clock fields (the numbers a rerun must reproduce)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "time" not in k and k != "peak_memory"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return [strip(r) for r in records]
+
+
+def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_another_scenario(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY)
     args = ["cx-star", "--engine", "plain", "--jobs", "2", "--out", str(tmp_path)]
     experiments.main(args)
@@ -20,54 +44,159 @@ def test_cx_star_set_writes_tables_and_plots_and_controls_coverage(tmp_path, mon
     # is 0 (tests/test_coverage.py runs the arms to full coverage and their designed C_x* = 1 and 2)
     assert {cell: (rows[cell]["C_x*"], float(rows[cell]["trained_x"]) < 1) for cell in rows} == {
         cell: ("0", True) for cell in ("rabo-c1", "rabo-c2", "rafbo-c1", "rafbo-c2")}
-    assert all(r["scale"] == "cpu" and r["iterations_run"] == "2" for r in rows.values())
+    assert all(r["scale"] == "cpu" and r["iterations_run"] == "2" and r["status"] == "budget" for r in rows.values())
     curves = list(csv.DictReader(open(tmp_path / "cx-star_curves.csv")))
-    assert [(c["iteration"]) for c in curves if c["cell"] == "rabo-c1"] == ["0", "1", "2"]
+    assert [c["iteration"] for c in curves if c["cell"] == "rabo-c1"] == ["0", "1", "2"]
+    assert list(curves[0]) == ["cell", "iteration", "val_accuracy", "se"]  # the curves are validation
     assert (tmp_path / "cx-star_accuracy.png").stat().st_size > 1000
-    assert "(cpu scale)" in (tmp_path / "cx-star.md").read_text()
-    summary = json.loads((tmp_path / "cx-star.json").read_text())
-    assert summary[0]["curve"][-1][1] == float(rows["rabo-c1"]["final"])
-    assert summary[0]["x_elements_by_capacity"] == {"0.25": 2 * 9 + 2 * 2 + 3 * (2 * 2 * 9 + 2 * 2)}  # conv + BatchNorm, 2 channels a group
+    summary = {r["cell"]: r for r in json.loads((tmp_path / "cx-star.json").read_text())}
+    rabo = summary["rabo-c1"]
+    assert rabo["curve"][-1][1] == float(rows["rabo-c1"]["final"])
+    assert rabo["x_elements_by_capacity"] == {"0.25": 2 * 9 + 2 * 2 + 3 * (2 * 2 * 9 + 2 * 2)}  # conv + BatchNorm, 2 channels a group
+    records = read_metrics(tmp_path / "runs" / "rabo-c1" / "metrics.jsonl")
+    (test,) = [r for r in records if r["phase"] == "test"]
+    assert rabo["test"] == test["test_accuracy"] and rabo["kept_iteration"] == test["iteration"]
+    # each cell's JSON: the command that makes exactly it, and the resolved scenario the run used
+    assert rabo["command"] == "python -m rabo_flwr.experiments cx-star --scale cpu --rows rabo-c1"
+    assert rabo["scenario"] == yaml.safe_load((tmp_path / "runs" / "rabo-c1" / "scenario.yaml").read_text())
+    assert [i["action"] for i in rabo["invocations"]] == ["started"]
+    assert shlex.split(rabo["invocations"][0]["argv"])[3:] == args
+    table = (tmp_path / "cx-star.md").read_text()
+    assert "(cpu scale)" in table
+    assert '"algorithm.iterations": 2' in table and '"run.eval_every": 1' in table  # what the runs used
+
     capsys.readouterr()
-    experiments.main(args)  # every cell finished: nothing runs again
+    experiments.main(args)  # every cell finished with this very scenario: nothing runs again
     assert capsys.readouterr().out.count("already finished") == 4
 
-    # one row again with a longer budget; another one's process "stopped" before its done record
-    experiments.main(args + ["--rows", "rabo-c1", "--override", "algorithm.iterations=3"])
+    # a changed scenario stops before any cell runs, and the finished run stays as it was
+    before = (tmp_path / "runs" / "rabo-c1" / "metrics.jsonl").read_text()
+    with pytest.raises(experiments.CellConflict, match=r"algorithm.iterations: 2 there, 3 now.*never overwritten"):
+        experiments.main(args + ["--rows", "rabo-c1", "--override", "algorithm.iterations=3"])
+    assert (tmp_path / "runs" / "rabo-c1" / "metrics.jsonl").read_text() == before
+
+    # a run whose process was stopped before its done record is reported as cut short, without a test number
     metrics = tmp_path / "runs" / "rafbo-c2" / "metrics.jsonl"
-    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-2]))
     experiments.main(args + ["--plot-only"])
     rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "cx-star.csv"))}
-    assert {c: (r["iterations_run"], r["status"]) for c, r in rows.items()} == {
-        "rabo-c1": ("3", "budget"), "rabo-c2": ("2", "budget"), "rafbo-c1": ("2", "budget"),
-        "rafbo-c2": ("2", "interrupted")}
-    table = (tmp_path / "cx-star.md").read_text()
-    assert "at iteration 2" in table and "rabo-c1 3" in table  # budgets differ: said so
+    assert (rows["rafbo-c2"]["status"], rows["rafbo-c2"]["test"]) == ("cut short", "nan")
+    assert "Cut short" in (tmp_path / "cx-star.md").read_text()
 
 
-def test_cost_ratios_are_per_iteration_relative_to_fedmbo_of_the_same_task():
-    rows = [{"task": "fewshot", "algorithm": "fedmbo", "flops": 10.0, "bytes": 4.0, "iterations_run": 10},
-            {"task": "fewshot", "algorithm": "rabo", "flops": 5.0, "bytes": 2.0, "iterations_run": 20}]
-    experiments.add_cost_ratios(rows)
-    assert (rows[1]["flops_vs_fedmbo"], rows[1]["bytes_vs_fedmbo"]) == (0.25, 0.25)
-    assert rows[1]["total_flops_vs_fedmbo"] == 0.5 and rows[0]["flops_vs_fedmbo"] == 1.0
+def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY | {"algorithm.iterations": 3})
+    threads = torch.get_num_threads()
+    (whole,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "whole")
+    (cell,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "cut")
+    experiments.run_cell(whole, "plain", threads, ["cx-star"])
+
+    iteration = TrainingLoop._iteration
+
+    def stop_at_3(loop, q):
+        if q == 3:
+            raise KeyboardInterrupt("the session ended")
+        iteration(loop, q)
+
+    monkeypatch.setattr(TrainingLoop, "_iteration", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_cell(cell, "plain", threads, ["cx-star"])
+    assert experiments.cell_status(cell.scenario()) == "resumable"
+    monkeypatch.setattr(TrainingLoop, "_iteration", iteration)
+    assert experiments.run_cell(cell, "plain", threads, ["cx-star"]) == "rabo-c2: done (resumed)"
+
+    resumed = read_metrics(cell.scenario().results_path / "metrics.jsonl")
+    reference = read_metrics(whole.scenario().results_path / "metrics.jsonl")
+    assert [r["phase"] for r in resumed].count("test") == 1 and resumed[-1]["phase"] == "done"
+    assert without_times(resumed) == without_times(reference)
+    info = json.loads((cell.scenario().results_path / "cell.json").read_text())
+    assert [i["action"] for i in info["invocations"]] == ["started", "resumed from its checkpoint"]
+    # the summary is the same as the uninterrupted run's, cut for cut
+    a, b = experiments.summarize(cell, "cpu"), experiments.summarize(whole, "cpu")
+    assert (a["test"], a["kept_iteration"], a["flops"], a["examples"]) == (b["test"], b["kept_iteration"], b["flops"], b["examples"])
 
 
-def test_every_set_resolves_to_valid_cells_with_its_settings(tmp_path):
-    """Every set's scenario files and overrides validate, at both scales (nothing runs)."""
-    sizes = {"table2": 9, "cx-star": 4, "loss-tuning": 6, "scalability": 8, "lr-sweep": 17}
-    for name, count in sizes.items():
-        for scale in experiments.SCALES:
-            cells = experiments.cells_for(name, "20w5s", None, scale, tmp_path)
-            assert len(cells) == count, name
-            for cell in cells:
-                scenario = cell.scenario()
-                assert scenario.results_path == tmp_path / "runs" / cell.label
-                if scenario.task.name == "fewshot" and name != "cx-star":
-                    assert (scenario.task.n_way, scenario.task.k_shot) == (20, 5)
-                if scale == "cpu":
-                    assert scenario.model.backbone == "conv4"
+def test_loss_tuning_sweep_chooses_on_validation_publishes_and_the_set_reads_its_choice(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiments.SCALES["cpu"], "loss-tuning", TINY_LOSS_TUNING)
+    monkeypatch.setitem(experiments.SWEEP_BUDGET, "loss-tuning",
+                        {"algorithm.iterations": 2, "run.eval_every": 1, "run.patience": 0, "run.final_test": False})
+    monkeypatch.setattr(experiments, "GRID", (0.1, 1.0))
+    monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path / "step_sizes")
+    monkeypatch.setattr(experiments, "PUBLISHED", tmp_path / "docs")
+    with pytest.raises(SystemExit, match="no step sizes for row 'ce'"):
+        experiments.cells_for("loss-tuning", "5w1s", None, "cpu", tmp_path / "lt")
+    experiments.main(["loss-tuning-sweep", "--jobs", "2", "--out", str(tmp_path / "sweep"), "--publish"])
+
+    runs = {c: read_metrics(tmp_path / "sweep" / "runs" / c / "metrics.jsonl") for c in ("ce-beta0.1", "ce-beta1.0")}
+    assert all(r["phase"] != "test" for records in runs.values() for r in records)  # a sweep never reads the test set
+    best = {c: max(r["val_balanced_accuracy"] for r in records if r["phase"] == "eval") for c, records in runs.items()}
+    winner = 0.1 if best["ce-beta0.1"] >= best["ce-beta1.0"] else 1.0
+    chosen = yaml.safe_load((tmp_path / "step_sizes" / "loss-tuning-sweep-cpu.yaml").read_text())
+    assert chosen["rows"] == {"ce": {"algorithm.beta": winner}} and chosen["grid"] == [0.1, 1.0]
+    table = (tmp_path / "sweep" / "loss-tuning-sweep.md").read_text()
+    assert table.count("**chosen**") == 1 and f"beta {winner:g} |" in table
+    published = tmp_path / "docs" / "cpu" / "loss-tuning-sweep" / "runs" / "ce-beta0.1"
+    compact = read_metrics(published / "records.jsonl")
+    assert [r["phase"] for r in compact] == ["eval", "eval", "eval", "done"]
+    assert compact[-1]["flops_so_far"] > compact[1]["flops_so_far"] > 0 and "clients" not in json.dumps(compact)
+    assert (published / "scenario.yaml").is_file() and (published / "cell.json").is_file()
+    # every loss-tuning row reads the chosen lower-level step
+    cells = experiments.cells_for("loss-tuning", "5w1s", None, "cpu", tmp_path / "lt")
+    assert {c.label for c in cells} == set(experiments.LOSS_TUNING_ROWS)
+    assert {c.scenario().algorithm.beta for c in cells} == {winner}
+
+
+def test_table2_rows_read_the_sweeps_step_sizes_and_add_the_full_only_and_twenty_way_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path)
+    sweep = experiments.cells_for("lr-sweep", "5w1s", None, "cpu", tmp_path / "sweep")
+    rows = {c.row for c in sweep}
+    assert rows == set(experiments.TABLE2_ROWS) | {"fedmbo-full-only"} | {f"{r}-full-only" for r in experiments.SINGLE_LEVEL_ROWS}
+    per_row = {row: [c for c in sweep if c.row == row] for row in rows}
+    assert len(per_row["rabo"]) == len(per_row["dist-maml"]) == 16 and len(per_row["fiarse"]) == 4
+    assert all(c.scenario().run.final_test is False for c in sweep)
+    fiarse = per_row["fiarse"][2].scenario().algorithm
+    assert fiarse.alpha == fiarse.beta == experiments.GRID[2]  # one local rate for both sides
+
+    fake = [{"cell": c.label, "status": "budget", "kept_validation": 0.5 + 0.01 * i} for i, c in enumerate(sweep)]
+    chosen = experiments.choose_step_sizes(fake, sweep, "lr-sweep", "5w1s", "cpu")
+    assert chosen["rows"]["rabo"] == {"algorithm.alpha": 1.0, "algorithm.beta": 1.0}  # the last point scored best
+    best = chosen["best_single_level"]
+    assert best == max(experiments.SINGLE_LEVEL_ROWS, key=lambda r: chosen["validation"][r])
+    (tmp_path / "lr-sweep-cpu.yaml").write_text(yaml.safe_dump(chosen))
+
+    cells = {c.label: c.scenario() for c in experiments.cells_for("table2", "5w1s", None, "cpu", tmp_path / "t")}
+    assert set(cells) == set(experiments.TABLE2_ROWS) | {"fedmbo-full-only", f"{best}-full-only"}
+    assert (cells["rabo"].algorithm.alpha, cells["dist-maml"].algorithm.adapt_lr) == (1.0, 1.0)
+    full_only = cells["fedmbo-full-only"]
+    assert full_only.clients.min_capacity == 1.0 and full_only.clients.capacities == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    twenty = {c.label: c.scenario() for c in experiments.cells_for("table2", "20w5s", None, "cpu", tmp_path / "t20")}
+    assert set(twenty) == {"dist-protonet", "fedmbo", best, "rabo", "rafbo"}
+    assert all((s.task.n_way, s.task.k_shot) == (20, 5) for s in twenty.values())
     fifty = {c.label: c.scenario() for c in experiments.cells_for("scalability", "5w1s", ["rabo"], "cpu", tmp_path)}
     assert fifty["rabo-50"].clients.num == 50 and fifty["rabo-50"].task.shard_by == "character"
+    assert fifty["rabo-20"].task.shard_by == "alphabet" and fifty["rabo-50"].algorithm.alpha == 1.0
+
+
+def test_every_set_resolves_to_valid_cells_at_the_paper_scale(tmp_path):
+    """Every set's scenario files and overrides validate (nothing runs); the paper scale needs no sweep."""
+    sizes = {"table2": 10, "cx-star": 4, "loss-tuning": 7, "scalability": 8, "lr-sweep": 116, "loss-tuning-sweep": 4}
+    for name, count in sizes.items():
+        cells = experiments.cells_for(name, "20w5s", None, "paper", tmp_path)
+        assert len(cells) == count, name
+        for cell in cells:
+            scenario = cell.scenario()
+            assert scenario.results_path == tmp_path / "runs" / cell.label
+            if scenario.task.name == "fewshot" and name != "cx-star":
+                assert (scenario.task.n_way, scenario.task.k_shot) == (20, 5)
     placements = {c.label: c.scenario().algorithm.placement for c in experiments.cells_for("cx-star", "5w1s", None, "cpu", tmp_path)}
     assert placements["rabo-c1"] == [0, 1, 2, 3, 0, 0, 0, 0] and placements["rabo-c2"] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_cost_ratios_are_per_iteration_relative_to_fedmbo_on_every_client():
+    rows = [{"task": "fewshot", "algorithm": "fedmbo", "flops": 10.0, "bytes": 4.0, "iterations_run": 10},
+            {"task": "fewshot", "algorithm": "fedmbo", "min_capacity": 1.0, "flops": 2.0, "bytes": 1.0, "iterations_run": 10},
+            {"task": "fewshot", "algorithm": "rabo", "flops": 5.0, "bytes": 2.0, "iterations_run": 20}]
+    experiments.add_cost_ratios(rows)
+    assert (rows[2]["flops_vs_fedmbo"], rows[2]["bytes_vs_fedmbo"]) == (0.25, 0.25)
+    assert rows[2]["total_flops_vs_fedmbo"] == 0.5 and rows[0]["flops_vs_fedmbo"] == 1.0
+    assert rows[1]["flops_vs_fedmbo"] == 0.2  # the full-only row against FedMBO on all ten clients

@@ -16,7 +16,7 @@ from rabo_flwr.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
-TINY = {"algorithm.iterations": 2, "task.eval_episodes": 10, "model.width": 16, "algorithm.inner_steps": 3}
+TINY = {"algorithm.iterations": 2, "task.eval_episodes": 10, "task.val_episodes": 10, "model.width": 16, "algorithm.inner_steps": 3}
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,9 @@ def test_bare_flwr_run_with_flowers_default_federation_matches_the_plain_engine(
         assert f[loss] == pytest.approx(p[loss], rel=1e-4)
     evals = [r for r in flower if r["phase"] == "eval"]
     assert [e["iteration"] for e in evals] == [0, 2]
-    assert evals[-1]["test_accuracy"] == pytest.approx([r for r in plain if r["phase"] == "eval"][-1]["test_accuracy"], abs=0.02)
+    assert evals[-1]["val_accuracy"] == pytest.approx([r for r in plain if r["phase"] == "eval"][-1]["val_accuracy"], abs=0.02)
+    (test,) = [r for r in flower if r["phase"] == "test"]  # read once, on the model kept on validation
+    assert test["test_accuracy"] == pytest.approx([r for r in plain if r["phase"] == "test"][0]["test_accuracy"], abs=0.02)
     assert (results / "model.pt").is_file() and (results / "scenario.yaml").is_file()
 
 
@@ -132,7 +134,7 @@ def test_flwr_run_loss_tuning_miniature(home, tmp_path):
     assert all(r["clients_aggregated"] == 3 and r["uncovered_x"] == 0.0 for r in records if r["phase"] == "outer")
     assert all({"hg_iterations", "hg_negative_curvature", "hg_residual"} <= set(c) for r in records
                if r["phase"] == "outer" for c in r["clients"])
-    final = [r for r in records if r["phase"] == "eval"][-1]
+    (final,) = [r for r in records if r["phase"] == "test"]
     assert len(final["per_class_accuracy"]) == 10 and final["balanced_accuracy"] == pytest.approx(
         sum(final["per_class_accuracy"]) / 10)
 

@@ -24,7 +24,7 @@ from strategies import Rabo
 from tests.inprocess_grid import InProcessGrid
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"model": {"width": 8}, "task": {"eval_episodes": 8, "eval_steps": 5},
+TINY = {"model": {"width": 8}, "task": {"eval_episodes": 8, "val_episodes": 8, "eval_steps": 5},
         "algorithm": {"iterations": 2, "inner_steps": 2}, "clients": {"num": 3}}
 VOLATILE = {"wall_time", "client_wall_time_max", "aggregation_time", "eval_time", "peak_memory"}
 

@@ -1,8 +1,9 @@
 """The paper's single-level baselines of Table II: one phase per iteration, no hypergradient.
 
-Each client takes T fresh episodes of its shard (one per local step), trains, and replies
-``(w_0 - w_T) / lr`` per side; the server step with the same ``lr`` is the coverage-counted
-average of the clients' models (FedAvg when everyone holds everything).
+Each client takes its iteration's episode of its shard, the same one the bilevel rows' inner and
+outer phases use (so that an iteration means the same client data in every row), takes T local
+steps on it, and replies ``(w_0 - w_T) / lr`` per side; the server step with the same ``lr`` is
+the coverage-counted average of the clients' models (FedAvg when everyone holds everything).
 
 - Submodel rows (``static``, ``oap``, ``fedrolex``, ``fiarse``): backbone x and head y trained
   together on one objective, cross-entropy of the head on an episode's support and query images
@@ -37,12 +38,14 @@ from .base import Algorithm, ClientJob, LocalResult, Phase, leaves, loss_and_gra
 
 
 def _episodes(job: ClientJob) -> list[Episode]:
-    return job.task.client_episodes(job.partition, job.iteration, job.device, job.scenario.algorithm.inner_steps)
+    """The iteration's episode once per local step (T steps on one episode, as the bilevel inner steps)."""
+    (episode,) = job.task.client_episodes(job.partition, job.iteration, job.device, 1)
+    return [episode] * job.scenario.algorithm.inner_steps
 
 
 def _result(updates: dict, losses: list[float], episodes: list[Episode]) -> LocalResult:
-    """The reply of a phase of local steps: updates, first and last loss, examples seen."""
-    examples = sum(len(e.support_y) + len(e.query_y) for e in episodes)
+    """The reply of a phase of local steps: updates, first and last loss, distinct examples seen."""
+    examples = len(episodes[0].support_y) + len(episodes[0].query_y)
     return LocalResult(updates, {"loss_start": losses[0], "loss": losses[-1], "examples": examples})
 
 

@@ -369,6 +369,21 @@ class ClassShards:
         return np.sort(self.order[start:start + size + (shard < extra)])
 
 
+def hold_out_alphabets(alphabet_of_class: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) class ids: ``count`` whole alphabets, chosen with ``seed``, validate.
+
+    Whole alphabets, like the test split: validation measures what the test measures, few-shot
+    learning of unseen scripts, and no validation character is ever in a client's shard.
+    """
+    alphabet_of_class = np.asarray(alphabet_of_class, dtype=np.int64)
+    alphabets = np.unique(alphabet_of_class)
+    if not 1 <= count < len(alphabets):
+        raise DataError(f"cannot hold out {count} of the split's {len(alphabets)} alphabets as validation")
+    held = np.random.default_rng([seed, 1]).choice(alphabets, size=count, replace=False)
+    validation = np.isin(alphabet_of_class, held)
+    return np.flatnonzero(~validation), np.flatnonzero(validation)
+
+
 def shard_classes_by_alphabet(
     alphabet_of_class: np.ndarray, num_shards: int, seed: int
 ) -> list[np.ndarray]:

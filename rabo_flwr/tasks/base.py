@@ -73,13 +73,17 @@ class BilevelTask:
     num_partitions : int
         Number of client data partitions (usually ``scenario.clients.num``).
     main_metric : str
-        A key of :meth:`evaluate`'s result, higher is better: early stopping and summaries follow it.
+        A key of :meth:`evaluate`'s result on ``"val"``, higher is better: early stopping, the
+        choice of the model kept and summaries follow it.
+    test_metric : str
+        A key of :meth:`evaluate`'s result on ``"test"``: the number reported for the model kept.
     """
 
     x_layout: Layout
     y_layout: Layout
     num_partitions: int
-    main_metric: str  # the evaluation metric that early stopping and summaries follow
+    main_metric: str
+    test_metric: str
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         """The initial global ``(x, y)``, full size, floating point, seeded by ``seed`` (same seed, same tensors).
@@ -119,9 +123,12 @@ class BilevelTask:
         """
         return lambda y: self.lower_loss(x, y, batch)
 
-    def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
-        """Server-side metrics of the full global model: a dict of floats (or lists of floats)
-        including :attr:`main_metric`; recorded at iteration 0, every ``run.eval_every`` and at the end."""
+    def evaluate(self, x: Tensors, y: Tensors, device: torch.device, split: str) -> dict[str, float]:
+        """Server-side metrics of the full global model on ``split``: "val" (held out from the training
+        data; every choice reads it; recorded at iteration 0, every ``run.eval_every`` and at the end)
+        or "test" (read once, on the model kept, for reported numbers). A dict of floats (or lists of
+        floats) whose names start with the split's, including :attr:`main_metric` ("val") or
+        :attr:`test_metric` ("test")."""
         raise NotImplementedError
 
     def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:

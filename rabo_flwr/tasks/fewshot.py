@@ -2,10 +2,12 @@
 
 Lower level g: cross-entropy of the head on an episode's support set plus a ridge term
 (which makes g strongly convex in a linear head). Upper level f: cross-entropy on the same
-episode's query set. Characters of the background alphabets are sharded across clients
+episode's query set. ``task.val_alphabets`` whole background alphabets are held out as
+validation; the characters of the other background alphabets are sharded across clients
 (:class:`~rabo_flwr.data.omniglot.ClassShards`: whole alphabets, or characters, overlapping when
-there are more clients than ``n_way``-character shards); the evaluation alphabets are never
-trained on.
+there are more clients than ``n_way``-character shards). Validation episodes serve every choice
+(early stopping, the model kept, step sizes); the evaluation alphabets (test) are never trained
+on and are read once, for the reported number (``run.final_test``).
 
 ``task.labels`` says what the head classifies: ``episode`` (the bilevel rows, ProtoNet, MAML:
 an N-way head over an episode's own labels 0..N-1, fitted per episode) or ``global`` (the
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.omniglot import ClassShards, Episode, EpisodeSampler, load_omniglot, load_one_shot_runs
+from ..data.omniglot import ClassShards, Episode, EpisodeSampler, hold_out_alphabets, load_omniglot, load_one_shot_runs
 from ..models import build_head
 from ..models.backbones import build_backbone
 from ..cost import shapes
@@ -53,7 +55,8 @@ class FewShotTask(BilevelTask):
         self.x_layout = backbone.module.layout()
         self.y_layout = self.head.module.layout()
         self.num_partitions = scenario.clients.num
-        self.main_metric = "test_accuracy"
+        self.main_metric = "val_accuracy"
+        self.test_metric = "test_accuracy"
 
     # ------------------------------------------------------------------ data
 
@@ -63,15 +66,28 @@ class FewShotTask(BilevelTask):
         return split, EpisodeSampler(split.images, split.labels)
 
     @cached_property
-    def _shards(self) -> ClassShards:
-        """Each partition's characters, worked out when asked (the same memory for 10 or 10,000 clients)."""
+    def _background_classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) character ids of the background split."""
         split, _ = self._train
+        return hold_out_alphabets(split.alphabet_of_class, self.scenario.task.val_alphabets, self.scenario.seed)
+
+    @cached_property
+    def _shards(self) -> ClassShards:
+        """Each partition's share of the training characters (positions in ``_background_classes[0]``),
+        worked out when asked (the same memory for 10 or 10,000 clients)."""
+        split, _ = self._train
+        training, _ = self._background_classes
         cfg = self.scenario.task
-        return ClassShards(split.alphabet_of_class, self.scenario.clients.num, self.scenario.seed, by=cfg.shard_by,
-                           min_classes=cfg.n_way)
+        return ClassShards(split.alphabet_of_class[training], self.scenario.clients.num, self.scenario.seed,
+                           by=cfg.shard_by, min_classes=cfg.n_way)
+
+    def _classes_of(self, partition: int) -> np.ndarray:
+        """The character ids the partition holds."""
+        training, _ = self._background_classes
+        return training[self._shards[partition]]
 
     def prepare(self) -> None:
-        self._shards, self._eval_episodes  # noqa: B018 - loads and decodes both splits
+        self._shards, self._episodes("val"), self._episodes("test")  # noqa: B018 - loads and decodes both splits
         if self.scenario.task.eval_one_shot_runs:
             self._one_shot_runs  # noqa: B018
 
@@ -80,7 +96,7 @@ class FewShotTask(BilevelTask):
         cfg = self.scenario.task
         _, sampler = self._train
         gen = seeded_generator(self.scenario.seed, iteration, partition)
-        episodes = [sampler.sample(self._shards[partition], cfg.n_way, cfg.k_shot, cfg.n_query or None, gen)
+        episodes = [sampler.sample(self._classes_of(partition), cfg.n_way, cfg.k_shot, cfg.n_query or None, gen)
                     for _ in range(count)]
         return [Episode(e.support_x.to(device), e.support_y.to(device), e.query_x.to(device), e.query_y.to(device),
                         e.classes) for e in episodes]
@@ -127,7 +143,16 @@ class FewShotTask(BilevelTask):
     # ------------------------------------------------------------------ evaluation
 
     @cached_property
-    def _eval_episodes(self) -> list[Episode]:
+    def _validation_episodes(self) -> list[Episode]:
+        """A fixed, seeded set of episodes from the held-out background alphabets."""
+        cfg = self.scenario.task
+        _, sampler = self._train
+        _, classes = self._background_classes
+        gen = seeded_generator(self.scenario.seed, 2**31 - 2)
+        return [sampler.sample(classes, cfg.n_way, cfg.k_shot, cfg.n_query or None, gen) for _ in range(cfg.val_episodes)]
+
+    @cached_property
+    def _test_episodes(self) -> list[Episode]:
         """A fixed, seeded set of episodes from the evaluation alphabets (comparable across runs)."""
         cfg = self.scenario.task
         split = load_omniglot(background=False, image_size=cfg.image_size, download=cfg.download)
@@ -136,6 +161,12 @@ class FewShotTask(BilevelTask):
         seed = self.scenario.seed if cfg.eval_seed < 0 else cfg.eval_seed
         gen = seeded_generator(seed, 2**31 - 1)
         return [sampler.sample(classes, cfg.n_way, cfg.k_shot, cfg.n_query or None, gen) for _ in range(cfg.eval_episodes)]
+
+    def _episodes(self, split: str) -> list[Episode]:
+        """The fixed episodes of ``split``: "val" (held-out background alphabets) or "test" (evaluation alphabets)."""
+        if split not in ("val", "test"):
+            raise ValueError(f"unknown split {split!r} (val or test)")
+        return self._validation_episodes if split == "val" else self._test_episodes
 
     def _fit_heads(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
         """Ridge-regularised logistic regression per episode, all episodes at once, from zero."""
@@ -167,16 +198,16 @@ class FewShotTask(BilevelTask):
         logits = torch.einsum("end,ecd->enc", query, weight) + bias[:, None, :]
         return (logits.argmax(-1) == query_y).float().mean(-1).cpu()
 
-    def evaluate(self, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
+    def evaluate(self, x: Tensors, y: Tensors, device: torch.device, split: str) -> dict[str, float]:
         """Adapt a fresh head on each support set with the backbone x; report query accuracy.
 
-        ``test_accuracy`` is the mean over the fixed evaluation episodes and ``test_accuracy_se``
+        ``<split>_accuracy`` is the mean over the split's fixed episodes and ``<split>_accuracy_se``
         its standard error (standard deviation over episodes / sqrt(episodes)).
         """
-        per_episode = self._episode_accuracies(x, self._eval_episodes, self.scenario.task.n_way, device)
-        metrics = {"test_accuracy": float(per_episode.mean()),
-                   "test_accuracy_se": float(per_episode.std() / len(per_episode) ** 0.5) if len(per_episode) > 1 else 0.0}
-        if self.scenario.task.eval_one_shot_runs:
+        per_episode = self._episode_accuracies(x, self._episodes(split), self.scenario.task.n_way, device)
+        metrics = {f"{split}_accuracy": float(per_episode.mean()),
+                   f"{split}_accuracy_se": float(per_episode.std() / len(per_episode) ** 0.5) if len(per_episode) > 1 else 0.0}
+        if split == "test" and self.scenario.task.eval_one_shot_runs:
             metrics["one_shot_runs_accuracy"] = float(self._episode_accuracies(x, self._one_shot_runs, 20, device).mean())
         return metrics
 

@@ -2,7 +2,8 @@
 
 Lower level (each client i, its training split): g_i(x, w) = |A_i w - b_i|^2 / (2n) + sum_j exp(x_j) w_j^2 / 2,
 the ridge fit of the weights w = y["w"] with penalties lambda_j = exp(x_j), x = x["log_penalty"].
-Upper level (its validation split): f_i(w) = |V_i w - e_i|^2 / (2m).
+Upper level (its validation split): f_i(w) = |V_i w - e_i|^2 / (2m). A test split, drawn like the
+validation split, is read once for the reported number.
 
 The data are built so that the federation's optimum is known exactly. Every client's design
 has orthonormal columns scaled to A^T A / n = I (and V^T V / m = I), so the lower-level Hessian
@@ -33,14 +34,15 @@ class Options:
     features: int = 6
     samples: int = 40  # training examples per client
     val_samples: int = 40  # validation examples per client
+    test_samples: int = 40  # test examples per client
     noise: float = 0.5  # standard deviation of the residuals outside the features' span
     spread: float = 0.3  # how far each client's own data lie from the federation's
 
     def __post_init__(self):
         if self.features < 1:
             raise ValueError(f"features must be >= 1, got {self.features}")
-        if min(self.samples, self.val_samples) < self.features:
-            raise ValueError(f"samples and val_samples must be >= features ({self.features})")
+        if min(self.samples, self.val_samples, self.test_samples) < self.features:
+            raise ValueError(f"samples, val_samples and test_samples must be >= features ({self.features})")
         if self.noise < 0 or self.spread < 0:
             raise ValueError("noise and spread must be >= 0")
 
@@ -75,7 +77,7 @@ class RidgePenalties(BilevelTask):
         # no channel groups: both sides always travel whole (submodel masks are optional)
         self.x_layout = Layout(groups={}, dims={"log_penalty": (None,)})
         self.y_layout = Layout(groups={}, dims={"w": (None,)})
-        self.main_metric = "val_r2"
+        self.main_metric, self.test_metric = "val_r2", "test_r2"
         self.true_weights = np.array([(-1) ** j * (1.5 + 0.5 * j / max(features - 1, 1)) for j in range(features)])
 
     def optimal_penalties(self) -> torch.Tensor:
@@ -103,6 +105,17 @@ class RidgePenalties(BilevelTask):
             out.append(tuple(torch.tensor(t, dtype=torch.float32) for t in (a, b, v, e)))
         return out
 
+    @cached_property
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All clients' test split (T, t), drawn like their validation splits with offsets of its own."""
+        o, clients = self.options, self.num_partitions
+        rng = np.random.default_rng([self.seed, 1])
+        z = o.spread * rng.standard_normal((clients, o.features))
+        designs = [orthonormal_design(rng, o.test_samples, o.features) for _ in range(clients)]
+        t = [targets(rng, d, self.true_weights + offset, o.noise) for d, offset in zip(designs, z - z.mean(0))]
+        return (torch.tensor(np.concatenate(designs), dtype=torch.float32),
+                torch.tensor(np.concatenate(t), dtype=torch.float32))
+
     def init_tensors(self, seed: int):
         features = self.options.features
         return {"log_penalty": torch.zeros(features)}, {"w": torch.zeros(features)}
@@ -120,13 +133,13 @@ class RidgePenalties(BilevelTask):
         v, e = batch
         return (predict(v, y["w"]) - e).pow(2).mean() / 2
 
-    def evaluate(self, x, y, device):
-        """Validation loss over all clients' validation data, and its R^2 (the main metric)."""
-        v = torch.cat([d[2] for d in self.data])
-        e = torch.cat([d[3] for d in self.data])
+    def evaluate(self, x, y, device, split):
+        """Loss and R^2 over all clients' ``split`` ("val": validation, the main metric; "test")."""
+        v, e = ((torch.cat([d[2] for d in self.data]), torch.cat([d[3] for d in self.data])) if split == "val"
+                else self.test_data)
         residual = predict(v, y["w"].cpu()) - e
-        return {"val_loss": float(residual.pow(2).mean() / 2),
-                "val_r2": float(1 - residual.pow(2).sum() / (e - e.mean()).pow(2).sum())}
+        return {f"{split}_loss": float(residual.pow(2).mean() / 2),
+                f"{split}_r2": float(1 - residual.pow(2).sum() / (e - e.mean()).pow(2).sum())}
 
     def evaluate_client(self, partition, x, y, device):
         """Federated evaluation: the global weights on this client's own validation split."""
