@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -320,40 +323,114 @@ def _fraction(masks: dict[str, torch.Tensor]) -> float:
 
 
 class PlainRunner:
-    """The plain engine: every client runs in this process, one after another.
+    """The plain engine: the clients run in this process one after another, or, with
+    ``run.workers`` > 1, in a pool of that many worker processes.
 
     A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
     took longer than ``run.phase_timeout`` is dropped as late, as Flower would stop waiting for it.
+    Workers decide both the same way (a worker that dies fails the clients it had), and every
+    client computes the same numbers wherever it runs (its data and random choices are seeded by
+    iteration and partition), so the records are those of a sequential run at the workers' torch
+    thread count: each worker takes an equal share of this process's threads, at least one.
+    Workers are spawned on the first phase (each builds the scenario's task once, then serves
+    every phase) and stopped by :meth:`close`.
     """
 
     def __init__(self, scenario: Scenario, task: BilevelTask, device: torch.device):
         from clients import Client
 
         self.scenario = scenario
+        self.device = device
         self.clients = {p: Client(task, scenario, p, device) for p in range(scenario.clients.num)}
+        self.pool: ProcessPoolExecutor | None = None
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         return {p: None for p in self.clients}
 
     def run_phase(self, phase: Phase, iteration: int, assignments: list[Assignment]) -> list[Outcome]:
-        outcomes = []
-        for a in assignments:
-            start = time.perf_counter()
-            try:
-                updates, metrics = self.clients[a.partition].run(phase.name, iteration, a.arrays)
-            except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
-                outcomes.append(Outcome(a.partition, error=repr(err)))
-                continue
-            if time.perf_counter() - start > self.scenario.run.phase_timeout:
-                outcomes.append(Outcome(a.partition, error="late: took longer than run.phase_timeout"))
-                continue
-            outcomes.append(Outcome(a.partition, updates, metrics))
-        return outcomes
+        timeout = self.scenario.run.phase_timeout
+        if self.scenario.run.workers == 1:
+            return [call_client(self.clients[a.partition], phase.name, iteration, a.arrays, timeout) for a in assignments]
+        if self.pool is None:
+            threads = max(1, torch.get_num_threads() // self.scenario.run.workers)
+            self.pool = ProcessPoolExecutor(max_workers=self.scenario.run.workers,
+                                            mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(self.scenario, self.device, threads))
+        try:
+            futures = [self.pool.submit(_worker_phase, a.partition, phase.name, iteration, _to_numpy(a.arrays), timeout)
+                       for a in assignments]
+            replies = [_reply(f) for f in futures]
+        except BrokenProcessPool as err:  # the pool broke before this phase: no client got its work
+            replies = [err] * len(assignments)
+        if any(isinstance(r, BrokenProcessPool) for r in replies):
+            self.close()  # a broken pool serves nothing more; the next phase spawns a fresh one
+        return [Outcome(a.partition, error=f"worker process died: {r!r}") if isinstance(r, BrokenProcessPool) else r
+                for a, r in zip(assignments, replies)]
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def call_client(client, phase: str, iteration: int, arrays: dict[str, Tensors], timeout: float) -> Outcome:
+    """One client's phase as the loop sees it: its reply, or why there is none (it raised, or was late)."""
+    start = time.perf_counter()
+    try:
+        updates, metrics = client.run(phase, iteration, arrays)
+    except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
+        return Outcome(client.partition, error=repr(err))
+    if time.perf_counter() - start > timeout:
+        return Outcome(client.partition, error="late: took longer than run.phase_timeout")
+    return Outcome(client.partition, updates, metrics)
+
+
+# Arrays cross to and from workers as numpy arrays, pickled by value (torch's own pickling would
+# pass every tensor through shared memory and a file descriptor).
+
+def _to_numpy(arrays: dict[str, Tensors]) -> dict[str, dict]:
+    return {side: {k: v.numpy() for k, v in tensors.items()} for side, tensors in arrays.items()}
+
+
+def _to_torch(arrays: dict[str, dict]) -> dict[str, Tensors]:
+    return {side: {k: torch.from_numpy(v) for k, v in tensors.items()} for side, tensors in arrays.items()}
+
+
+_WORKER_CLIENTS: dict = {}  # in a worker process: partition -> Client, built once by _start_worker
+
+
+def _reply(future: Future) -> Outcome | BrokenProcessPool:
+    """A worker's outcome with torch updates, or the error of a worker that died (killed, out of memory)."""
+    try:
+        outcome = future.result()
+    except BrokenProcessPool as err:
+        return err
+    return outcome if outcome.updates is None else Outcome(outcome.partition, _to_torch(outcome.updates), outcome.metrics)
+
+
+def _start_worker(scenario: Scenario, device: torch.device, threads: int) -> None:
+    from clients import Client
+
+    from .runtime import cached_task
+
+    torch.set_num_threads(threads)
+    task = cached_task(scenario)  # its data load on the first client's batch; evaluation data stay unloaded
+    _WORKER_CLIENTS.update({p: Client(task, scenario, p, device) for p in range(scenario.clients.num)})
+
+
+def _worker_phase(partition: int, phase: str, iteration: int, arrays: dict[str, dict], timeout: float) -> Outcome:
+    outcome = call_client(_WORKER_CLIENTS[partition], phase, iteration, _to_torch(arrays), timeout)
+    return outcome if outcome.updates is None else Outcome(partition, _to_numpy(outcome.updates), outcome.metrics)
 
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:
-    """Run ``scenario`` without Flower: the same loop, clients called in this process."""
+    """Run ``scenario`` without Flower: the same loop, clients called in this process (or its workers)."""
     from .runtime import cached_task, choose_device
 
     task, device = cached_task(scenario), choose_device(scenario)
-    return TrainingLoop(scenario, task, PlainRunner(scenario, task, device), device, logger).run()
+    runner = PlainRunner(scenario, task, device)
+    try:
+        return TrainingLoop(scenario, task, runner, device, logger).run()
+    finally:
+        runner.close()

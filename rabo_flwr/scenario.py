@@ -131,6 +131,7 @@ class RunConfig:
     node_wait_timeout: float = 300.0  # seconds to wait for enough nodes to register
     count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter, counted once per unit and shape
     checkpoint_every: int = 0  # 0: no checkpoints
+    workers: int = 1  # plain engine: clients of a phase run in this many worker processes (1: one after another)
     resume: bool = False  # continue from results_dir/checkpoint.pt
     faults: list[Fault] = field(default_factory=list)
 
@@ -291,7 +292,7 @@ def validate(s: Scenario, source: str) -> Scenario:
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
                 "task.image_size", "task.eval_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
-                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout"):
+                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
     for key in ("task.val_fraction", "task.train_subsample", "task.test_subsample"):
