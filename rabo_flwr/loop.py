@@ -282,14 +282,16 @@ class TrainingLoop:
         return [r for r in self.writer.records if r["phase"] == "eval"]
 
     def _patience_exhausted(self) -> bool:
-        """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``."""
+        """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``
+        (beat: exceed, or for a task whose main metric is an error, fall below)."""
         run, key = self.scenario.run, self.task.main_metric
         if not run.patience:
             return False
+        sign = 1.0 if self.task.higher_is_better else -1.0
         best, since = -math.inf, 0
         for record in self._evaluations():
-            if record[key] > best + run.min_delta:
-                best, since = record[key], 0
+            if sign * record[key] > best + run.min_delta:
+                best, since = sign * record[key], 0
             else:
                 since += 1
         return since >= run.patience

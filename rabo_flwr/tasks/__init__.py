@@ -15,6 +15,10 @@ def build_task(scenario: Scenario) -> BilevelTask:
         from .loss_tuning import LossTuningTask
 
         return LossTuningTask(scenario)
+    if scenario.task.name == "quadratic":
+        from .quadratic import QuadraticTask
+
+        return QuadraticTask(scenario)
     raise ValueError(f"unknown task {scenario.task.name!r}")
 
 

@@ -55,6 +55,7 @@ class BilevelTask:
     y_layout: Layout
     num_partitions: int
     main_metric: str  # the evaluation metric that early stopping and summaries follow
+    higher_is_better: bool = True  # direction of main_metric (False for an error such as quadratic's x_error)
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
