@@ -8,6 +8,8 @@
 2. Hypergradient estimators: time, gradient evaluations, peak memory and error against
    ``exact`` at one client's (x, y) and batch, for every task that exists.
 3. Time per iteration against the number of clients and against capacity (plain loop).
+4. Both cores in one run: the plain engine's 10-client iteration with ``run.workers: 2`` (two
+   worker processes of one torch thread) against the clients one after another (one thread).
 
 Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
 (``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
@@ -60,12 +62,14 @@ def settings(quick: bool) -> dict[str, Any]:
                 "plain_threads": [1], "repeats": 1, "resnet12_width": 8,
                 "neumann_K": [5], "fd_coords": [16],
                 "scaling_iterations": 2, "scaling_base": {"model.width": 16},
-                "clients": [2, 4], "capacities": [1.0, 0.0625]}
+                "clients": [2, 4], "capacities": [1.0, 0.0625],
+                "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1}}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
             "scaling_iterations": 4, "scaling_base": {},
-            "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625]}
+            "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625],
+            "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3}}
 
 
 def machine() -> dict[str, Any]:
@@ -287,6 +291,24 @@ def scaling(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, list[dic
     return {"clients": by_clients, "capacity": by_capacity}
 
 
+# ---------------------------------------------------------------- part 4: both cores
+
+
+def parallel(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The plain engine on quickstart with 10 clients: one client after another against
+    ``run.workers: 2``, every process at 1 torch thread, alternated for ``rounds`` rounds so that
+    both see the same load. The workers are spawned in iteration 1's first phase, so the median
+    leaves their start-up out and ``first_s`` holds it."""
+    overrides = cfg["parallel"]["overrides"] | TINY_EVAL
+    rounds = []
+    for _ in range(cfg["parallel"]["rounds"]):
+        sequential, workers = plain_run(overrides, 1, work), plain_run(overrides | {"run.workers": 2}, 1, work)
+        rounds.append({"sequential": sequential, "workers": workers,
+                       "sequential_over_workers": sequential["median_s"] / workers["median_s"]})
+    return {"scenario": str(QUICKSTART.relative_to(REPO)), "overrides": overrides, "rounds": rounds,
+            "median_ratio": statistics.median(r["sequential_over_workers"] for r in rounds)}
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -340,6 +362,18 @@ def report(results: dict[str, Any]) -> str:
                      r["median_s"] / r["clients"]] for r in results["scaling"][key]]
             parts.append(table(f"Plain engine: time per iteration vs {label} (s, median)",
                                [label, "iteration", "inner", "outer", "per client"], rows))
+    if "parallel" in results:
+        par = results["parallel"]
+        runs = [(f"round {i + 1}: {label}", r[key]) for i, r in enumerate(par["rounds"])
+                for key, label in (("sequential", "one after another, 1 torch thread"),
+                                   ("workers", "run.workers 2, 1 torch thread each"))]
+        rows = [[label, r["median_s"], r["median_inner_s"], r["median_outer_s"], r["median_clients_compute_s"],
+                 r["first_s"], r["run_s"]] for label, r in runs]
+        parts.append(table("Plain engine, 10 clients: one after another or 2 worker processes (s per iteration, median)",
+                           ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
+                            "whole run"], rows))
+        ratios = ", ".join(f"{r['sequential_over_workers']:.3g}" for r in par["rounds"])
+        parts.append(f"One after another (1 thread) / 2 workers, per round: {ratios} (median {par['median_ratio']:.3g}).\n")
     return "\n".join(parts)
 
 
@@ -349,7 +383,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results.json, "
                         "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
-    parser.add_argument("--parts", default="flower,hypergradients,scaling", help="comma-separated subset")
+    parser.add_argument("--parts", default="flower,hypergradients,scaling,parallel", help="comma-separated subset")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or REPO / "benchmarks" / ("results-quick.json" if args.quick else "results.json")
@@ -374,6 +408,10 @@ def main() -> None:
         if "scaling" in parts:
             print("part 3: clients and capacity", flush=True)
             results["scaling"] = scaling(cfg, args.threads, Path(tmp))
+        if "parallel" in parts:
+            print("part 4: both cores in one run", flush=True)
+            results["parallel"] = parallel(cfg, Path(tmp))
+            torch.set_num_threads(args.threads)
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

@@ -18,6 +18,7 @@ from rabo_flwr.masks import scenario_policies
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.submodel import kept_count
+from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "scenarios" / "quadratic" / "base.yaml"
@@ -177,6 +178,14 @@ def test_early_stopping_follows_an_error_downwards(tmp_path):
     done = records[-1]
     assert done["stopped_early"] and 10 < done["iteration"] < 300
     assert last_eval(records)["x_error"] < 1e-4
+
+
+def test_flower_message_path_gives_the_plain_engines_records(tmp_path, one_thread):  # noqa: F811
+    """The task through the real strategy and ClientApp (in-process grid), with the paper's capacities."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25]}, "algorithm": {"iterations": 3}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, _ = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain) and last_eval(plain)["x_error"] < 0.9 * plain[0]["x_error"]
 
 
 @pytest.mark.parametrize("key,value,fragment", [
