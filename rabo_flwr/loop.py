@@ -303,7 +303,7 @@ class TrainingLoop:
         latest = self._evaluations()[-1]
         key = self.task.main_metric
         self.logger.info(f"iteration {q}/{total} | elapsed {format_duration(elapsed)} | left at most {format_duration(left)} | "
-                         f"{key} {latest[key]:.4f} (iteration {latest['iteration']})")
+                         f"{key} {latest[key]:.4g} (iteration {latest['iteration']})")
 
     def _summary(self, last: int, wall: float, stopped_early: bool) -> None:
         records, key = self.writer.records, self.task.main_metric
@@ -313,8 +313,8 @@ class TrainingLoop:
         wasted = sum(r["wasted_flops"] for r in phases) if flops >= 0 else -1
         traffic = sum(r["bytes_down"] + r["bytes_up"] for r in phases)
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
-        self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4f} (iteration "
-                         f"{evals[0]['iteration']}) -> {evals[-1][key]:.4f} (iteration {evals[-1]['iteration']}); "
+        self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4g} (iteration "
+                         f"{evals[0]['iteration']}) -> {evals[-1][key]:.4g} (iteration {evals[-1]['iteration']}); "
                          f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted), {traffic / 1e6:.1f} MB sent and received; "
                          f"results in {self.writer.directory}")
 
