@@ -13,6 +13,8 @@
    (``flwr run`` up to 1,000 clients, the plain engine up to 10,000), and a figure of both.
 5. Edge deployment: phase times of the README's trial (SuperLink and 3 SuperNodes on this
    machine) and one message's stages in a fresh process (imports, task and data, the phase).
+6. Both cores in one run: the plain engine's 10-client iteration with ``run.workers: 2`` (two
+   worker processes of one torch thread) against the clients one after another (one thread).
 
 Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
 (``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
@@ -70,14 +72,16 @@ def settings(quick: bool) -> dict[str, Any]:
                 "scaling_iterations": 2, "scaling_base": {"model.width": 16},
                 "clients": [2, 4], "capacities": [1.0, 0.0625],
                 "scale_iterations": 2, "scale_base": {"model.width": 16}, "scale_flower": [10, 100],
-                "scale_plain": [10, 100]}
+                "scale_plain": [10, 100],
+                "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1}}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
             "scaling_iterations": 4, "scaling_base": {},
             "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625],
             "scale_iterations": 6, "scale_base": {}, "scale_flower": [10, 100, 1000],
-            "scale_plain": [10, 100, 1000, 10000]}
+            "scale_plain": [10, 100, 1000, 10000],
+            "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3}}
 
 
 def machine() -> dict[str, Any]:
@@ -471,6 +475,22 @@ def deployment(cfg: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
                 v for k, v in stages.items() if k.endswith("_import_s") or k == "handle_s")
             messages.append({"phase": phase, "repeat": repeat, **stages})
     return {"run_config": EDGE_RUN, "capacities": EDGE_CAPACITIES, "run": run, "messages": messages}
+# ---------------------------------------------------------------- part 6: both cores
+
+
+def parallel(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The plain engine on quickstart with 10 clients: one client after another against
+    ``run.workers: 2``, every process at 1 torch thread, alternated for ``rounds`` rounds so that
+    both see the same load. The workers are spawned in iteration 1's first phase, so the median
+    leaves their start-up out and ``first_s`` holds it."""
+    overrides = cfg["parallel"]["overrides"] | TINY_EVAL
+    rounds = []
+    for _ in range(cfg["parallel"]["rounds"]):
+        sequential, workers = plain_run(overrides, 1, work), plain_run(overrides | {"run.workers": 2}, 1, work)
+        rounds.append({"sequential": sequential, "workers": workers,
+                       "sequential_over_workers": sequential["median_s"] / workers["median_s"]})
+    return {"scenario": str(QUICKSTART.relative_to(REPO)), "overrides": overrides, "rounds": rounds,
+            "median_ratio": statistics.median(r["sequential_over_workers"] for r in rounds)}
 
 
 # ---------------------------------------------------------------- output
@@ -561,6 +581,18 @@ def report(results: dict[str, Any]) -> str:
                            ["phase", "repeat", "interpreter + exit", "flwr import", "torch import",
                             "project import", "handler", "of which client.run", "whole process"],
                            [[m["phase"], m["repeat"], *[m.get(k) for k in keys]] for m in d["messages"]]))
+    if "parallel" in results:
+        par = results["parallel"]
+        runs = [(f"round {i + 1}: {label}", r[key]) for i, r in enumerate(par["rounds"])
+                for key, label in (("sequential", "one after another, 1 torch thread"),
+                                   ("workers", "run.workers 2, 1 torch thread each"))]
+        rows = [[label, r["median_s"], r["median_inner_s"], r["median_outer_s"], r["median_clients_compute_s"],
+                 r["first_s"], r["run_s"]] for label, r in runs]
+        parts.append(table("Plain engine, 10 clients: one after another or 2 worker processes (s per iteration, median)",
+                           ["engine", "iteration", "inner", "outer", "clients' compute (sum)", "iteration 1",
+                            "whole run"], rows))
+        ratios = ", ".join(f"{r['sequential_over_workers']:.3g}" for r in par["rounds"])
+        parts.append(f"One after another (1 thread) / 2 workers, per round: {ratios} (median {par['median_ratio']:.3g}).\n")
     return "\n".join(parts)
 
 
@@ -570,7 +602,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results.json, "
                         "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
-    parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment",
+    parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment,parallel",
                         help="comma-separated subset")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -603,6 +635,10 @@ def main() -> None:
         if "deployment" in parts:
             print("part 5: edge deployment", flush=True)
             results["deployment"] = deployment(cfg, args.threads, Path(tmp))
+        if "parallel" in parts:
+            print("part 6: both cores in one run", flush=True)
+            results["parallel"] = parallel(cfg, Path(tmp))
+            torch.set_num_threads(args.threads)
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

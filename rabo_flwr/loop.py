@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import time
 from contextlib import contextmanager
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -373,8 +376,8 @@ class TrainingLoop:
         if self.scenario.run.federated_eval:
             metrics |= {f"client_{k}": v for k, v in self.runner.evaluate_clients(q, self.state.x, self.state.y).items()}
         self.writer.log({"iteration": q, "phase": "eval", **metrics, "eval_time": time.perf_counter() - start})
-        key = self.task.main_metric
-        if self.kept is None or metrics[key] > self.kept[1]:
+        key, sign = self.task.main_metric, 1.0 if self.task.higher_is_better else -1.0
+        if self.kept is None or sign * metrics[key] > sign * self.kept[1]:
             copy = lambda tensors: {k: v.detach().clone() for k, v in tensors.items()}  # noqa: E731
             self.kept = (q, metrics[key], copy(self.state.x), copy(self.state.y))
 
@@ -392,14 +395,16 @@ class TrainingLoop:
         return [r for r in self.writer.records if r["phase"] == "eval"]
 
     def _patience_exhausted(self) -> bool:
-        """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``."""
+        """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``
+        (beat: exceed, or for a task whose main metric is an error, fall below)."""
         run, key = self.scenario.run, self.task.main_metric
         if not run.patience:
             return False
+        sign = 1.0 if self.task.higher_is_better else -1.0
         best, since = -math.inf, 0
         for record in self._evaluations():
-            if record[key] > best + run.min_delta:
-                best, since = record[key], 0
+            if sign * record[key] > best + run.min_delta:
+                best, since = sign * record[key], 0
             else:
                 since += 1
         return since >= run.patience
@@ -411,7 +416,7 @@ class TrainingLoop:
         latest = self._evaluations()[-1]
         key = self.task.main_metric
         self.logger.info(f"iteration {q}/{total} | elapsed {format_duration(elapsed)} | left at most {format_duration(left)} | "
-                         f"{key} {latest[key]:.4f} (iteration {latest['iteration']})")
+                         f"{key} {latest[key]:.4g} (iteration {latest['iteration']})")
 
     def _summary(self, last: int, wall: float, stopped_early: bool) -> None:
         records, key = self.writer.records, self.task.main_metric
@@ -422,8 +427,8 @@ class TrainingLoop:
         uncounted = f"; {uncounted} replies without a FLOP count" if uncounted else ""
         traffic = sum(r["bytes_down"] + r["bytes_up"] for r in phases)
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
-        self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4f} (iteration "
-                         f"{evals[0]['iteration']}) -> {evals[-1][key]:.4f} (iteration {evals[-1]['iteration']}); "
+        self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4g} (iteration "
+                         f"{evals[0]['iteration']}) -> {evals[-1][key]:.4g} (iteration {evals[-1]['iteration']}); "
                          f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and received; "
                          f"results in {self.writer.directory}")
 
@@ -445,12 +450,19 @@ def _fraction(masks: dict[str, torch.Tensor]) -> float:
 
 
 class PlainRunner:
-    """The plain engine: every client runs in this process, one after another.
+    """The plain engine: the clients run in this process one after another, or, with
+    ``run.workers`` > 1, in a pool of that many worker processes.
 
     A client is made when it is sampled (nothing is kept per partition, so 1,000 clients cost
-    what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is in Flower); one whose phase
-    took longer than ``run.phase_timeout`` is dropped as late, as Flower would stop waiting for it.
-    Clients run with the thread count the process had when the runner was made, not the server's.
+    what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is
+    in Flower); one whose phase took longer than ``run.phase_timeout`` is dropped as late, as
+    Flower would stop waiting for it. Clients run with the thread count the process had when the
+    runner was made, not the server's. Workers decide both the same way (a worker that dies fails
+    the clients it had), and every client computes the same numbers wherever it runs (its data
+    and random choices are seeded by iteration and partition), so the records are those of a
+    sequential run at the workers' torch thread count: each worker takes an equal share of the
+    clients' threads, at least one. Workers are spawned on the first phase (each builds the
+    scenario's task once, then serves every phase) and stopped by :meth:`close`.
     """
 
     def __init__(self, scenario: Scenario, task: BilevelTask, device: torch.device):
@@ -459,24 +471,40 @@ class PlainRunner:
         self.scenario = scenario
         self.client = lambda partition: Client(task, scenario, partition, device)
         self.client_threads = torch.get_num_threads()
+        self.device = device
+        self.pool: ProcessPoolExecutor | None = None
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         return dict.fromkeys(range(self.scenario.clients.num))
 
     def run_phase(self, phase_round: PhaseRound) -> None:
-        with torch_threads(self.client_threads):
-            outcomes = [self._run_client(phase_round, a) for a in phase_round.assignments]
+        if self.scenario.run.workers == 1:
+            with torch_threads(self.client_threads):
+                outcomes = [self._run_client(phase_round, a) for a in phase_round.assignments]
+        else:
+            outcomes = self._run_in_workers(phase_round)
         phase_round.finish(outcomes)  # the server's work, on the server's threads
 
     def _run_client(self, phase_round: PhaseRound, a: Assignment) -> Outcome:
-        start = time.perf_counter()
+        return call_client(self.client(a.partition), phase_round.phase.name, phase_round.iteration, a.arrays,
+                           self.scenario.run.phase_timeout)
+
+    def _run_in_workers(self, phase_round: PhaseRound) -> list[Outcome]:
+        assignments, workers = phase_round.assignments, self.scenario.run.workers
+        if self.pool is None:
+            threads = max(1, self.client_threads // workers)
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_worker, initargs=(self.scenario, self.device, threads))
         try:
-            updates, metrics = self.client(a.partition).run(phase_round.phase.name, phase_round.iteration, a.arrays)
-        except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
-            return Outcome(a.partition, error=repr(err))
-        if time.perf_counter() - start > self.scenario.run.phase_timeout:
-            return Outcome(a.partition, error="late: took longer than run.phase_timeout")
-        return Outcome(a.partition, updates, metrics)
+            futures = [self.pool.submit(_worker_phase, a.partition, phase_round.phase.name, phase_round.iteration,
+                                        _to_numpy(a.arrays), self.scenario.run.phase_timeout) for a in assignments]
+            replies = [_reply(f) for f in futures]
+        except BrokenProcessPool as err:  # the pool broke before this phase: no client got its work
+            replies = [err] * len(assignments)
+        if any(isinstance(r, BrokenProcessPool) for r in replies):
+            self.close()  # a broken pool serves nothing more; the next phase spawns a fresh one
+        return [Outcome(a.partition, error=f"worker process died: {r!r}") if isinstance(r, BrokenProcessPool) else r
+                for a, r in zip(assignments, replies)]
 
     def evaluate_clients(self, iteration: int, x: Tensors, y: Tensors) -> dict[str, float]:
         replies = []
@@ -488,10 +516,71 @@ class PlainRunner:
                     LOGGER.warning(f"iteration {iteration} evaluation: partition {partition} failed: {err!r}")
         return mean_client_metrics(replies)
 
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def call_client(client, phase: str, iteration: int, arrays: dict[str, Tensors], timeout: float) -> Outcome:
+    """One client's phase as the loop sees it: its reply, or why there is none (it raised, or was late)."""
+    start = time.perf_counter()
+    try:
+        updates, metrics = client.run(phase, iteration, arrays)
+    except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
+        return Outcome(client.partition, error=repr(err))
+    if time.perf_counter() - start > timeout:
+        return Outcome(client.partition, error="late: took longer than run.phase_timeout")
+    return Outcome(client.partition, updates, metrics)
+
+
+# Arrays cross to and from workers as numpy arrays, pickled by value (torch's own pickling would
+# pass every tensor through shared memory and a file descriptor).
+
+def _to_numpy(arrays: dict[str, Tensors]) -> dict[str, dict]:
+    return {side: {k: v.numpy() for k, v in tensors.items()} for side, tensors in arrays.items()}
+
+
+def _to_torch(arrays: dict[str, dict]) -> dict[str, Tensors]:
+    return {side: {k: torch.from_numpy(v) for k, v in tensors.items()} for side, tensors in arrays.items()}
+
+
+_WORKER: dict = {}  # in a worker process: the scenario's task, scenario and device, set once by _start_worker
+
+
+def _reply(future: Future) -> Outcome | BrokenProcessPool:
+    """A worker's outcome with torch updates, or the error of a worker that died (killed, out of memory)."""
+    try:
+        outcome = future.result()
+    except BrokenProcessPool as err:
+        return err
+    return outcome if outcome.updates is None else Outcome(outcome.partition, _to_torch(outcome.updates), outcome.metrics)
+
+
+def _start_worker(scenario: Scenario, device: torch.device, threads: int) -> None:
+    from .runtime import cached_task
+
+    torch.set_num_threads(threads)
+    # the task's training data load on the first client's batch; evaluation data stay unloaded
+    _WORKER.update(task=cached_task(scenario), scenario=scenario, device=device)
+
+
+def _worker_phase(partition: int, phase: str, iteration: int, arrays: dict[str, dict], timeout: float) -> Outcome:
+    from clients import Client
+
+    client = Client(_WORKER["task"], _WORKER["scenario"], partition, _WORKER["device"])
+    outcome = call_client(client, phase, iteration, _to_torch(arrays), timeout)
+    return outcome if outcome.updates is None else Outcome(partition, _to_numpy(outcome.updates), outcome.metrics)
+
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:
-    """Run ``scenario`` without Flower: the same loop, clients called in this process."""
+    """Run ``scenario`` without Flower: the same loop, clients called in this process (or its workers)."""
     from .runtime import cached_task, choose_device
 
     task, device = cached_task(scenario), choose_device(scenario)
-    return TrainingLoop(scenario, task, PlainRunner(scenario, task, device), device, logger).run()
+    runner = PlainRunner(scenario, task, device)
+    try:
+        return TrainingLoop(scenario, task, runner, device, logger).run()
+    finally:
+        runner.close()

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-TASKS = ("fewshot", "loss-tuning")
+TASKS = ("fewshot", "loss-tuning", "quadratic")
 FAULT_KINDS = ("raise", "sleep", "block", "nan", "wrong-shape", "huge")
 
 
@@ -55,6 +55,14 @@ class TaskConfig:
     x_init: str = "neutral"  # "neutral" (plain cross-entropy) or "vs-recommended" (Kini et al.'s fixed values)
     vs_gamma: float = 0.3  # VS loss's recommended Delta_c = (n_c / n_max)^gamma
     vs_tau: float = 1.0  # VS loss's recommended l_c = tau * log(prior_c)
+    # quadratic (synthetic, closed-form answer; tasks/quadratic.py gives the formulas)
+    channels: int = 16  # rows h of x and y: the channel group a client of capacity r keeps ceil(r h) of
+    x_dim: int = 4  # columns p of x (never pruned)
+    y_dim: int = 6  # columns q of y (never pruned)
+    condition: float = 2.0  # the lower level's Hessian A has eigenvalues spread over [1, condition]
+    upper_l2: float = 0.1  # mu in f_i = 0.5 ||y - b_i||^2 + 0.5 mu ||x||^2
+    heterogeneity: float = 1.0  # spread of the clients' linear terms c_i and targets b_i
+    hessian_heterogeneity: float = 0.0  # spread of the clients' A_i and B_i (> 0: local hypergradients are biased)
 
 
 @dataclass
@@ -138,6 +146,7 @@ class RunConfig:
     count_flops: bool = True  # FLOPs per phase via torch.utils.flop_counter, counted once per unit and shape
     federated_eval: bool = False  # at each evaluation, every client also evaluates on its own held-out data
     checkpoint_every: int = 0  # 0: no checkpoints
+    workers: int = 1  # plain engine: clients of a phase run in this many worker processes (1: one after another)
     resume: bool = False  # continue from results_dir/checkpoint.pt
     faults: list[Fault] = field(default_factory=list)
 
@@ -310,7 +319,7 @@ def validate(s: Scenario, source: str) -> Scenario:
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
                 "task.image_size", "task.eval_episodes", "task.val_alphabets", "task.val_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
-                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout"):
+                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
     for key in ("task.val_fraction", "task.train_subsample", "task.test_subsample"):
@@ -326,6 +335,12 @@ def validate(s: Scenario, source: str) -> Scenario:
         raise _fail(source, "task.eval_seed", f"must be -1 (the scenario's seed) or >= 0, got {s.task.eval_seed}")
     if s.run.divergence_factor and s.run.divergence_factor <= 1:
         raise _fail(source, "run.divergence_factor", f"must be 0 (off) or > 1, got {s.run.divergence_factor}")
+    for key in ("task.channels", "task.x_dim", "task.y_dim", "task.upper_l2"):
+        _check_positive(source, key, getattr(s.task, key.split(".")[1]))
+    for key in ("task.heterogeneity", "task.hessian_heterogeneity"):
+        _check_positive(source, key, getattr(s.task, key.split(".")[1]), allow_zero=True)
+    if s.task.condition < 1:
+        raise _fail(source, "task.condition", f"must be >= 1 (the ratio of the largest to the smallest eigenvalue), got {s.task.condition}")
     if algorithm.full_model:
         for key, capacities in [("clients.capacities", s.clients.capacities)] + [
                 (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:

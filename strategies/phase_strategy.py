@@ -188,8 +188,9 @@ class PhaseStrategy(Strategy):
         -------
         Result
             The final x and y (``arrays``), each phase's aggregated record (``train_metrics_clientapp``),
-            the server-side evaluations (``evaluate_metrics_serverapp``) and, with ``run.federated_eval``,
-            the clients' (``evaluate_metrics_clientapp``), indexed by server round.
+            the server-side validation evaluations (``evaluate_metrics_serverapp``; the last round's
+            also holds the test metrics of the model kept, and ``kept_iteration``) and, with
+            ``run.federated_eval``, the clients' (``evaluate_metrics_clientapp``), indexed by server round.
         """
         per_iteration = self.rounds_per_iteration
         if num_rounds <= 0 or num_rounds % per_iteration:
@@ -239,6 +240,12 @@ class PhaseStrategy(Strategy):
                     {k: v for k, v in r.items() if not k.startswith("client_")})
                 if clients:
                     result.evaluate_metrics_clientapp[server_round] = metric_record(clients)
+        for r in records:
+            if r["phase"] == "test":  # read once, on the model kept: with the last round's evaluation
+                last = max(result.evaluate_metrics_serverapp)
+                test = {k: v for k, v in r.items() if k.startswith("test_") or k == self._task().test_metric}
+                result.evaluate_metrics_serverapp[last] = metric_record(
+                    dict(result.evaluate_metrics_serverapp[last]) | test | {"kept_iteration": r["iteration"]})
         return result
 
     # ------------------------------------------------------------------ the loop's engine: phases

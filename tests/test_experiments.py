@@ -51,7 +51,7 @@ def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_ano
     assert (tmp_path / "cx-star_accuracy.png").stat().st_size > 1000
     summary = {r["cell"]: r for r in json.loads((tmp_path / "cx-star.json").read_text())}
     rabo = summary["rabo-c1"]
-    assert rabo["curve"][-1][1] == float(rows["rabo-c1"]["final"])
+    assert rabo["curve"][-1][1] == float(rows["rabo-c1"]["final_validation"])
     assert rabo["x_elements_by_capacity"] == {"0.25": 2 * 9 + 2 * 2 + 3 * (2 * 2 * 9 + 2 * 2)}  # conv + BatchNorm, 2 channels a group
     records = read_metrics(tmp_path / "runs" / "rabo-c1" / "metrics.jsonl")
     (test,) = [r for r in records if r["phase"] == "test"]

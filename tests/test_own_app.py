@@ -81,7 +81,10 @@ def test_a_users_server_app_gets_flowers_result_with_the_plain_engines_model(tmp
         assert metrics["iteration"] == record["iteration"] and metrics["clients_aggregated"] == 3
         assert metrics["C_x*"] == record["C_x*"] and metrics["flops"] == record["flops"]
     final = [r for r in plain.records if r["phase"] == "eval"][-1]
-    assert result.evaluate_metrics_serverapp[4]["test_accuracy"] == final["test_accuracy"]
+    assert result.evaluate_metrics_serverapp[4]["val_accuracy"] == final["val_accuracy"]
+    (test,) = [r for r in plain.records if r["phase"] == "test"]
+    assert result.evaluate_metrics_serverapp[4]["test_accuracy"] == test["test_accuracy"]
+    assert result.evaluate_metrics_serverapp[4]["kept_iteration"] == test["iteration"]
 
 
 def test_federated_evaluation_beside_the_server_side_one_in_both_engines(tmp_path, one_thread):
@@ -97,10 +100,10 @@ def test_federated_evaluation_beside_the_server_side_one_in_both_engines(tmp_pat
     n_way, n_query = 5, 5  # quickstart's episodes; each client evaluates eval_episodes // clients = 8 // 3 = 2
     for e in evals:
         assert e["client_clients"] == 3 and e["client_examples"] == 3 * 2 * n_way * n_query
-        assert 0.0 <= e["client_accuracy"] <= 1.0 and "test_accuracy" in e
+        assert 0.0 <= e["client_accuracy"] <= 1.0 and "val_accuracy" in e
     assert sorted(result.evaluate_metrics_clientapp) == [0, 4]
     assert result.evaluate_metrics_clientapp[4]["accuracy"] == evals[-1]["client_accuracy"]
-    assert result.evaluate_metrics_serverapp[4]["test_accuracy"] == evals[-1]["test_accuracy"]
+    assert result.evaluate_metrics_serverapp[4]["val_accuracy"] == evals[-1]["val_accuracy"]
 
 
 def test_a_clients_evaluation_is_its_own_partitions_example_weighted(tmp_path):
@@ -165,11 +168,11 @@ def own_task(tmp_path: Path, task: dict) -> Path:
     ({"name": "ridge_penalties.task:Missing"}, "task.name: module ridge_penalties.task has no Missing"),
     ({"name": "ridge_penalties.task:Options"}, "task.name: ridge_penalties.task:Options is not a subclass of rabo_flwr.tasks.BilevelTask"),
     ({"name": "ridge_penalties.task:RidgePenalties", "options": {"featurs": 3}},
-     "task.options.featurs: unknown key (known: features, noise, samples, spread, val_samples)"),
+     "task.options.featurs: unknown key (known: features, noise, samples, spread, test_samples, val_samples)"),
     ({"name": "ridge_penalties.task:RidgePenalties", "options": {"features": "six"}},
      "task.options.features: expected an integer, got 'six'"),
     ({"name": "ridge_penalties.task:RidgePenalties", "options": {"features": 50}},
-     "task.options: samples and val_samples must be >= features (50)"),
+     "task.options: samples, val_samples and test_samples must be >= features (50)"),
     ({"name": "ridge_penalties.task:RidgePenalties", "options": [1]}, "task.options: expected a mapping, got list"),
     ({"name": "ridge_penalties.task:RidgePenalties", "n_way": 3},
      "task.n_way: not an option of ridge_penalties.task:RidgePenalties (its options go under task.options)"),

@@ -31,8 +31,9 @@ def test_validation_and_test_episodes_share_no_character_and_no_client_holds_a_v
     background = load_omniglot(background=True)
     evaluation = load_omniglot(background=False)
     training, validation = task._background_classes
-    shards = task._shards
-    assert len(shards) == 10 and set(np.concatenate(shards)) == set(training)  # every training character, once
+    shards = [task._classes_of(p) for p in range(scenario.clients.num)]
+    assert len(shards) == 10 and len(np.concatenate(shards)) == len(training)
+    assert set(np.concatenate(shards)) == set(training)  # every training character, once
     assert set(training).isdisjoint(validation) and len(training) + len(validation) == len(background.class_names)
     held = set(background.alphabet_of_class[validation])
     assert len(held) == 5 and held.isdisjoint(background.alphabet_of_class[training])  # whole alphabets

@@ -31,6 +31,10 @@ def build_task(scenario: Scenario) -> BilevelTask:
         from .loss_tuning import LossTuningTask
 
         return LossTuningTask(scenario)
+    if scenario.task.name == "quadratic":
+        from .quadratic import QuadraticTask
+
+        return QuadraticTask(scenario)
     if ":" in scenario.task.name:
         return task_class(scenario.task.name)(scenario)
     raise ValueError(f"unknown task {scenario.task.name!r}")

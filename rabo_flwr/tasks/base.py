@@ -73,8 +73,11 @@ class BilevelTask:
     num_partitions : int
         Number of client data partitions (usually ``scenario.clients.num``).
     main_metric : str
-        A key of :meth:`evaluate`'s result on ``"val"``, higher is better: early stopping, the
-        choice of the model kept and summaries follow it.
+        A key of :meth:`evaluate`'s result on ``"val"``: early stopping, the choice of the model
+        kept and summaries follow it.
+    higher_is_better : bool
+        The direction of :attr:`main_metric` (default True; False for an error, such as the
+        ``quadratic`` task's ``x_error``).
     test_metric : str
         A key of :meth:`evaluate`'s result on ``"test"``: the number reported for the model kept.
     """
@@ -84,6 +87,7 @@ class BilevelTask:
     num_partitions: int
     main_metric: str
     test_metric: str
+    higher_is_better: bool = True
 
     def init_tensors(self, seed: int) -> tuple[Tensors, Tensors]:
         """The initial global ``(x, y)``, full size, floating point, seeded by ``seed`` (same seed, same tensors).
@@ -127,8 +131,8 @@ class BilevelTask:
         """Server-side metrics of the full global model on ``split``: "val" (held out from the training
         data; every choice reads it; recorded at iteration 0, every ``run.eval_every`` and at the end)
         or "test" (read once, on the model kept, for reported numbers). A dict of floats (or lists of
-        floats) whose names start with the split's, including :attr:`main_metric` ("val") or
-        :attr:`test_metric` ("test")."""
+        floats) including :attr:`main_metric` ("val") or :attr:`test_metric` ("test"), named after
+        the split where the metric reads data (``val_accuracy``, ``test_accuracy``)."""
         raise NotImplementedError
 
     def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:
