@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
+from rabo_flwr.algorithms.fednest import FedNest
 from rabo_flwr.scenario import Scenario
 
 from .phase_strategy import PhaseStrategy
@@ -20,12 +21,14 @@ class Rabo(PhaseStrategy):
     likewise. The scenario's ``algorithm.name`` picks the member: ``rabo`` (exact hypergradient,
     importance masks), ``rafbo`` (finite-difference hypergradient, Algorithm 2 of the paper),
     ``fedmbo`` (Neumann series, full model), ``fedavg`` (the inner phase alone, x fixed); its
-    ``estimator``, ``mask_x`` and ``mask_y`` override the member's own.
+    ``estimator``, ``mask_x`` and ``mask_y`` override the member's own. The federated bilevel family
+    runs here too, with its own rounds per iteration: ``fednest`` and ``lfednest``
+    (``rabo_flwr/algorithms/fednest.py``; FedNest sends its server variables q, p, v, h beside x and y).
 
     Implementation based on arXiv:2512.24667. Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly)))
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly, FedNest)))
 
 
 class SinglePhase(PhaseStrategy):

@@ -1,0 +1,119 @@
+"""FedNest and LFedNest (rabo_flwr/algorithms/fednest.py): one iteration against a hand computation,
+convergence on the quadratic task, the reduction of LFedNest to the fedmbo row, and the Flower path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.loop import PlainRunner, TrainingLoop
+from rabo_flwr.scenario import load_scenario
+from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
+from tests.test_quadratic import last_eval, run, small
+from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
+
+CPU = torch.device("cpu")
+QUIET = logging.getLogger("quiet")
+
+
+def two_client_problem() -> list[ClientProblem]:
+    """NOTES.md's P2 in the quadratic task's terms: g_i = 0.5 A_i y^2 - B_i x y, f_i = 0.5 (y - b_i)^2 + 0.5 x^2
+    with A = (1, 3), B = (2, 0), b = (1, 3), c = 0: y*(x) = x / 2, grad F(x) = 1.25 x - 1, x* = 0.8."""
+    def scalar(v):
+        return torch.tensor([[v]], dtype=torch.float64)
+    return [ClientProblem(scalar(1.0), scalar(2.0), torch.zeros(1, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)),
+            ClientProblem(scalar(3.0), scalar(0.0), torch.zeros(1, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64))]
+
+
+def one_iteration(tmp_path: Path, name: str, **algorithm):
+    """One iteration of ``name`` on P2 from x = 1, y = 0 through the loop and the plain engine: (records, state)."""
+    path = small(tmp_path, task={"channels": 1, "x_dim": 1, "y_dim": 1, "upper_l2": 1.0},
+                 clients={"num": 2, "capacities": [1.0]},
+                 algorithm={"name": name, "iterations": 1, "inner_steps": 2, "beta": 0.25, "alpha": 0.5,
+                            "neumann_terms": 2, "neumann_step": 0.25, **algorithm},
+                 run={"eval_every": 0, "final_test": False})
+    scenario = load_scenario(path)
+    task = QuadraticTask(scenario)
+    task.problems = two_client_problem()  # the cached property's value, set before anything reads it
+    loop = TrainingLoop(scenario, task, PlainRunner(scenario, task, CPU), CPU, QUIET)
+    result = loop.run(initial=({"x": torch.ones(1, 1)}, {"y": torch.zeros(1, 1)}))
+    return result.records, result.state
+
+
+def value(state, side: str) -> float:
+    return float(state.tensors[side][side if side in ("x", "y") else {"q": "y", "p": "y", "v": "y", "h": "x"}[side]])
+
+
+def test_fednest_one_iteration_matches_the_hand_computation(tmp_path):
+    """T = 1, tau = 2, beta = 1/4, N = 2, eta = 1/4, tau_out = 2, alpha = 1/2 (NOTES.md 1.6):
+    q = mean(A_i 0 - B_i 1) = -1; FedSVRG's local steps give 7/16 and 5/16, y+ = 3/8 (two GD steps on
+    the mean g); b = mean(y+ - b_i) = -13/8; v = eta sum_{n<=2} (1 - 2 eta)^n b = -91/128; h_i = x + B_i v,
+    h = 37/128; the local x-steps (J constant) give x - 2 alpha h = 401/512 on both clients."""
+    records, state = one_iteration(tmp_path, "fednest", outer_steps=2)
+    phases = [r["phase"] for r in records if "clients_sent" in r]
+    assert phases == ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad", "outer"]  # 2T + N + 3
+    expected = {"q": -1.0, "y": 0.375, "v": -0.7109375, "h": 0.2890625, "x": 0.783203125}
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_fednest_with_one_local_x_step_steps_x_in_the_hypergradient_round(tmp_path):
+    """tau_out = 1: x+ = x - alpha h = 1 - 37/256, in 2T + N + 2 rounds and without the side h."""
+    records, state = one_iteration(tmp_path, "fednest", outer_steps=1)
+    assert [r["phase"] for r in records if "clients_sent" in r][-1] == "hypergrad"
+    assert "h" not in state.tensors
+    assert value(state, "x") == pytest.approx(1 - 0.5 * 0.2890625, abs=1e-6)
+
+
+@pytest.mark.parametrize("outer_steps,x_next", [
+    # client i: h_i(x) = x + B_i v_i with v_1 = eta sum_{n<=2} (1 - eta)^n (7/16 - 1) = -333/1024, v_2 = ...,
+    # B_2 = 0; one step: 1 - (1 - 333/512) / 2 and 1/2, mean 0.66259765625 (NOTES.md 1.6);
+    # two steps: x -> x - (x - 333/512) / 2 twice = 0.73779296875 and 1/4, mean 0.493896484375.
+    (1, 0.66259765625), (2, 0.493896484375)])
+def test_lfednest_one_iteration_matches_the_hand_computation(tmp_path, outer_steps, x_next):
+    """FedAvg inner rounds (tau = 2): client 1's y goes 0 -> 1/2 -> 7/8, client 2's stays 0, y+ = 7/16 (drift,
+    against FedSVRG's 3/8); then each client's own Neumann hypergradient, recomputed at each local x."""
+    records, state = one_iteration(tmp_path, "lfednest", outer_steps=outer_steps)
+    assert [r["phase"] for r in records if "clients_sent" in r] == ["inner", "outer"]  # T + 1
+    assert value(state, "y") == pytest.approx(0.4375, abs=1e-6)
+    assert value(state, "x") == pytest.approx(x_next, abs=1e-6)
+
+
+def test_phase_lists_follow_the_scenario():
+    scenario = load_scenario(Path(__file__).resolve().parent.parent / "scenarios" / "quadratic" / "base.yaml",
+                             {"algorithm.name": "fednest", "algorithm.inner_rounds": 2, "algorithm.neumann_terms": 3,
+                              "algorithm.inner_optimizer": "sgd"})
+    names = [p.name for p in ALGORITHMS["fednest"].phases(scenario)]
+    assert names == ["inner.1", "inner.2", "ihgp_grad", "ihgp.1", "ihgp.2", "ihgp.3", "hypergrad"]  # T + N + 2
+
+
+@pytest.mark.parametrize("name", ["fednest", "lfednest"])
+def test_algorithm_drives_x_error_below_1e_2(tmp_path, name):
+    records, _ = run(small(tmp_path, algorithm={"name": name, "neumann_terms": 8, "neumann_step": 0.5}))
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals[0]["x_error"] > 0.5 and evals[-1]["x_error"] < 1e-2
+
+
+def test_lfednest_with_one_round_and_one_local_step_is_the_fedmbo_row(tmp_path):
+    """LFedNest (T = tau_out = 1, FedAvg inner rounds) and fedmbo with the same Neumann terms and step
+    send the same messages and compute the same numbers: their records agree."""
+    lfednest, _ = run(small(tmp_path / "l", algorithm={"name": "lfednest", "iterations": 5, "neumann_terms": 3,
+                                                        "neumann_step": 0.4}))
+    fedmbo, _ = run(small(tmp_path / "f", algorithm={"name": "fedmbo", "iterations": 5,
+                                                      "estimator_options": {"K": 4, "step": 0.4}}))
+    assert stable(lfednest) == stable(fedmbo)
+
+
+def test_fednest_through_flower_gives_the_plain_engines_records(tmp_path, one_thread):  # noqa: F811
+    """q, p, v and h travel in the messages beside x and y, sliced to each client's submodel."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25]},
+                "algorithm": {"name": "fednest", "iterations": 2, "outer_steps": 2, "neumann_terms": 2}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, _ = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain)
+    assert last_eval(plain)["x_error"] < plain[0]["x_error"]
+    ihgp = [r for r in plain if r["phase"] == "ihgp.1"][0]
+    assert ihgp["min_coverage_p"] == 2 and ihgp["uncovered_p"] == 0.0
