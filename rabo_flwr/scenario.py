@@ -111,6 +111,7 @@ class AlgorithmConfig:
     neumann_terms: int = 5  # fednest, lfednest: N, Neumann products of the inverse-Hessian-gradient product
     neumann_step: float = 0.0  # fednest, lfednest: the Neumann step eta; 0: alpha (as in ucr-optml/FedNest)
     outer_steps: int = 1  # fednest, lfednest: local x-steps per iteration
+    v_step: float = 0.0  # simfbo, shrofbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
 
     @property
     def resolved_estimator(self) -> str:
@@ -343,7 +344,7 @@ def validate(s: Scenario, source: str) -> Scenario:
             raise _fail(source, key, f"must be in (0, 1], got {value}")
     for key in ("run.checkpoint_every", "model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query",
                 "run.eval_every", "task.eval_steps", "run.patience", "run.min_delta", "run.divergence_factor",
-                "task.vs_gamma", "task.vs_tau", "algorithm.neumann_step"):
+                "task.vs_gamma", "task.vs_tau", "algorithm.neumann_step", "algorithm.v_step"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
     if s.task.eval_seed < -1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
 from rabo_flwr.algorithms.fednest import FedNest
+from rabo_flwr.algorithms.simfbo import SimFBO
 from rabo_flwr.scenario import Scenario
 
 from .phase_strategy import PhaseStrategy
@@ -23,12 +24,13 @@ class Rabo(PhaseStrategy):
     ``fedmbo`` (Neumann series, full model), ``fedavg`` (the inner phase alone, x fixed); its
     ``estimator``, ``mask_x`` and ``mask_y`` override the member's own. The federated bilevel family
     runs here too, with its own rounds per iteration: ``fednest`` and ``lfednest``
-    (``rabo_flwr/algorithms/fednest.py``; FedNest sends its server variables q, p, v, h beside x and y).
+    (``rabo_flwr/algorithms/fednest.py``; FedNest sends its server variables q, p, v, h beside x and y),
+    ``simfbo`` and ``shrofbo`` (``rabo_flwr/algorithms/simfbo.py``; one round with x, y and v).
 
     Implementation based on arXiv:2512.24667. Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly, FedNest)))
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly, FedNest, SimFBO)))
 
 
 class SinglePhase(PhaseStrategy):

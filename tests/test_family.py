@@ -1,5 +1,6 @@
-"""FedNest and LFedNest (rabo_flwr/algorithms/fednest.py): one iteration against a hand computation,
-convergence on the quadratic task, the reduction of LFedNest to the fedmbo row, and the Flower path."""
+"""The federated bilevel family on the loop: FedNest and LFedNest (rabo_flwr/algorithms/fednest.py), SimFBO
+and ShroFBO (rabo_flwr/algorithms/simfbo.py). Per method: one iteration against a hand computation on a
+two-client problem, convergence on the quadratic task, and the Flower path giving the plain engine's records."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from rabo_flwr.algorithms import ALGORITHMS
-from rabo_flwr.loop import PlainRunner, TrainingLoop
+from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
 from tests.test_quadratic import last_eval, run, small
@@ -29,10 +30,11 @@ def two_client_problem() -> list[ClientProblem]:
             ClientProblem(scalar(3.0), scalar(0.0), torch.zeros(1, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64))]
 
 
-def one_iteration(tmp_path: Path, name: str, **algorithm):
-    """One iteration of ``name`` on P2 from x = 1, y = 0 through the loop and the plain engine: (records, state)."""
+def one_iteration(tmp_path: Path, name: str, local_steps: list[int] | None = None, **algorithm):
+    """One iteration of ``name`` on P2 from x = 1, y = 0 (v = 0) through the loop and the plain engine:
+    (records, state)."""
     path = small(tmp_path, task={"channels": 1, "x_dim": 1, "y_dim": 1, "upper_l2": 1.0},
-                 clients={"num": 2, "capacities": [1.0]},
+                 clients={"num": 2, "capacities": [1.0], "local_steps": local_steps or []},
                  algorithm={"name": name, "iterations": 1, "inner_steps": 2, "beta": 0.25, "alpha": 0.5,
                             "neumann_terms": 2, "neumann_step": 0.25, **algorithm},
                  run={"eval_every": 0, "final_test": False})
@@ -117,3 +119,60 @@ def test_fednest_through_flower_gives_the_plain_engines_records(tmp_path, one_th
     assert last_eval(plain)["x_error"] < plain[0]["x_error"]
     ihgp = [r for r in plain if r["phase"] == "ihgp.1"][0]
     assert ihgp["min_coverage_p"] == 2 and ihgp["uncovered_p"] == 0.0
+
+
+# ---------------------------------------------------------------- SimFBO and ShroFBO
+
+
+@pytest.mark.parametrize("name,local_steps,expected", [
+    # client 1 (A = 1, B = 2, b = 1), tau = 2: d = (d^x, d^y, d^v) = (1, -2, 1) at (y, v) = (0, 0), then
+    # (0.5, -1.5, 0.25) at (1/2, -1/4); replies (1.5, -3.5, 1.25). Client 2 (A = 3, B = 0, b = 3): (1, 0, 3) at
+    # (0, 0), then (1, 0, 0.75) at (0, -3/4); replies (2, 0, 3.75). Steps 1/4: x = 1 - 1.75 / 4, y = 3.5 / 8,
+    # v = -5 / 8 (NOTES.md 4.5).
+    ("simfbo", [2], {"x": 0.5625, "y": 0.4375, "v": -0.625}),
+    # client 2 takes one step, reply (1, 0, 3): SimFBO weights client 1's two steps double.
+    ("simfbo", [2, 1], {"x": 0.6875, "y": 0.4375, "v": -0.53125}),
+    # ShroFBO: replies / tau_i = (0.75, -1.75, 0.625) and (1, 0, 3), steps 1/4 * tau_eff = 1/4 * 3/2.
+    ("shrofbo", [2, 1], {"x": 0.671875, "y": 0.328125, "v": -0.6796875}),
+    # tau = 1: one SOBA step on the mean functions: x = 1 - (1 + 1) / 8, y = 2 / 8, v = -(1 + 3) / 8.
+    ("shrofbo", [1], {"x": 0.75, "y": 0.25, "v": -0.5}),
+])
+def test_simfbo_one_iteration_matches_the_hand_computation(tmp_path, name, local_steps, expected):
+    records, state = one_iteration(tmp_path, name, local_steps, alpha=0.25, beta=0.25, v_step=0.25)
+    assert [r["phase"] for r in records if "clients_sent" in r] == ["local"]
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simfbo", "shrofbo"])
+def test_simfbo_drives_x_error_below_1e_2(tmp_path, name):
+    """alpha = 0.06: x moves by alpha times the sum of tau = 5 directions, 0.3 per iteration as RABO's alpha."""
+    records, _ = run(small(tmp_path, algorithm={"name": name, "alpha": 0.06}))
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals[0]["x_error"] > 0.5 and evals[-1]["x_error"] < 1e-2
+
+
+def test_shrofbo_removes_the_bias_of_unequal_local_steps_that_simfbo_keeps(tmp_path):
+    """Clients taking 5 and 1 local steps: SimFBO weights them by their steps and stops away from x*;
+    ShroFBO's normalised aggregation reaches it."""
+    def final(name):
+        records, _ = run(small(tmp_path / name, clients={"num": 4, "capacities": [1.0], "local_steps": [5, 1]},
+                               algorithm={"name": name, "alpha": 0.06, "beta": 0.2, "iterations": 100}))
+        return last_eval(records)["x_error"]
+    assert final("simfbo") > 0.05 and final("shrofbo") < 1e-2
+
+
+def test_simfbo_through_flower_gives_the_plain_engines_records_and_resumes_v(tmp_path, one_thread):  # noqa: F811
+    """v travels beside x and y, sliced to each client's submodel; it is checkpointed, so a run cut after
+    iteration 2 and resumed ends where the straight run does."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25], "local_steps": [3, 1]},
+                "algorithm": {"name": "shrofbo", "iterations": 4, "alpha": 0.06, "beta": 0.2},
+                "run": {"checkpoint_every": 2}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, state = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain)
+    assert [c["local_steps"] for c in plain[1]["clients"]] == [3, 1, 3, 1]
+    interrupted = small(tmp_path / "cut", **sections)
+    run_plain(load_scenario(interrupted, {"algorithm.iterations": 2}), QUIET)
+    resumed = run_plain(load_scenario(interrupted, {"run.resume": True}), QUIET)
+    for side in ("x", "y", "v"):
+        assert all(torch.equal(resumed.state.tensors[side][n], state.tensors[side][n]) for n in state.tensors[side])
