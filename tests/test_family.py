@@ -12,11 +12,14 @@ import torch
 
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
+from rabo_flwr.results import read_metrics
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
 from tests.test_quadratic import last_eval, run, small
+from tests.test_flower_e2e import home  # noqa: F401 - a fixture
 from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
 
+REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 QUIET = logging.getLogger("quiet")
 
@@ -85,7 +88,7 @@ def test_lfednest_one_iteration_matches_the_hand_computation(tmp_path, outer_ste
 
 
 def test_phase_lists_follow_the_scenario():
-    scenario = load_scenario(Path(__file__).resolve().parent.parent / "scenarios" / "quadratic" / "base.yaml",
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "base.yaml",
                              {"algorithm.name": "fednest", "algorithm.inner_rounds": 2, "algorithm.neumann_terms": 3,
                               "algorithm.inner_optimizer": "sgd"})
     names = [p.name for p in ALGORITHMS["fednest"].phases(scenario)]
@@ -176,3 +179,29 @@ def test_simfbo_through_flower_gives_the_plain_engines_records_and_resumes_v(tmp
     resumed = run_plain(load_scenario(interrupted, {"run.resume": True}), QUIET)
     for side in ("x", "y", "v"):
         assert all(torch.equal(resumed.state.tensors[side][n], state.tensors[side][n]) for n in state.tensors[side])
+
+
+# ---------------------------------------------------------------- through `flwr run` (Ray)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name,rounds", [("fednest", ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad"]),
+                                         ("shrofbo", ["local"])])
+def test_family_through_flwr_run_matches_the_plain_engine(home, tmp_path, name, rounds):  # noqa: F811
+    """The scenario file as a user runs it, shrunk: Flower's simulation engine routes train.<kind> messages
+    (FedNest's numbered Neumann rounds travel as train.ihgp) and the server's own variables travel with them."""
+    config = {"scenario": f"scenarios/quadratic/{name}.yaml", "algorithm.iterations": 2, "clients.num": 3,
+              "algorithm.neumann_terms": 2, "run.eval_every": 1}
+    results = tmp_path / "results"
+    outcome = home.run(REPO, run_config=config | {"run.results_dir": str(results)},
+                       federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1}, timeout=600)
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    flower = read_metrics(results / "metrics.jsonl")
+    plain = run_plain(load_scenario(REPO / config.pop("scenario"), config | {"run.results_dir": str(tmp_path / "plain")}),
+                      QUIET).records
+    trained = lambda records: [r for r in records if "clients_sent" in r]  # noqa: E731
+    assert [(r["iteration"], r["phase"]) for r in trained(flower)] == [(q, p) for q in (1, 2) for p in rounds]
+    for f, p in zip(trained(flower), trained(plain)):
+        assert (f["clients_aggregated"], f["bytes_down"], f["bytes_up"]) == (3, p["bytes_down"], p["bytes_up"])
+    assert [e["x_error"] for e in flower if e["phase"] == "eval"] == pytest.approx(
+        [e["x_error"] for e in plain if e["phase"] == "eval"], rel=1e-5)
