@@ -22,15 +22,28 @@ class Rabo(PhaseStrategy):
     likewise. The scenario's ``algorithm.name`` picks the member: ``rabo`` (exact hypergradient,
     importance masks), ``rafbo`` (finite-difference hypergradient, Algorithm 2 of the paper),
     ``fedmbo`` (Neumann series, full model), ``fedavg`` (the inner phase alone, x fixed); its
-    ``estimator``, ``mask_x`` and ``mask_y`` override the member's own. The federated bilevel family
-    runs here too, with its own rounds per iteration: ``fednest`` and ``lfednest``
-    (``rabo_flwr/algorithms/fednest.py``; FedNest sends its server variables q, p, v, h beside x and y),
-    ``simfbo`` and ``shrofbo`` (``rabo_flwr/algorithms/simfbo.py``; one round with x, y and v).
+    ``estimator``, ``mask_x`` and ``mask_y`` override the member's own.
 
     Implementation based on arXiv:2512.24667. Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly, FedNest, SimFBO)))
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly)))
+
+
+class BilevelFamily(PhaseStrategy):
+    """The federated bilevel literature on the same loop, each method with its own rounds per iteration, on submodels.
+
+    ``algorithm.name``: ``fednest`` (FedSVRG rounds on y, N rounds of global Hessian-vector products
+    for the Neumann series, a hypergradient round: 2T + N + 2 server rounds per iteration) and its
+    local variant ``lfednest`` (T + 1), ``simfbo`` and ``shrofbo`` (one round with x, y and v;
+    reconstructed). The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v) travel
+    in the messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
+    ``fednest.py`` and ``simfbo.py`` give each method's equations, rounds and state).
+
+    Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO)))
 
 
 class SinglePhase(PhaseStrategy):
@@ -44,10 +57,11 @@ class SinglePhase(PhaseStrategy):
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms)
+    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms + BilevelFamily.algorithms)
 
 
 def strategy_for(scenario: Scenario, **kwargs) -> PhaseStrategy:
     """The family's strategy for the scenario's algorithm (``kwargs``: :class:`PhaseStrategy`'s)."""
-    cls = Rabo if scenario.algorithm.name in Rabo.algorithms else SinglePhase
+    name = scenario.algorithm.name
+    cls = next(c for c in (Rabo, BilevelFamily, SinglePhase) if name in c.algorithms)
     return cls(scenario, **kwargs)

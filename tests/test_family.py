@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.serverapp.strategy import Strategy
 
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
 from rabo_flwr.results import read_metrics
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
+from strategies import BilevelFamily, strategy_for
 from tests.test_quadratic import last_eval, run, small
 from tests.test_flower_e2e import home  # noqa: F401 - a fixture
 from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
@@ -85,6 +87,13 @@ def test_lfednest_one_iteration_matches_the_hand_computation(tmp_path, outer_ste
     assert [r["phase"] for r in records if "clients_sent" in r] == ["inner", "outer"]  # T + 1
     assert value(state, "y") == pytest.approx(0.4375, abs=1e-6)
     assert value(state, "x") == pytest.approx(x_next, abs=1e-6)
+
+
+def test_the_family_has_its_own_flower_strategy():
+    assert issubclass(BilevelFamily, Strategy)
+    assert set(BilevelFamily.algorithms) == {"fednest", "lfednest", "simfbo", "shrofbo"}
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "fednest.yaml")
+    assert type(strategy_for(scenario)) is BilevelFamily and strategy_for(scenario).rounds_per_iteration == 12
 
 
 def test_phase_lists_follow_the_scenario():
