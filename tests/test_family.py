@@ -12,7 +12,9 @@ import torch
 from flwr.serverapp.strategy import Strategy
 
 from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.federation import ServerState
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
+from rabo_flwr.masks import scenario_policies
 from rabo_flwr.results import read_metrics
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
@@ -53,6 +55,23 @@ def one_iteration(tmp_path: Path, name: str, local_steps: list[int] | None = Non
 
 def value(state, side: str) -> float:
     return float(state.tensors[side][side if side in ("x", "y") else {"q": "y", "p": "y", "v": "y", "h": "x"}[side]])
+
+
+def test_a_side_follows_its_sides_submodel_and_assign_keeps_what_no_client_holds():
+    """A y-shaped side is sliced by y's plan; assign sets each row to the mean over the clients holding it
+    (static masks, capacities 1/2 and 1/4 of 16 rows: rows 0-3 both, 4-7 one, 8-15 none, kept)."""
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "base.yaml", {"algorithm.mask_x": "static"})
+    task = QuadraticTask(scenario)
+    x, y = task.init_tensors(0)
+    state = ServerState(task.layouts, x, y, scenario_policies(scenario))
+    state.add_side("v", "y", {"y": torch.full((16, 6), 7.0)})
+    state.plan_iteration(1, {0: 0.5, 1: 0.25})
+    assert state.slices(1, ("v",))["v"]["y"].shape == (4, 6) and state.expected_shapes(0, "v") == {"y": (8, 6)}
+    counts = state.assign("v", {0: {"y": torch.full((8, 6), 1.0)}, 1: {"y": torch.full((4, 6), 3.0)}})
+    rows = state.tensors["v"]["y"][:, 0].tolist()
+    assert rows == [2.0] * 4 + [1.0] * 4 + [7.0] * 8 and counts["y"][:, 0].tolist() == [2.0] * 4 + [1.0] * 4 + [0.0] * 8
+    state.reset_side("v")
+    assert not state.tensors["v"]["y"].any() and torch.equal(state.y["y"], y["y"])
 
 
 def test_fednest_one_iteration_matches_the_hand_computation(tmp_path):
