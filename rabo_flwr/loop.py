@@ -351,7 +351,8 @@ class TrainingLoop:
         """
         def size(a: Assignment) -> str:
             steps = f" steps {self.scenario.local_steps(a.partition)}" if self.scenario.clients.local_steps else ""
-            return f"{phase.name} " + " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y")) + steps
+            elements = " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y"))
+            return f"{phase.name} {elements}{steps}"
 
         def counted(replies):
             return [(a, float(o.metrics["flops"])) for a, o in replies if o.metrics.get("flops", -1) >= 0]

@@ -160,7 +160,8 @@ class FedNest(Algorithm):
 def oracle(job: ClientJob) -> tuple[_Oracle, list, list, dict]:
     """Metered gradients and products of the client's f and g on its iteration's batches, x and y as
     lists in the order of their names, and the base metrics of a reply (``examples``)."""
-    batch = job.task.client_batch(job.partition, job.iteration, job.device, job.local_steps * job.scenario.algorithm.inner_rounds)
+    steps = job.local_steps * job.scenario.algorithm.inner_rounds  # the draw the inner rounds take their blocks from
+    batch = job.task.client_batch(job.partition, job.iteration, job.device, steps)
     x_names, y_names = list(job.x), list(job.y)
 
     def upper_loss(xs, ys):
