@@ -46,21 +46,24 @@ class Client:
 
     def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]]
             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
-        """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent to its slices
-        (and ``THRESHOLDS`` to the mask's thresholds, when the server's policy has them)."""
+        """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent (x, y, the
+        algorithm's own server variables) to its slices (and ``THRESHOLDS`` to the mask's thresholds, when
+        the server's policy has them)."""
         faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
         before_phase(faults)
         x = _as_tensors(arrays.get("x", {}), self.device)
         y = _as_tensors(arrays.get("y", {}), self.device)
         thresholds = _as_tensors(arrays.get(THRESHOLDS, {}), self.device)
+        sides = {side: _as_tensors(a, self.device) for side, a in arrays.items() if side not in ("x", "y", THRESHOLDS)}
         meter = CostMeter(self.device, self.scenario.run.count_flops, self.context)
-        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds)
+        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds, sides)
         with meter:
             result = self.algorithm.run(phase, job)
         metrics = {
             "partition": self.partition,
             "x_elements": sum(t.numel() for t in x.values()),
             "y_elements": sum(t.numel() for t in y.values()),
+            **({"local_steps": job.local_steps} if self.scenario.clients.local_steps else {}),
             **result.metrics,
             **meter.metrics(),
         }

@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from clients import Client
 
-from .protocol import CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASES, PROFILE, update_key
+from .protocol import (CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASE, PHASES,
+                       PROFILE, update_key)
 from .arrays import from_record, to_record
 from .runtime import project_scenario, run_setup
 from .scenario import Scenario
@@ -32,10 +33,13 @@ def _client_and_arrays(message: Message, context: Context, scenario_of: Scenario
     return client, {side: from_record(record) for side, record in message.content.array_records.items()}
 
 
-def _handle(phase: str, message: Message, context: Context, scenario_of: ScenarioOf) -> Message:
-    """Run ``phase`` for the partition named in the message (in simulation one node serves several)."""
+def _handle(kind: str, message: Message, context: Context, scenario_of: ScenarioOf) -> Message:
+    """Run the phase named in the message (of this handler's ``kind``) for the partition named in it
+    (in simulation one node serves several)."""
     client, arrays = _client_and_arrays(message, context, scenario_of)
-    updates, metrics = client.run(phase, int(message.content[CONFIG][ITERATION]), arrays)
+    config = message.content[CONFIG]
+    phase = str(config[PHASE]) if PHASE in config else kind
+    updates, metrics = client.run(phase, int(config[ITERATION]), arrays)
     metrics[CAPACITY] = _announced_capacity(context)
     content = RecordDict({update_key(side): to_record(u) for side, u in updates.items()})
     content[METRICS] = MetricRecord(metrics)
@@ -53,15 +57,15 @@ def client_app(scenario_of: ScenarioOf = project_scenario) -> ClientApp:
     """A ClientApp serving every phase, federated evaluation and the profile query of the scenario
     that ``scenario_of`` reads from a message's context (a user's app passes where its scenario lives)."""
     built = ClientApp()
-    for phase in PHASES:
-        _register(built, phase, scenario_of)
+    for kind in PHASES:
+        _register(built, kind, scenario_of)
     built.evaluate()(lambda message, context: _evaluate(message, context, scenario_of))
     built.query(PROFILE)(profile)
     return built
 
 
-def _register(built: ClientApp, phase: str, scenario_of: ScenarioOf) -> None:
-    built.train(phase)(lambda message, context: _handle(phase, message, context, scenario_of))
+def _register(built: ClientApp, kind: str, scenario_of: ScenarioOf) -> None:
+    built.train(kind)(lambda message, context: _handle(kind, message, context, scenario_of))
 
 
 def profile(message: Message, context: Context) -> Message:

@@ -31,10 +31,27 @@ class ServerState:
     """Holds the global x and y, plans each iteration's submodels and applies coverage-counted steps."""
 
     def __init__(self, layouts: Mapping[str, Layout], x: Tensors, y: Tensors, policies: Mapping[str, MaskPolicy]):
-        self.layouts = dict(layouts)
+        self.layouts = dict(layouts)  # x's and y's: what the mask policies plan
         self.tensors = {"x": dict(x), "y": dict(y)}
         self.policies = dict(policies)
         self.plans: dict[int, Plan] = {}
+        self.follows: dict[str, str] = {}  # an algorithm's own side -> the side ("x" or "y") whose layout it has
+
+    def add_side(self, side: str, follows: str, tensors: Tensors | None = None) -> None:
+        """A server variable shaped, sliced and aggregated like ``follows``; zeros unless ``tensors`` are given."""
+        if side in self.tensors or follows not in SIDES:
+            raise ValueError(f"side {side!r} following {follows!r}: names must be new and follow x or y")
+        self.follows[side] = follows
+        self.tensors[side] = dict(tensors) if tensors is not None else {}
+        if tensors is None:
+            self.reset_side(side)
+
+    def reset_side(self, side: str) -> None:
+        """Zeros of the followed side's shapes and dtypes."""
+        self.tensors[side] = {n: torch.zeros_like(t) for n, t in self.tensors[self.follows[side]].items()}
+
+    def layout(self, side: str) -> Layout:
+        return self.layouts[self.follows.get(side, side)]
 
     @property
     def x(self) -> Tensors:
@@ -57,13 +74,14 @@ class ServerState:
         """What a client receives: its slices of the current global tensors of ``sides``, and
         under ``THRESHOLDS`` the thresholds its mask policies give those tensors (FIARSE's)."""
         plan = self.plans[client]
-        arrays = {side: slice_tensors(self.tensors[side], self.layouts[side], plan) for side in sides}
-        thresholds = {name: t for side in sides for name, t in self.policies[side].thresholds(self.layouts[side], plan).items()}
+        arrays = {side: slice_tensors(self.tensors[side], self.layout(side), plan) for side in sides}
+        thresholds = {name: t for side in sides if side in SIDES
+                      for name, t in self.policies[side].thresholds(self.layouts[side], plan).items()}
         return arrays | ({THRESHOLDS: thresholds} if thresholds else {})
 
     def expected_shapes(self, client: int, side: str) -> dict[str, tuple[int, ...]]:
         """Shapes a client's update for ``side`` must have (used to reject malformed replies)."""
-        layout = self.layouts[side]
+        layout = self.layout(side)
         return {n: sliced_shape(t.shape, layout.dims[n], self.plans[client]) for n, t in self.tensors[side].items()}
 
     def step(self, side: str, updates: Mapping[int, Mapping[str, torch.Tensor]], lr: float) -> dict[str, torch.Tensor]:
@@ -73,10 +91,20 @@ class ServerState:
         counts per tensor. Clients are summed in a fixed order, so arrival order never changes
         the result.
         """
-        shapes = {n: t.shape for n, t in self.tensors[side].items()}
-        mean, counts = coverage_mean(shapes, self.layouts[side], ((self.plans[c], updates[c]) for c in sorted(updates)))
+        mean, counts = self._coverage_mean(side, updates)
         self.tensors[side] = apply_step(self.tensors[side], mean, lr)
         return counts
+
+    def assign(self, side: str, replies: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``side <- coverage-mean(replies)`` where some client covers an element; the others keep their value.
+        Returns the coverage counts per tensor, as :meth:`step` does."""
+        mean, counts = self._coverage_mean(side, replies)
+        self.tensors[side] = {n: torch.where(counts[n] > 0, mean[n].to(t.dtype), t) for n, t in self.tensors[side].items()}
+        return counts
+
+    def _coverage_mean(self, side: str, replies: Mapping[int, Mapping[str, torch.Tensor]]):
+        shapes = {n: t.shape for n, t in self.tensors[side].items()}
+        return coverage_mean(shapes, self.layout(side), ((self.plans[c], replies[c]) for c in sorted(replies)))
 
 
 def check_update(update: Mapping[str, torch.Tensor] | None, expected: Mapping[str, tuple[int, ...]]) -> str | None:

@@ -3,7 +3,9 @@
 Per global iteration: which partitions are available (the engine knows), a seeded sample of
 them, their capacities and submodel plans, then every phase of the algorithm: slices out,
 replies back (the engine moves them), reply checks (names, shapes, dtype, finite values, and
-the divergence guard), coverage-counted steps, cost and coverage records. Then the evaluation
+the divergence guard), coverage-counted steps and assignments (of x, y and the algorithm's own
+server variables, :class:`~rabo_flwr.algorithms.Side`), the algorithm's server work after the
+phase, cost and coverage records. Then the evaluation
 schedule (validation), checkpoints, early stopping, a progress line, and at the end the test
 evaluation of the model kept (the best on validation) and a summary.
 
@@ -144,6 +146,7 @@ class TrainingLoop:
         self.logger = logger
         self.algorithm = ALGORITHMS[scenario.algorithm.name]
         self.phases = self.algorithm.phases(scenario)
+        self.sides = self.algorithm.sides(scenario)
         self.trained: dict[str, dict[str, torch.Tensor]] = {}  # side -> name -> element ever stepped
         self.min_coverage: dict[str, int] = {}  # side -> fewest clients that stepped an element in any phase
         self.stepped_sides = [side for side in ("x", "y") if any(side in phase.steps for phase in self.phases)]
@@ -167,6 +170,9 @@ class TrainingLoop:
         writer = ResultsWriter(scenario.results_path, scenario, history=resumed.metrics if resumed else None)
         x, y = (resumed.x, resumed.y) if resumed else initial or self.task.init_tensors(scenario.seed)
         self.state = ServerState(self.task.layouts, x, y, scenario_policies(scenario))
+        saved_sides = resumed.state.get("sides", {}) if resumed else {}
+        for side in self.sides:
+            self.state.add_side(side.name, side.follows, saved_sides.get(side.name))
         self.trained = {s: {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in self.state.tensors[s].items()}
                         for s in ("x", "y")}
         self.kept = None  # (iteration, validation metric, x, y) of the best validation evaluation so far
@@ -213,8 +219,9 @@ class TrainingLoop:
                 raise ValueError(f"initial {side}: {problem}")
 
     def _loop_state(self) -> dict:
+        persistent = {side.name: self.state.tensors[side.name] for side in self.sides if side.persistent}
         return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage,
-                "kept": self.kept}
+                "kept": self.kept, **({"sides": persistent} if persistent else {})}
 
     def _iteration(self, q: int) -> None:
         scenario = self.scenario
@@ -224,6 +231,9 @@ class TrainingLoop:
         chosen = sample_clients(eligible, scenario.clients.fraction, scenario.seed, q)
         capacities = {p: available[p] for p in chosen}
         self.state.plan_iteration(q, capacities)
+        for side in self.sides:
+            if not side.persistent:
+                self.state.reset_side(side.name)
         for i, phase in enumerate(self.phases):
             start = time.perf_counter()
             assignments = [Assignment(p, capacities[p], self.state.slices(p, phase.sends)) for p in chosen]
@@ -236,11 +246,13 @@ class TrainingLoop:
     def _complete_phase(self, phase: Phase, q: int, assignments: list[Assignment], started: float,
                         outcomes: list[Outcome]) -> dict:
         record = self._finish_phase(phase, q, assignments, outcomes, started)
+        self.algorithm.after_phase(phase, self.state, self.scenario)
         self.writer.log(record)
-        side = next(iter(phase.steps))
+        loss = f", {phase.loss}={record[phase.loss]:.4f}" if phase.loss else ""
+        side = next((s for s in phase.steps if f"C_{s}*" in record), None)
+        covering = f", C_{side}*={record[f'C_{side}*']}" if side else ""
         self.logger.info(f"iteration {q} {phase.name}: {record['clients_aggregated']}/{record['clients_sent']} "
-                         f"aggregated{self._problems(record)}, {phase.loss}={record[phase.loss]:.4f}, "
-                         f"C_{side}*={record[f'C_{side}*']}")
+                         f"aggregated{self._problems(record)}{loss}{covering}")
         return record
 
     # ------------------------------------------------------------------ a phase's replies
@@ -273,20 +285,23 @@ class TrainingLoop:
 
         aggregation_start = time.perf_counter()
         coverage = {}
-        for side, lr in phase.steps.items():
-            counts = self.state.step(side, {p: o.updates[side] for p, (_, o) in accepted.items()}, lr)
-            for name, count in counts.items():
-                self.trained[side][name] |= count > 0
-            stepped = coverage_of(counts)
-            coverage.update(stepped.as_metrics(side))
-            if stepped.min_covered > 0:
-                self.min_coverage[side] = min(self.min_coverage.get(side, stepped.min_covered), stepped.min_covered)
+        for side in phase.replies:
+            replies = {p: o.updates[side] for p, (_, o) in accepted.items()}
+            counts = self.state.step(side, replies, phase.steps[side]) if side in phase.steps else \
+                self.state.assign(side, replies)
+            coverage.update(coverage_of(counts).as_metrics(side))
+            if side in phase.steps and side in self.trained:
+                for name, count in counts.items():
+                    self.trained[side][name] |= count > 0
+                stepped = coverage_of(counts)
+                if stepped.min_covered > 0:
+                    self.min_coverage[side] = min(self.min_coverage.get(side, stepped.min_covered), stepped.min_covered)
         aggregation_time = time.perf_counter() - aggregation_start
 
         clients = [o.metrics | {"capacity": a.capacity, "bytes_down": nbytes(a.arrays), "bytes_up": nbytes(o.updates),
                                 "update_rms": rms[p]} for p, (a, o) in sorted(accepted.items())]
         cost = self._cost(phase, assignments, accepted, rejected, failed)
-        losses = [c[phase.loss] for c in clients]
+        losses = [c[phase.loss] for c in clients] if phase.loss else None
         return {
             "iteration": q,
             "phase": phase.name,
@@ -295,7 +310,7 @@ class TrainingLoop:
             "failures": len(failed),
             "rejected": len(rejected),
             "rejected_divergent": len(diverged),
-            phase.loss: sum(losses) / len(losses) if losses else math.nan,
+            **({phase.loss: sum(losses) / len(losses) if losses else math.nan} if phase.loss else {}),
             **coverage,
             **{f"C_{side}*": self._covering_number(side) for side in self.stepped_sides},
             **{f"trained_{side}": _fraction(self.trained[side]) for side in ("x", "y")},
@@ -315,14 +330,14 @@ class TrainingLoop:
 
     def _problem(self, phase: Phase, partition: int, outcome: Outcome) -> str | None:
         """Why a reply must be rejected as malformed, or None."""
-        extra = sorted(set(outcome.updates) - set(phase.steps))
+        extra = sorted(set(outcome.updates) - set(phase.replies))
         if extra:
             return f"updates for sides this phase does not step: {extra}"
-        for side in phase.steps:
+        for side in phase.replies:
             problem = check_update(outcome.updates.get(side), self.state.expected_shapes(partition, side))
             if problem:
                 return f"{side}: {problem}"
-        missing = [k for k in (phase.loss, *REQUIRED_METRICS) if k not in outcome.metrics]
+        missing = [k for k in (phase.loss, *REQUIRED_METRICS) if k and k not in outcome.metrics]
         return f"missing metrics {missing}" if missing else None
 
     def _cost(self, phase: Phase, assignments, accepted, rejected, failed) -> dict:
@@ -335,7 +350,9 @@ class TrainingLoop:
         size in the same phase (``unestimated_failures`` counts those with no such reply yet).
         """
         def size(a: Assignment) -> str:
-            return f"{phase.name} " + " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y"))
+            steps = f" steps {self.scenario.local_steps(a.partition)}" if self.scenario.clients.local_steps else ""
+            elements = " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y"))
+            return f"{phase.name} {elements}{steps}"
 
         def counted(replies):
             return [(a, float(o.metrics["flops"])) for a, o in replies if o.metrics.get("flops", -1) >= 0]

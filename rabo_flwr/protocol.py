@@ -3,9 +3,12 @@
 Plain strings, Flower-free, imported by ``strategies/``, ``rabo_flwr/client_app.py`` and the tests.
 """
 
-# Phases an algorithm may have (rabo_flwr/algorithms); a phase's message type is train.<phase>.
+# Phase kinds (rabo_flwr/algorithms): a phase named "<kind>" or "<kind>.<n>" (the n-th round of that kind in
+# an iteration, e.g. FedNest's Neumann rounds "ihgp.1", "ihgp.2") travels as message type train.<kind>
+# (Flower's message action must be an identifier), with its full name in the config under PHASE.
 INNER, OUTER, LOCAL = "inner", "outer", "local"
-PHASES = (INNER, OUTER, LOCAL)
+INNER_GRAD, IHGP_GRAD, IHGP, HYPERGRAD = "inner_grad", "ihgp_grad", "ihgp", "hypergrad"
+PHASES = (INNER, OUTER, LOCAL, INNER_GRAD, IHGP_GRAD, IHGP, HYPERGRAD)
 
 # A node's profile: its partition and the capacity it announces (0: the scenario's profile decides).
 PROFILE_QUERY = "query.profile"
@@ -18,6 +21,7 @@ CONFIG = "config"
 ITERATION = "iteration"
 PARTITION = "partition"
 CAPACITY = "capacity"
+PHASE = "phase"
 
 # A reply holds one ArrayRecord per side updated, keyed by update_key(side), and METRICS.
 METRICS = "metrics"
@@ -25,13 +29,22 @@ METRICS = "metrics"
 # The node config keys a SuperNode is started with (--node-config).
 NODE_PARTITION = "partition-id"
 NODE_CAPACITY = "capacity"
+PHASE = "phase"
+
+
+def phase_kind(phase: str) -> str:
+    """The kind of a phase: its name up to the first dot ("ihgp.3" -> "ihgp")."""
+    return phase.partition(".")[0]
 
 
 def train_message(phase: str) -> str:
-    """The message type of a phase."""
-    return f"train.{phase}"
+    """The message type of a phase: train.<kind>."""
+    return f"train.{phase_kind(phase)}"
+
+
+UPDATE = "update."
 
 
 def update_key(side: str) -> str:
     """The reply's record holding the update of ``side``."""
-    return f"update.{side}"
+    return f"{UPDATE}{side}"

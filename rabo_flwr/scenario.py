@@ -88,6 +88,7 @@ class ClientsConfig:
     fraction: float = 1.0
     min_available: int = 0  # 0 means all ``num`` clients
     min_capacity: float = 0.0  # clients of a lower capacity sit out (the ``-full-only`` rows: 1.0, capacity-1 clients only)
+    local_steps: list[int] = field(default_factory=list)  # local steps per partition, cycled as capacities are (empty: algorithm.inner_steps)
 
 
 @dataclass
@@ -105,6 +106,12 @@ class AlgorithmConfig:
     placement: list[int] = field(default_factory=list)  # mask "placed": window index per partition
     adapt_steps: int = 3  # dist-maml: adaptation steps on the support set
     adapt_lr: float = 0.1  # dist-maml: adaptation step size
+    inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration
+    inner_optimizer: str = ""  # fednest, lfednest: "svrg" (FedSVRG) or "sgd" (FedAvg); empty: fednest svrg, lfednest sgd
+    neumann_terms: int = 5  # fednest, lfednest: N, Neumann products of the inverse-Hessian-gradient product
+    neumann_step: float = 0.0  # fednest, lfednest: the Neumann step eta; 0: alpha (as in ucr-optml/FedNest)
+    outer_steps: int = 1  # fednest, lfednest: local x-steps per iteration
+    v_step: float = 0.0  # simfbo, shrofbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
 
     @property
     def resolved_estimator(self) -> str:
@@ -160,6 +167,11 @@ class Scenario:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def local_steps(self, partition: int) -> int:
+        """A partition's local steps: ``clients.local_steps`` assigned round-robin, else ``algorithm.inner_steps``."""
+        steps = self.clients.local_steps
+        return steps[partition % len(steps)] if steps else self.algorithm.inner_steps
 
     def capacity(self, partition: int, iteration: int) -> float:
         """Capacity of a partition at an iteration: tiers assigned round-robin, optionally rescheduled."""
@@ -314,11 +326,15 @@ def validate(s: Scenario, source: str) -> Scenario:
         raise _fail(source, "clients.min_capacity", f"must be in [0, 1], got {s.clients.min_capacity}")
     if not any(r >= s.clients.min_capacity for r in s.clients.capacities):
         raise _fail(source, "clients.min_capacity", f"{s.clients.min_capacity} exceeds every capacity: no client would train")
+    for i, steps in enumerate(s.clients.local_steps):
+        _check_positive(source, f"clients.local_steps[{i}]", steps)
+    _check_choice(source, "algorithm.inner_optimizer", s.algorithm.inner_optimizer, ("", "svrg", "sgd"))
     if s.clients.min_available > s.clients.num:
         raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
                 "task.image_size", "task.eval_episodes", "task.val_alphabets", "task.val_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
+                "algorithm.inner_rounds", "algorithm.neumann_terms", "algorithm.outer_steps",
                 "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
@@ -328,7 +344,7 @@ def validate(s: Scenario, source: str) -> Scenario:
             raise _fail(source, key, f"must be in (0, 1], got {value}")
     for key in ("run.checkpoint_every", "model.feature_norm", "task.lower_l2", "task.eval_l2", "task.n_query",
                 "run.eval_every", "task.eval_steps", "run.patience", "run.min_delta", "run.divergence_factor",
-                "task.vs_gamma", "task.vs_tau"):
+                "task.vs_gamma", "task.vs_tau", "algorithm.neumann_step", "algorithm.v_step"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name), allow_zero=True)
     if s.task.eval_seed < -1:

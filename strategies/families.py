@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
+from rabo_flwr.algorithms.fednest import FedNest
+from rabo_flwr.algorithms.simfbo import SimFBO
 from rabo_flwr.scenario import Scenario
 
 from .phase_strategy import PhaseStrategy
@@ -28,6 +30,22 @@ class Rabo(PhaseStrategy):
     algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (Bilevel, LowerOnly)))
 
 
+class BilevelFamily(PhaseStrategy):
+    """The federated bilevel literature on the same loop, each method with its own rounds per iteration, on submodels.
+
+    ``algorithm.name``: ``fednest`` (FedSVRG rounds on y, N rounds of global Hessian-vector products
+    for the Neumann series, a hypergradient round: 2T + N + 2 server rounds per iteration) and its
+    local variant ``lfednest`` (T + 1), ``simfbo`` and ``shrofbo`` (one round with x, y and v;
+    reconstructed). The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v) travel
+    in the messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
+    ``fednest.py`` and ``simfbo.py`` give each method's equations, rounds and state).
+
+    Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO)))
+
+
 class SinglePhase(PhaseStrategy):
     """Single-level submodel training and full-model few-shot baselines: one server round per iteration.
 
@@ -39,10 +57,11 @@ class SinglePhase(PhaseStrategy):
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms)
+    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms + BilevelFamily.algorithms)
 
 
 def strategy_for(scenario: Scenario, **kwargs) -> PhaseStrategy:
     """The family's strategy for the scenario's algorithm (``kwargs``: :class:`PhaseStrategy`'s)."""
-    cls = Rabo if scenario.algorithm.name in Rabo.algorithms else SinglePhase
+    name = scenario.algorithm.name
+    cls = next(c for c in (Rabo, BilevelFamily, SinglePhase) if name in c.algorithms)
     return cls(scenario, **kwargs)

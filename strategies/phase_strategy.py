@@ -42,8 +42,8 @@ from rabo_flwr.arrays import from_record, to_record
 from rabo_flwr.exchange import send_and_receive
 from rabo_flwr.federation import SIDES, Tensors
 from rabo_flwr.loop import Outcome, PhaseRound, TrainingLoop, mean_client_metrics
-from rabo_flwr.protocol import (CAPACITY, CONFIG, ITERATION, METRICS, PARTITION, PROFILE, PROFILE_QUERY,
-                                train_message, update_key)
+from rabo_flwr.protocol import (CAPACITY, CONFIG, ITERATION, METRICS, PARTITION, PHASE, PROFILE, PROFILE_QUERY,
+                                UPDATE, phase_kind, train_message)
 from rabo_flwr.runtime import cached_task, choose_device
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
@@ -276,14 +276,18 @@ class PhaseStrategy(Strategy):
         Returns
         -------
         Iterable[Message]
-            Messages of type ``train.<phase>`` (``train.inner``, ``train.outer`` or ``train.local``).
+            Messages of type ``train.<kind>`` (``train.inner``, ``train.outer``, ``train.local``, FedNest's
+            ``train.ihgp``, ...; :data:`rabo_flwr.protocol.PHASES`); a phase named ``<kind>.<n>`` has its
+            name in the config under ``phase``. The records hold the slices of every side the phase sends
+            (x, y and the algorithm's own server variables, e.g. FedNest's ``p``).
         """
         phase_round = self._current(server_round)
         sent: dict[int, Message] = {}
         for index, a in enumerate(phase_round.assignments):
             content = RecordDict({side: to_record(slices) for side, slices in a.arrays.items()})
+            name = phase_round.phase.name
             content[CONFIG] = ConfigRecord({**dict(config), ITERATION: phase_round.iteration, PARTITION: a.partition,
-                                            CAPACITY: a.capacity})
+                                            CAPACITY: a.capacity, **({PHASE: name} if name != phase_kind(name) else {})})
             sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition, index),
                                         message_type=train_message(phase_round.phase.name),
                                         group_id=str(phase_round.iteration))
@@ -327,8 +331,8 @@ class PhaseStrategy(Strategy):
             return Outcome(partition, error=reply.error.reason)
         content = reply.content
         try:
-            updates = {side: from_record(content[update_key(side)])
-                       for side in SIDES if update_key(side) in content.array_records}
+            updates = {key.removeprefix(UPDATE): from_record(content[key])
+                       for key in content.array_records if key.startswith(UPDATE)}
             metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
         except Exception as err:  # noqa: BLE001 - an undecodable payload is the client's fault, not the run's
             updates, metrics = {}, {}

@@ -48,7 +48,7 @@ def test_an_algorithm_brings_its_own_estimator_and_masks(name, estimator, mask_x
 def test_pyproject_offers_every_scalar_scenario_key():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     flat = set(config)
-    expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule",
+    expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule", "clients.local_steps",
                                                          "algorithm.estimator_options", "run.faults", "task.options",
                                                          "algorithm.placement")}
     assert flat - {"scenario"} == expected

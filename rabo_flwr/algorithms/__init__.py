@@ -1,20 +1,29 @@
 """Every algorithm the scenario's ``algorithm.name`` can select, in one registry.
 
 Bilevel (two phases): ``rabo`` (exact hypergradient), ``rafbo`` (Algorithm 2's finite
-differences), ``fedmbo`` (full model, Neumann series). Lower level only: ``fedavg`` (x fixed).
+differences), ``fedmbo`` (full model, Neumann series). The federated bilevel family on the same
+loop: ``fednest`` (FedSVRG inner rounds, global Neumann rounds, 2T + N + 2 rounds) and its local
+variant ``lfednest`` (T + 1 rounds); ``simfbo`` and ``shrofbo`` (one round, x, y and v together;
+reconstructed). Lower level only: ``fedavg`` (x fixed).
 Single-level submodel training (one phase), by extraction rule: ``static`` (HeteroFL),
 ``oap``, ``fedrolex`` (rolling window), ``fiarse``. Full-model few-shot baselines:
 ``dist-protonet``, ``dist-maml``.
 """
 
-from .base import Algorithm, ClientJob, LocalResult, Phase
+from .base import Algorithm, ClientJob, LocalResult, Phase, Side
 from .bilevel import Bilevel, LowerOnly
 from .episodic import Maml, ProtoNet, SingleLevel
+from .fednest import FedNest
+from .simfbo import SimFBO
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Bilevel("rabo", estimator="exact", mask="importance"),
     Bilevel("rafbo", estimator="fd-coordinate", mask="importance"),
     Bilevel("fedmbo", estimator="neumann", mask="off", full_model=True),
+    FedNest("fednest", local=False, optimizer="svrg"),
+    FedNest("lfednest", local=True, optimizer="sgd"),
+    SimFBO("simfbo", normalised=False),
+    SimFBO("shrofbo", normalised=True),
     LowerOnly(),
     SingleLevel("static", mask="static"),
     SingleLevel("oap", mask="oap"),
@@ -24,4 +33,4 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Maml(),
 )}
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientJob", "LocalResult", "Phase"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientJob", "LocalResult", "Phase", "Side"]

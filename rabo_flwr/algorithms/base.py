@@ -1,10 +1,17 @@
 """What an algorithm is to the training loop: its phases per global iteration and each phase's client work.
 
-A phase sends every sampled client its slices of some sides (x, y), the client returns one
-update per side the phase steps, and the server applies ``side <- side - step * coverage-mean(update)``
-for each of them. RABO has two phases (inner on y, outer on x); single-level baselines have one
-that steps both sides, with updates ``(w_0 - w_T) / lr`` so that the server step with the same
-``lr`` is the coverage-counted average of the clients' models.
+A phase sends every sampled client its slices of some sides (x, y, and the algorithm's own
+server variables), the client returns one reply per side the phase steps or assigns, and the
+server applies ``side <- side - step * coverage-mean(update)`` for each stepped side and
+``side <- coverage-mean(reply)`` for each assigned one (elements no client holds keep their
+value), then the algorithm's :meth:`Algorithm.after_phase`. RABO has two phases (inner on y,
+outer on x); single-level baselines have one that steps both sides, with updates
+``(w_0 - w_T) / lr`` so that the server step with the same ``lr`` is the coverage-counted
+average of the clients' models; FedNest has 2T + N + 2 or more (``algorithms/fednest.py``).
+
+Server variables beyond x and y (:class:`Side`) take the layout and the iteration's submodel of
+the side they follow, so a y-shaped variable is sliced, checked and coverage-averaged exactly as
+y is, under every mask policy.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 from ..cost import CostMeter
 
 if TYPE_CHECKING:
+    from ..federation import ServerState
     from ..scenario import Scenario
     from ..tasks import BilevelTask
 
@@ -27,10 +35,29 @@ Tensors = dict[str, torch.Tensor]
 class Phase:
     """One message round of a global iteration."""
 
-    name: str  # "inner", "outer" or "local"; the message type is train.<name>
+    name: str  # "<kind>" or "<kind>.<n>", unique within an iteration; the message type is train.<kind> (protocol)
     sends: tuple[str, ...]  # sides whose slices the client receives
     steps: Mapping[str, float]  # side -> server step size; the reply holds one update per side
-    loss: str  # the client metric the phase's record averages
+    loss: str  # the client metric the phase's record averages ("": none)
+    assigns: tuple[str, ...] = ()  # sides the server sets to the coverage-mean of the replies
+
+    @property
+    def replies(self) -> tuple[str, ...]:
+        """The sides a reply holds: those stepped, then those assigned."""
+        return (*self.steps, *self.assigns)
+
+
+@dataclass(frozen=True)
+class Side:
+    """A server variable beyond x and y: its layout and submodel are those of the side it ``follows``.
+
+    A persistent side (SimFBO's v) starts at zero, lives across iterations and is checkpointed;
+    a transient one (FedNest's q, p, v, h) is zero again at the start of every iteration.
+    """
+
+    name: str
+    follows: str  # "x" or "y"
+    persistent: bool = False
 
 
 @dataclass
@@ -46,6 +73,12 @@ class ClientJob:
     y: Tensors
     meter: CostMeter
     thresholds: Tensors = field(default_factory=dict)  # per tensor, the mask's threshold (FIARSE's), if sent
+    sides: dict[str, Tensors] = field(default_factory=dict)  # the algorithm's own server variables sent (Side)
+
+    @property
+    def local_steps(self) -> int:
+        """This client's local steps: ``clients.local_steps`` (per partition) if given, else ``algorithm.inner_steps``."""
+        return self.scenario.local_steps(self.partition)
 
 
 @dataclass
@@ -65,6 +98,13 @@ class Algorithm:
 
     def phases(self, scenario: "Scenario") -> list[Phase]:
         raise NotImplementedError
+
+    def sides(self, scenario: "Scenario") -> tuple[Side, ...]:
+        """Server variables beyond x and y that the phases send, step or assign."""
+        return ()
+
+    def after_phase(self, phase: Phase, state: "ServerState", scenario: "Scenario") -> None:
+        """Server work after a phase's aggregation (FedNest: accumulate the Neumann sum). Default: none."""
 
     def run(self, phase: str, job: ClientJob) -> LocalResult:
         raise NotImplementedError

@@ -19,21 +19,29 @@ from ..protocol import INNER, OUTER
 from .base import Algorithm, ClientJob, LocalResult, Phase, leaves, loss_and_grads, scaled_change, sgd_step
 
 
-def inner_phase(job: ClientJob, steps: int, beta: float) -> LocalResult:
+def round_batches(job: ClientJob, steps: int, round_index: int = 1, rounds: int = 1) -> tuple[list[Any], int]:
+    """The lower-level batches of the ``round_index``-th of ``rounds`` lower-level rounds of an iteration
+    (``steps`` each, from one draw of ``rounds * steps``), and the examples of that draw."""
+    batch = job.task.client_batch(job.partition, job.iteration, job.device, steps * rounds)
+    return batch.lower_steps[(round_index - 1) * steps:round_index * steps], batch.examples
+
+
+def inner_phase(job: ClientJob, steps: int, beta: float, round_index: int = 1, rounds: int = 1) -> LocalResult:
     """T SGD steps on g over the y-submodel; returns G = (y_0 - y_T) / beta.
 
     Correction to the paper: Algorithm 1 prints G = (y_T - y_0) / beta, which together with the
     server's y <- y - beta * avg(G) would move y *up* the lower-level loss. With
-    G = (y_0 - y_T) / beta the server step reproduces the clients' descent.
+    G = (y_0 - y_T) / beta the server step reproduces the clients' descent. ``round_index`` of
+    ``rounds``: which of several lower-level rounds of the iteration (FedNest's FedInn calls).
     """
     task, meter = job.task, job.meter
-    batch = task.client_batch(job.partition, job.iteration, job.device, steps)
+    lower_steps, examples = round_batches(job, steps, round_index, rounds)
     x = {k: v.detach() for k, v in job.x.items()}
     y_t = leaves(job.y)
     params = list(y_t.values())
     objectives: dict[int, Any] = {}  # one per distinct batch: few-shot steps share their support set
     losses = []
-    for lower in batch.lower_steps:
+    for lower in lower_steps:
         if id(lower) not in objectives:
             objectives[id(lower)] = task.lower_objective(x, lower, meter)
         objective = objectives[id(lower)]
@@ -41,7 +49,7 @@ def inner_phase(job: ClientJob, steps: int, beta: float) -> LocalResult:
         losses.append(loss)
         sgd_step(params, grads, beta)
     return LocalResult({"y": scaled_change(job.y, y_t, beta)},
-                       {"lower_loss_start": losses[0], "lower_loss": losses[-1], "examples": batch.examples})
+                       {"lower_loss_start": losses[0], "lower_loss": losses[-1], "examples": examples})
 
 
 def outer_phase(job: ClientJob, estimator: str, options: Mapping[str, Any], steps: int) -> LocalResult:

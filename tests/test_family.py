@@ -1,0 +1,235 @@
+"""The federated bilevel family on the loop: FedNest and LFedNest (rabo_flwr/algorithms/fednest.py), SimFBO
+and ShroFBO (rabo_flwr/algorithms/simfbo.py). Per method: one iteration against a hand computation on a
+two-client problem, convergence on the quadratic task, and the Flower path giving the plain engine's records."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.serverapp.strategy import Strategy
+
+from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.federation import ServerState
+from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
+from rabo_flwr.masks import scenario_policies
+from rabo_flwr.results import read_metrics
+from rabo_flwr.scenario import load_scenario
+from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
+from strategies import BilevelFamily, strategy_for
+from tests.test_quadratic import last_eval, run, small
+from tests.test_flower_e2e import home  # noqa: F401 - a fixture
+from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+QUIET = logging.getLogger("quiet")
+
+
+def two_client_problem() -> list[ClientProblem]:
+    """NOTES.md's P2 in the quadratic task's terms: g_i = 0.5 A_i y^2 - B_i x y, f_i = 0.5 (y - b_i)^2 + 0.5 x^2
+    with A = (1, 3), B = (2, 0), b = (1, 3), c = 0: y*(x) = x / 2, grad F(x) = 1.25 x - 1, x* = 0.8."""
+    def scalar(v):
+        return torch.tensor([[v]], dtype=torch.float64)
+    return [ClientProblem(scalar(1.0), scalar(2.0), torch.zeros(1, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)),
+            ClientProblem(scalar(3.0), scalar(0.0), torch.zeros(1, dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64))]
+
+
+def one_iteration(tmp_path: Path, name: str, local_steps: list[int] | None = None, **algorithm):
+    """One iteration of ``name`` on P2 from x = 1, y = 0 (v = 0) through the loop and the plain engine:
+    (records, state)."""
+    path = small(tmp_path, task={"channels": 1, "x_dim": 1, "y_dim": 1, "upper_l2": 1.0},
+                 clients={"num": 2, "capacities": [1.0], "local_steps": local_steps or []},
+                 algorithm={"name": name, "iterations": 1, "inner_steps": 2, "beta": 0.25, "alpha": 0.5,
+                            "neumann_terms": 2, "neumann_step": 0.25, **algorithm},
+                 run={"eval_every": 0, "final_test": False})
+    scenario = load_scenario(path)
+    task = QuadraticTask(scenario)
+    task.problems = two_client_problem()  # the cached property's value, set before anything reads it
+    loop = TrainingLoop(scenario, task, PlainRunner(scenario, task, CPU), CPU, QUIET)
+    result = loop.run(initial=({"x": torch.ones(1, 1)}, {"y": torch.zeros(1, 1)}))
+    return result.records, result.state
+
+
+def value(state, side: str) -> float:
+    return float(state.tensors[side][side if side in ("x", "y") else {"q": "y", "p": "y", "v": "y", "h": "x"}[side]])
+
+
+def test_a_side_follows_its_sides_submodel_and_assign_keeps_what_no_client_holds():
+    """A y-shaped side is sliced by y's plan; assign sets each row to the mean over the clients holding it
+    (static masks, capacities 1/2 and 1/4 of 16 rows: rows 0-3 both, 4-7 one, 8-15 none, kept)."""
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "base.yaml", {"algorithm.mask_x": "static"})
+    task = QuadraticTask(scenario)
+    x, y = task.init_tensors(0)
+    state = ServerState(task.layouts, x, y, scenario_policies(scenario))
+    state.add_side("v", "y", {"y": torch.full((16, 6), 7.0)})
+    state.plan_iteration(1, {0: 0.5, 1: 0.25})
+    assert state.slices(1, ("v",))["v"]["y"].shape == (4, 6) and state.expected_shapes(0, "v") == {"y": (8, 6)}
+    counts = state.assign("v", {0: {"y": torch.full((8, 6), 1.0)}, 1: {"y": torch.full((4, 6), 3.0)}})
+    rows = state.tensors["v"]["y"][:, 0].tolist()
+    assert rows == [2.0] * 4 + [1.0] * 4 + [7.0] * 8 and counts["y"][:, 0].tolist() == [2.0] * 4 + [1.0] * 4 + [0.0] * 8
+    state.reset_side("v")
+    assert not state.tensors["v"]["y"].any() and torch.equal(state.y["y"], y["y"])
+
+
+def test_fednest_one_iteration_matches_the_hand_computation(tmp_path):
+    """T = 1, tau = 2, beta = 1/4, N = 2, eta = 1/4, tau_out = 2, alpha = 1/2 (NOTES.md 1.6):
+    q = mean(A_i 0 - B_i 1) = -1; FedSVRG's local steps give 7/16 and 5/16, y+ = 3/8 (two GD steps on
+    the mean g); b = mean(y+ - b_i) = -13/8; v = eta sum_{n<=2} (1 - 2 eta)^n b = -91/128; h_i = x + B_i v,
+    h = 37/128; the local x-steps (J constant) give x - 2 alpha h = 401/512 on both clients."""
+    records, state = one_iteration(tmp_path, "fednest", outer_steps=2)
+    phases = [r["phase"] for r in records if "clients_sent" in r]
+    assert phases == ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad", "outer"]  # 2T + N + 3
+    expected = {"q": -1.0, "y": 0.375, "v": -0.7109375, "h": 0.2890625, "x": 0.783203125}
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_fednest_with_one_local_x_step_steps_x_in_the_hypergradient_round(tmp_path):
+    """tau_out = 1: x+ = x - alpha h = 1 - 37/256, in 2T + N + 2 rounds and without the side h."""
+    records, state = one_iteration(tmp_path, "fednest", outer_steps=1)
+    assert [r["phase"] for r in records if "clients_sent" in r][-1] == "hypergrad"
+    assert "h" not in state.tensors
+    assert value(state, "x") == pytest.approx(1 - 0.5 * 0.2890625, abs=1e-6)
+
+
+@pytest.mark.parametrize("outer_steps,x_next", [
+    # client i: h_i(x) = x + B_i v_i with v_1 = eta sum_{n<=2} (1 - eta)^n (7/16 - 1) = -333/1024, v_2 = ...,
+    # B_2 = 0; one step: 1 - (1 - 333/512) / 2 and 1/2, mean 0.66259765625 (NOTES.md 1.6);
+    # two steps: x -> x - (x - 333/512) / 2 twice = 0.73779296875 and 1/4, mean 0.493896484375.
+    (1, 0.66259765625), (2, 0.493896484375)])
+def test_lfednest_one_iteration_matches_the_hand_computation(tmp_path, outer_steps, x_next):
+    """FedAvg inner rounds (tau = 2): client 1's y goes 0 -> 1/2 -> 7/8, client 2's stays 0, y+ = 7/16 (drift,
+    against FedSVRG's 3/8); then each client's own Neumann hypergradient, recomputed at each local x."""
+    records, state = one_iteration(tmp_path, "lfednest", outer_steps=outer_steps)
+    assert [r["phase"] for r in records if "clients_sent" in r] == ["inner", "outer"]  # T + 1
+    assert value(state, "y") == pytest.approx(0.4375, abs=1e-6)
+    assert value(state, "x") == pytest.approx(x_next, abs=1e-6)
+
+
+def test_the_family_has_its_own_flower_strategy():
+    assert issubclass(BilevelFamily, Strategy)
+    assert set(BilevelFamily.algorithms) == {"fednest", "lfednest", "simfbo", "shrofbo"}
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "fednest.yaml")
+    assert type(strategy_for(scenario)) is BilevelFamily and strategy_for(scenario).rounds_per_iteration == 12
+
+
+def test_phase_lists_follow_the_scenario():
+    scenario = load_scenario(REPO / "scenarios" / "quadratic" / "base.yaml",
+                             {"algorithm.name": "fednest", "algorithm.inner_rounds": 2, "algorithm.neumann_terms": 3,
+                              "algorithm.inner_optimizer": "sgd"})
+    names = [p.name for p in ALGORITHMS["fednest"].phases(scenario)]
+    assert names == ["inner.1", "inner.2", "ihgp_grad", "ihgp.1", "ihgp.2", "ihgp.3", "hypergrad"]  # T + N + 2
+
+
+@pytest.mark.parametrize("name", ["fednest", "lfednest"])
+def test_algorithm_drives_x_error_below_1e_2(tmp_path, name):
+    records, _ = run(small(tmp_path, algorithm={"name": name, "neumann_terms": 8, "neumann_step": 0.5}))
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals[0]["x_error"] > 0.5 and evals[-1]["x_error"] < 1e-2
+
+
+def test_lfednest_with_one_round_and_one_local_step_is_the_fedmbo_row(tmp_path):
+    """LFedNest (T = tau_out = 1, FedAvg inner rounds) and fedmbo with the same Neumann terms and step
+    send the same messages and compute the same numbers: their records agree."""
+    lfednest, _ = run(small(tmp_path / "l", algorithm={"name": "lfednest", "iterations": 5, "neumann_terms": 3,
+                                                        "neumann_step": 0.4}))
+    fedmbo, _ = run(small(tmp_path / "f", algorithm={"name": "fedmbo", "iterations": 5,
+                                                      "estimator_options": {"K": 4, "step": 0.4}}))
+    assert stable(lfednest) == stable(fedmbo)
+
+
+def test_fednest_through_flower_gives_the_plain_engines_records(tmp_path, one_thread):  # noqa: F811
+    """q, p, v and h travel in the messages beside x and y, sliced to each client's submodel."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25]},
+                "algorithm": {"name": "fednest", "iterations": 2, "outer_steps": 2, "neumann_terms": 2}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, _ = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain)
+    assert last_eval(plain)["x_error"] < plain[0]["x_error"]
+    ihgp = [r for r in plain if r["phase"] == "ihgp.1"][0]
+    assert ihgp["min_coverage_p"] == 2 and ihgp["uncovered_p"] == 0.0
+
+
+# ---------------------------------------------------------------- SimFBO and ShroFBO
+
+
+@pytest.mark.parametrize("name,local_steps,expected", [
+    # client 1 (A = 1, B = 2, b = 1), tau = 2: d = (d^x, d^y, d^v) = (1, -2, 1) at (y, v) = (0, 0), then
+    # (0.5, -1.5, 0.25) at (1/2, -1/4); replies (1.5, -3.5, 1.25). Client 2 (A = 3, B = 0, b = 3): (1, 0, 3) at
+    # (0, 0), then (1, 0, 0.75) at (0, -3/4); replies (2, 0, 3.75). Steps 1/4: x = 1 - 1.75 / 4, y = 3.5 / 8,
+    # v = -5 / 8 (NOTES.md 4.5).
+    ("simfbo", [2], {"x": 0.5625, "y": 0.4375, "v": -0.625}),
+    # client 2 takes one step, reply (1, 0, 3): SimFBO weights client 1's two steps double.
+    ("simfbo", [2, 1], {"x": 0.6875, "y": 0.4375, "v": -0.53125}),
+    # ShroFBO: replies / tau_i = (0.75, -1.75, 0.625) and (1, 0, 3), steps 1/4 * tau_eff = 1/4 * 3/2.
+    ("shrofbo", [2, 1], {"x": 0.671875, "y": 0.328125, "v": -0.6796875}),
+    # tau = 1: one SOBA step on the mean functions: x = 1 - (1 + 1) / 8, y = 2 / 8, v = -(1 + 3) / 8.
+    ("shrofbo", [1], {"x": 0.75, "y": 0.25, "v": -0.5}),
+])
+def test_simfbo_one_iteration_matches_the_hand_computation(tmp_path, name, local_steps, expected):
+    records, state = one_iteration(tmp_path, name, local_steps, alpha=0.25, beta=0.25, v_step=0.25)
+    assert [r["phase"] for r in records if "clients_sent" in r] == ["local"]
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simfbo", "shrofbo"])
+def test_simfbo_drives_x_error_below_1e_2(tmp_path, name):
+    """alpha = 0.06: x moves by alpha times the sum of tau = 5 directions, 0.3 per iteration as RABO's alpha."""
+    records, _ = run(small(tmp_path, algorithm={"name": name, "alpha": 0.06}))
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals[0]["x_error"] > 0.5 and evals[-1]["x_error"] < 1e-2
+
+
+def test_shrofbo_removes_the_bias_of_unequal_local_steps_that_simfbo_keeps(tmp_path):
+    """Clients taking 5 and 1 local steps: SimFBO weights them by their steps and stops away from x*;
+    ShroFBO's normalised aggregation reaches it."""
+    def final(name):
+        records, _ = run(small(tmp_path / name, clients={"num": 4, "capacities": [1.0], "local_steps": [5, 1]},
+                               algorithm={"name": name, "alpha": 0.06, "beta": 0.2, "iterations": 100}))
+        return last_eval(records)["x_error"]
+    assert final("simfbo") > 0.05 and final("shrofbo") < 1e-2
+
+
+def test_simfbo_through_flower_gives_the_plain_engines_records_and_resumes_v(tmp_path, one_thread):  # noqa: F811
+    """v travels beside x and y, sliced to each client's submodel; it is checkpointed, so a run cut after
+    iteration 2 and resumed ends where the straight run does."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25], "local_steps": [3, 1]},
+                "algorithm": {"name": "shrofbo", "iterations": 4, "alpha": 0.06, "beta": 0.2},
+                "run": {"checkpoint_every": 2}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, state = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain)
+    assert [c["local_steps"] for c in plain[1]["clients"]] == [3, 1, 3, 1]
+    interrupted = small(tmp_path / "cut", **sections)
+    run_plain(load_scenario(interrupted, {"algorithm.iterations": 2}), QUIET)
+    resumed = run_plain(load_scenario(interrupted, {"run.resume": True}), QUIET)
+    for side in ("x", "y", "v"):
+        assert all(torch.equal(resumed.state.tensors[side][n], state.tensors[side][n]) for n in state.tensors[side])
+
+
+# ---------------------------------------------------------------- through `flwr run` (Ray)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name,rounds", [("fednest", ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad"]),
+                                         ("shrofbo", ["local"])])
+def test_family_through_flwr_run_matches_the_plain_engine(home, tmp_path, name, rounds):  # noqa: F811
+    """The scenario file as a user runs it, shrunk: Flower's simulation engine routes train.<kind> messages
+    (FedNest's numbered Neumann rounds travel as train.ihgp) and the server's own variables travel with them."""
+    config = {"scenario": f"scenarios/quadratic/{name}.yaml", "algorithm.iterations": 2, "clients.num": 3,
+              "algorithm.neumann_terms": 2, "run.eval_every": 1}
+    results = tmp_path / "results"
+    outcome = home.run(REPO, run_config=config | {"run.results_dir": str(results)},
+                       federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1}, timeout=600)
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    flower = read_metrics(results / "metrics.jsonl")
+    plain = run_plain(load_scenario(REPO / config.pop("scenario"), config | {"run.results_dir": str(tmp_path / "plain")}),
+                      QUIET).records
+    trained = lambda records: [r for r in records if "clients_sent" in r]  # noqa: E731
+    assert [(r["iteration"], r["phase"]) for r in trained(flower)] == [(q, p) for q in (1, 2) for p in rounds]
+    for f, p in zip(trained(flower), trained(plain)):
+        assert (f["clients_aggregated"], f["bytes_down"], f["bytes_up"]) == (3, p["bytes_down"], p["bytes_up"])
+    assert [e["x_error"] for e in flower if e["phase"] == "eval"] == pytest.approx(
+        [e["x_error"] for e in plain if e["phase"] == "eval"], rel=1e-5)
