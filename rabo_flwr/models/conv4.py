@@ -77,8 +77,8 @@ class Conv4(nn.Module):
         with its weights times s = sign(gamma) (giving s u for activations u), max-pooling s u
         gives s times the max or the min of u, and gamma s (s u - s mean) / std = gamma (u - mean) / std.
         The elementwise work after the statistics runs on a quarter of the activations. The
-        statistics take two passes (mean, then the mean squared deviation), as accurate as
-        BatchNorm's own.
+        statistics take two passes (mean, then the mean squared deviation; the first block's
+        come from its patches, :func:`_patch_conv`), as accurate as BatchNorm's own.
         """
         conv, bn = unit.conv, unit.bn
         sign = torch.where(bn.weight < 0, -1.0, 1.0).to(bn.weight)
