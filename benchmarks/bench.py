@@ -81,7 +81,7 @@ def settings(quick: bool) -> dict[str, Any]:
                 "scale_iterations": 2, "scale_base": {"model.width": 16}, "scale_flower": [10, 100],
                 "scale_plain": [10, 100],
                 "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1},
-                "compute": {"eval_episodes": 20, "eval_rounds": 1, "run": {"algorithm.iterations": 2, **TINY_EVAL}}}
+                "compute": {"eval_episodes": 20, "rounds": 1, "run": {"algorithm.iterations": 2, **TINY_EVAL}}}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
@@ -90,7 +90,7 @@ def settings(quick: bool) -> dict[str, Any]:
             "scale_iterations": 6, "scale_base": {}, "scale_flower": [10, 100, 1000],
             "scale_plain": [10, 100, 1000, 10000],
             "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3},
-            "compute": {"eval_episodes": 600, "eval_rounds": 2, "run": {"algorithm.iterations": 5, **TINY_EVAL}}}
+            "compute": {"eval_episodes": 600, "rounds": 3, "run": {"algorithm.iterations": 4, **TINY_EVAL}}}
 
 
 def machine() -> dict[str, Any]:
@@ -553,16 +553,15 @@ def compute_worker(spec: dict[str, Any]) -> None:
 def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, work: Path) -> dict[str, Any]:
     """Every measurement on ``before`` and on this tree ("after"), alternately, each in its own process.
 
-    The evaluation alternates ``eval_rounds`` times (before, after, before, after, ...), so that
-    both trees see the same load; the ratio is taken within each round.
+    ``rounds`` rounds of (evaluation, RABO, FedMBO), each on both trees one after the other, so
+    that both see the same load; ratios are taken within each round and the table gives medians.
     """
     trees = {"before": before, "after": REPO} if before else {"after": REPO}
     c = cfg["compute"]
-    jobs = [("evaluation", {"task.eval_episodes": c["eval_episodes"]}, c["eval_rounds"]),
-            ("rabo", c["run"], 1), ("fedmbo", c["run"], 1)]
-    results: dict[str, dict[str, Any]] = {label: defaultdict(list) for label in trees}
-    for what, overrides, rounds in jobs:
-        for _ in range(rounds):
+    jobs = [("evaluation", {"task.eval_episodes": c["eval_episodes"]}), ("rabo", c["run"]), ("fedmbo", c["run"])]
+    results: dict[str, dict[str, list]] = {label: defaultdict(list) for label in trees}
+    for _ in range(c["rounds"]):
+        for what, overrides in jobs:
             for label, tree in trees.items():
                 out = work / f"compute-{what}-{label}.json"
                 spec = {"what": what, "overrides": overrides, "threads": threads, "work": str(work / label), "out": str(out)}
@@ -570,35 +569,50 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
                 subprocess.run([sys.executable, __file__, "--compute-worker", json.dumps(spec)], check=True, env=env)
                 results[label][what].append(json.loads(out.read_text()))
                 print(f"  {what} ({label}): " + json.dumps({k: v for k, v in results[label][what][-1].items()
-                                                            if k not in ("records", "iterations")}), flush=True)
+                                                            if k not in ("records", "iterations", "clients")}), flush=True)
     summary = {label: compute_rows(r) for label, r in results.items()}
     if before:
         for what in ("rabo", "fedmbo"):
-            summary["after"][f"{what}_records_identical"] = (results["before"][what][0]["records"]
-                                                             == results["after"][what][0]["records"])
-        summary["after"]["evaluation_before_over_after_by_round"] = [
-            b["time_s"] / a["time_s"] for b, a in zip(results["before"]["evaluation"], results["after"]["evaluation"])]
+            summary["after"][f"{what}_records_identical"] = all(
+                b["records"] == a["records"] for b, a in zip(results["before"][what], results["after"][what]))
+        by_round = {label: [compute_rows({k: [v[i]] for k, v in r.items()}) for i in range(c["rounds"])]
+                    for label, r in results.items()}
+        summary["after"]["before_over_after_by_round"] = {
+            key: [b[key] / a[key] for b, a in zip(by_round["before"], by_round["after"])]
+            for key in ("evaluation_s", "evaluation_cpu_s", "rabo_iteration_s", "fedmbo_iteration_s")}
+        summary["by_round"] = by_round
     for r in results.values():
         for what in ("rabo", "fedmbo"):
-            r[what][0].pop("records")
+            for run in r[what]:
+                run.pop("records")
     return {"scenarios": str(TABLE2.relative_to(REPO)), "overrides": CPU_SCALE, "settings": c, "threads": threads,
             "summary": summary, "raw": results}
 
 
 def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
-    """The figures of the compute table from one tree's measurements (the evaluation: median over rounds)."""
-    evaluations, (rabo,), (fedmbo,) = r["evaluation"], r["rabo"], r["fedmbo"]
-    clients = rabo["clients"]
-    return {"evaluation_s": statistics.median(e["time_s"] for e in evaluations),
+    """The figures of the compute table from one tree's measurements: medians over rounds."""
+    evaluations, rabo, fedmbo = r["evaluation"], r["rabo"], r["fedmbo"]
+
+    def median(runs, *path):
+        values = []
+        for run in runs:
+            for key in path:
+                run = run[key]
+            values.append(run)
+        return statistics.median(values)
+
+    rows = {"evaluation_s": median(evaluations, "time_s"), "evaluation_cpu_s": median(evaluations, "cpu_s"),
             "test_accuracy": evaluations[0]["test_accuracy"], "test_accuracy_se": evaluations[0]["test_accuracy_se"],
-            "rabo_iteration_s": rabo["median_s"], "fedmbo_iteration_s": fedmbo["median_s"],
-            "rabo_over_fedmbo": rabo["median_s"] / fedmbo["median_s"],
-            "outer_capacity_1_s": clients["outer 1"]["median_s"], "outer_capacity_1_flops": clients["outer 1"]["flops"],
-            "outer_capacity_1/16_s": clients["outer 0.0625"]["median_s"],
-            "outer_capacity_1/16_flops": clients["outer 0.0625"]["flops"],
-            "outer_1/16_over_1": clients["outer 0.0625"]["median_s"] / clients["outer 1"]["median_s"],
-            "inner_capacity_1_s": clients["inner 1"]["median_s"], "inner_capacity_1/16_s": clients["inner 0.0625"]["median_s"],
-            "loadavg": [e["loadavg"] for e in evaluations] + [rabo["loadavg"], fedmbo["loadavg"]]}
+            "rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
+    rows["rabo_over_fedmbo"] = statistics.median(a["median_s"] / b["median_s"] for a, b in zip(rabo, fedmbo))
+    for phase in ("outer", "inner"):
+        for capacity, label in (("1", "1"), ("0.0625", "1/16")):
+            rows[f"{phase}_capacity_{label}_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_s")
+            rows[f"{phase}_capacity_{label}_flops"] = median(rabo, "clients", f"{phase} {capacity}", "flops")
+    rows["outer_1/16_over_1"] = statistics.median(run["clients"]["outer 0.0625"]["median_s"] / run["clients"]["outer 1"]["median_s"]
+                                                  for run in rabo)
+    rows["loadavg"] = [run["loadavg"] for run in [*evaluations, *rabo, *fedmbo]]
+    return rows
 
 
 # ---------------------------------------------------------------- output
@@ -703,8 +717,9 @@ def report(results: dict[str, Any]) -> str:
         parts.append(f"One after another (1 thread) / 2 workers, per round: {ratios} (median {par['median_ratio']:.3g}).\n")
     if "compute" in results:
         summary = results["compute"]["summary"]
-        labels = list(summary)
-        keys = [("evaluation_s", "one evaluation, test episodes 5w1s (s, median over rounds)"),
+        labels = [label for label in ("before", "after") if label in summary]
+        keys = [("evaluation_s", "one evaluation, test episodes 5w1s (s)"),
+                ("evaluation_cpu_s", "its CPU time (s)"),
                 ("test_accuracy", "its test accuracy (x_0)"),
                 ("rabo_iteration_s", "RABO phase time per iteration (s)"),
                 ("fedmbo_iteration_s", "FedMBO phase time per iteration (s)"),
@@ -721,18 +736,18 @@ def report(results: dict[str, Any]) -> str:
             for row, (k, _) in zip(rows, keys):
                 row.append(summary["before"][k] / summary["after"][k] if k.endswith("_s") else None)
         parts.append(table(f"Compute (Table II 5w1s at CPU scale, plain engine, {results['compute']['threads']} "
-                           "torch threads, medians)", ["what", *labels] + (["before / after"] if len(labels) == 2 else []),
+                           "torch thread(s), medians over rounds)", ["what", *labels] + (["before / after"] if len(labels) == 2 else []),
                            rows))
         after = summary["after"]
-        if "evaluation_before_over_after_by_round" in after:
-            parts.append("Evaluation, before / after within each round: "
-                         + ", ".join(f"{v:.3g}" for v in after["evaluation_before_over_after_by_round"]) + ".\n")
+        if "before_over_after_by_round" in after:
+            for key, ratios in after["before_over_after_by_round"].items():
+                parts.append(f"{key}, before / after within each round: " + ", ".join(f"{v:.3g}" for v in ratios) + "\n")
             for what in ("rabo", "fedmbo"):
                 parts.append(f"{what}: records other than timings identical before and after: "
                              f"{after[f'{what}_records_identical']}\n")
         parts.append("Load average (1, 5, 15 min) at the end of each measurement: " + "; ".join(
             f"{label}: " + ", ".join("/".join(f"{v:.1f}" for v in la) for la in summary[label]["loadavg"])
-            for label in labels) + "\n")
+            for label in ("before", "after") if label in summary) + "\n")
     return "\n".join(parts)
 
 
