@@ -55,7 +55,7 @@ class Conv4(nn.Module):
         """Features ``(E, n, width)`` of E batches ``(E, n, C, H, W)``, each batch normalised with its own statistics.
 
         The same function of the weights as E calls on ``(n, C, H, W)``, arranged for speed on a
-        CPU: channels-last activations, the first conv as one matrix product over 3x3 patches
+        CPU: channels-last activations, the first conv as matrix products over 3x3 patches
         (faster than a conv with one input channel), max-pooling before the BatchNorm affine map
         and ReLU (:meth:`_pooled_block`), one batch at a time (its activations stay in the cache).
         """
@@ -78,20 +78,20 @@ class Conv4(nn.Module):
         gives s times the max or the min of u, and gamma s (s u - s mean) / std = gamma (u - mean) / std.
         The elementwise work after the statistics runs on a quarter of the activations. The
         statistics take two passes (mean, then the mean squared deviation; the first block's
-        come from its patches, :func:`_patch_conv`), as accurate as BatchNorm's own.
+        come from its patches, :func:`_pooled_patch_conv`), as accurate as BatchNorm's own.
         """
         conv, bn = unit.conv, unit.bn
         sign = torch.where(bn.weight < 0, -1.0, 1.0).to(bn.weight)
         weight = (conv.weight * sign[:, None, None, None]).flatten(1)
         if first:
-            signed, mean, var = _patch_conv(x, weight, conv)
+            pooled, mean, var = _pooled_patch_conv(x, weight, conv)
         else:
             signed = F.conv2d(x, weight.view_as(conv.weight), None, conv.stride, conv.padding)
             rows = signed.permute(0, 2, 3, 1).reshape(-1, signed.shape[1])  # a view of channels-last activations
             mean = rows.mean(0)
             var = (rows - mean).square_().mean(0)
+            pooled = F.max_pool2d(signed, 2)
         scale = bn.weight * sign * torch.rsqrt(var + bn.eps)  # |gamma| / std
-        pooled = F.max_pool2d(signed, 2)
         return (pooled * scale[:, None, None]).add_((bn.bias - mean * scale)[:, None, None]).relu_()
 
     def layout(self) -> Layout:
@@ -104,25 +104,32 @@ class Conv4(nn.Module):
         return spec.build()
 
 
-def _patch_conv(images: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``conv``'s geometry with ``weight`` (out channels, in channels * k * k; no bias) on
-    ``images``, as one matrix product of the input's patches with the weights (faster than a conv
-    with few input channels); returns the output, channels-last, and its per-channel mean and
-    (biased) variance over the batch and positions.
+def _pooled_patch_conv(images: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``conv`` (stride 1, same padding; ``weight`` flattened to (out channels, in channels * k * k), no bias)
+    on ``images``, max-pooled 2, as matrix products of the input's patches with the weights
+    (faster than a conv with few input channels); returns the pooled output, channels-last, and
+    the per-channel mean and (biased) variance of the unpooled output over the batch and positions.
 
-    The output is linear in the patches, so its statistics follow from the patches' mean m and
-    covariance S (centred, in double precision): mean = W m and variance = diag(W S W^T), without
-    passes over the output.
+    Each of the four positions of a pooling window is one product, folded into the running
+    maximum, so the unpooled output is never stored. The output is linear in the patches, so
+    its statistics follow from the patches' mean m and covariance S (centred, in double
+    precision): mean = W m and variance = diag(W S W^T).
     """
-    n, _, h, _ = images.shape
-    patches = F.unfold(images, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (n, C*k*k, L)
-    rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (n * L, C*k*k)
-    out = rows @ weight.T  # (n * L, out channels): channels last
-    out_h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-    wide, w = rows.double(), weight.double()  # a few columns: double precision costs little here
-    patch_mean = wide.mean(0)
-    centred = wide - patch_mean
-    covariance = centred.T @ centred / rows.shape[0]
-    return (out.view(n, out_h, -1, out.shape[-1]).permute(0, 3, 1, 2), (w @ patch_mean).to(weight),
-            ((w @ covariance) * w).sum(1).to(weight))
+    n, _, h, w = images.shape
+    patches = F.unfold(images, conv.kernel_size, padding=conv.padding)  # (n, C*k*k, h * w) at stride 1
+    size = patches.shape[1]
+    grid = patches.view(n, size, h, w)[:, :, : h // 2 * 2, : w // 2 * 2].unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))
+    pooled = None
+    for a in range(2):
+        for b in range(2):
+            rows = grid[:, :, :, a, :, b].permute(0, 2, 3, 1).reshape(-1, size)  # (n * h/2 * w/2, C*k*k)
+            out = rows @ weight.T
+            pooled = out if pooled is None else torch.maximum(pooled, out, out=pooled)
+    every = patches.transpose(1, 2).reshape(-1, size).double()  # a few columns: double precision costs little
+    patch_mean = every.mean(0)
+    centred = every - patch_mean
+    covariance = centred.T @ centred / every.shape[0]
+    wide = weight.double()
+    return (pooled.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2), (wide @ patch_mean).to(weight),
+            ((wide @ covariance) * wide).sum(1).to(weight))
