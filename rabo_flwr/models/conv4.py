@@ -52,7 +52,7 @@ class Conv4(nn.Module):
         return self.pool(self.blocks(images)).flatten(1)
 
     def _episodes(self, images: torch.Tensor) -> torch.Tensor:
-        """Features ``(E, n, width)`` of E batches ``(E, n, C, H, W)``, each batch normalised with its own statistics.
+        """Features ``(E, n, width)`` of E batches ``(E, n, C, H, W)``, each normalised with its own statistics.
 
         The same function of the weights as E calls on ``(n, C, H, W)``, arranged for speed on a
         CPU: channels-last activations, the first conv as matrix products over 3x3 patches
@@ -106,8 +106,8 @@ class Conv4(nn.Module):
 
 def _pooled_patch_conv(images: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``conv`` (stride 1, same padding; ``weight`` flattened to (out channels, in channels * k * k), no bias)
-    on ``images``, max-pooled 2, as matrix products of the input's patches with the weights
+    """``conv`` (stride 1, same padding) with ``weight`` (out channels, in channels * k * k; no
+    bias) on ``images``, max-pooled 2, as matrix products of the input's patches with the weights
     (faster than a conv with few input channels); returns the pooled output, channels-last, and
     the per-channel mean and (biased) variance of the unpooled output over the batch and positions.
 
@@ -119,7 +119,8 @@ def _pooled_patch_conv(images: torch.Tensor, weight: torch.Tensor, conv: nn.Conv
     n, _, h, w = images.shape
     patches = F.unfold(images, conv.kernel_size, padding=conv.padding)  # (n, C*k*k, h * w) at stride 1
     size = patches.shape[1]
-    grid = patches.view(n, size, h, w)[:, :, : h // 2 * 2, : w // 2 * 2].unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))
+    windows = patches.view(n, size, h, w)[:, :, : h // 2 * 2, : w // 2 * 2]
+    grid = windows.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))  # (n, size, h/2, 2, w/2, 2)
     pooled = None
     for a in range(2):
         for b in range(2):

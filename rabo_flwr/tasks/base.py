@@ -52,7 +52,8 @@ class FunctionalModule:
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         if tensors.keys() != self._slots.keys():
-            missing, unexpected = sorted(self._slots.keys() - tensors.keys()), sorted(tensors.keys() - self._slots.keys())
+            missing = sorted(self._slots.keys() - tensors.keys())
+            unexpected = sorted(tensors.keys() - self._slots.keys())
             raise KeyError(f"{type(self.module).__name__}: tensors missing {missing}, unexpected {unexpected}")
         templates = {name: store[attr] for name, (store, attr) in self._slots.items()}
         try:
