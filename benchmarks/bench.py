@@ -15,6 +15,11 @@
    machine) and one message's stages in a fresh process (imports, task and data, the phase).
 6. Both cores in one run: the plain engine's 10-client iteration with ``run.workers: 2`` (two
    worker processes of one torch thread) against the clients one after another (one thread).
+7. Compute (``--parts compute``, not in the default set): one evaluation of the published
+   Table II scenario at CPU scale, RABO's and FedMBO's phase time per iteration, one client's
+   outer and inner phase at capacity 1 and 1/16, measured on this tree and on ``--before DIR``
+   (a checkout of an earlier commit) alternately, each in a fresh process, with the runs'
+   records compared.
 
 Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
 (``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
@@ -45,7 +50,9 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # clients/ and strategies/ are top-level packages of the repo
+# clients/ and strategies/ are top-level packages of the repo; a compute worker runs another tree's code
+SOURCE = Path(os.environ.get("RABO_BENCH_SOURCE", REPO))
+sys.path.insert(0, str(SOURCE))
 
 from rabo_flwr.algorithms import ClientJob  # noqa: E402
 from rabo_flwr.algorithms.bilevel import inner_phase  # noqa: E402
@@ -73,7 +80,8 @@ def settings(quick: bool) -> dict[str, Any]:
                 "clients": [2, 4], "capacities": [1.0, 0.0625],
                 "scale_iterations": 2, "scale_base": {"model.width": 16}, "scale_flower": [10, 100],
                 "scale_plain": [10, 100],
-                "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1}}
+                "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1},
+                "compute": {"eval_episodes": 20, "rounds": 1, "run": {"algorithm.iterations": 2, **TINY_EVAL}}}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
@@ -81,7 +89,8 @@ def settings(quick: bool) -> dict[str, Any]:
             "clients": [10, 20, 50], "capacities": [1.0, 0.5, 0.25, 0.125, 0.0625],
             "scale_iterations": 6, "scale_base": {}, "scale_flower": [10, 100, 1000],
             "scale_plain": [10, 100, 1000, 10000],
-            "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3}}
+            "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3},
+            "compute": {"eval_episodes": 600, "rounds": 3, "run": {"algorithm.iterations": 4, **TINY_EVAL}}}
 
 
 def machine() -> dict[str, Any]:
@@ -493,6 +502,119 @@ def parallel(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "median_ratio": statistics.median(r["sequential_over_workers"] for r in rounds)}
 
 
+# ---------------------------------------------------------------- part 7: compute
+
+
+TABLE2 = REPO / "scenarios" / "paper" / "table2"
+CPU_SCALE = {"model.backbone": "conv4", "model.width": 64, "task.n_way": 5, "task.k_shot": 1}  # Table II 5w1s, CPU scale
+RECORD_TIMINGS = {"wall_time", "eval_time", "aggregation_time", "client_wall_time_max", "peak_memory"}
+
+
+def _without_timings(value: Any) -> Any:
+    """A record without its timings (and memory peaks): what a speed-up must leave unchanged."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in RECORD_TIMINGS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def compute_worker(spec: dict[str, Any]) -> None:
+    """In a fresh process, with the code of ``RABO_BENCH_SOURCE``: one measurement of part 7."""
+    import rabo_flwr
+
+    torch.set_num_threads(spec["threads"])
+    out: dict[str, Any] = {"source": str(Path(rabo_flwr.__file__).parent.parent)}
+    if spec["what"] == "evaluation":
+        scenario = load_scenario(TABLE2 / "rabo.yaml", CPU_SCALE | spec["overrides"])
+        task = cached_task(scenario)
+        task.prepare()
+        x, y = task.init_tensors(scenario.seed)
+        start, cpu = time.perf_counter(), time.process_time()
+        metrics = task.evaluate(x, y, CPU, "test")
+        out |= {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, **metrics}
+    else:
+        scenario = load_scenario(TABLE2 / f"{spec['what']}.yaml", CPU_SCALE | spec["overrides"]
+                                 | {"run.results_dir": str(Path(spec["work"]) / spec["what"])})
+        cached_task(scenario).prepare()
+        records = run_plain(scenario, logging.getLogger("bench")).records
+        out |= per_iteration(records)
+        out["records"] = _without_timings(records)
+        clients = defaultdict(list)  # "phase capacity" -> [(wall, flops)] over iterations and clients
+        for r in records:
+            for c in r.get("clients", []) if isinstance(r.get("clients"), list) else []:
+                clients[f"{r['phase']} {c['capacity']:g}"].append((c["wall_time"], c["flops"]))
+        out["clients"] = {k: {"median_s": statistics.median(w for w, _ in v), "flops": statistics.median(f for _, f in v),
+                              "count": len(v)} for k, v in clients.items()}
+    out["loadavg"] = os.getloadavg()
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, work: Path) -> dict[str, Any]:
+    """Every measurement on ``before`` and on this tree ("after"), alternately, each in its own process.
+
+    ``rounds`` rounds of (evaluation, RABO, FedMBO), each on both trees one after the other, so
+    that both see the same load; ratios are taken within each round and the table gives medians.
+    """
+    trees = {"before": before, "after": REPO} if before else {"after": REPO}
+    c = cfg["compute"]
+    jobs = [("evaluation", {"task.eval_episodes": c["eval_episodes"]}), ("rabo", c["run"]), ("fedmbo", c["run"])]
+    results: dict[str, dict[str, list]] = {label: defaultdict(list) for label in trees}
+    for _ in range(c["rounds"]):
+        for what, overrides in jobs:
+            for label, tree in trees.items():
+                out = work / f"compute-{what}-{label}.json"
+                spec = {"what": what, "overrides": overrides, "threads": threads, "work": str(work / label), "out": str(out)}
+                env = os.environ | {"RABO_BENCH_SOURCE": str(tree)}
+                subprocess.run([sys.executable, __file__, "--compute-worker", json.dumps(spec)], check=True, env=env)
+                results[label][what].append(json.loads(out.read_text()))
+                print(f"  {what} ({label}): " + json.dumps({k: v for k, v in results[label][what][-1].items()
+                                                            if k not in ("records", "iterations", "clients")}), flush=True)
+    summary = {label: compute_rows(r) for label, r in results.items()}
+    if before:
+        for what in ("rabo", "fedmbo"):
+            summary["after"][f"{what}_records_identical"] = all(
+                b["records"] == a["records"] for b, a in zip(results["before"][what], results["after"][what]))
+        by_round = {label: [compute_rows({k: [v[i]] for k, v in r.items()}) for i in range(c["rounds"])]
+                    for label, r in results.items()}
+        summary["after"]["before_over_after_by_round"] = {
+            key: [b[key] / a[key] for b, a in zip(by_round["before"], by_round["after"])]
+            for key in ("evaluation_s", "evaluation_cpu_s", "rabo_iteration_s", "fedmbo_iteration_s")}
+        summary["by_round"] = by_round
+    for r in results.values():
+        for what in ("rabo", "fedmbo"):
+            for run in r[what]:
+                run.pop("records")
+    return {"scenarios": str(TABLE2.relative_to(REPO)), "overrides": CPU_SCALE, "settings": c, "threads": threads,
+            "summary": summary, "raw": results}
+
+
+def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures of the compute table from one tree's measurements: medians over rounds."""
+    evaluations, rabo, fedmbo = r["evaluation"], r["rabo"], r["fedmbo"]
+
+    def median(runs, *path):
+        values = []
+        for run in runs:
+            for key in path:
+                run = run[key]
+            values.append(run)
+        return statistics.median(values)
+
+    rows = {"evaluation_s": median(evaluations, "time_s"), "evaluation_cpu_s": median(evaluations, "cpu_s"),
+            "test_accuracy": evaluations[0]["test_accuracy"], "test_accuracy_se": evaluations[0]["test_accuracy_se"],
+            "rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
+    rows["rabo_over_fedmbo"] = statistics.median(a["median_s"] / b["median_s"] for a, b in zip(rabo, fedmbo))
+    for phase in ("outer", "inner"):
+        for capacity, label in (("1", "1"), ("0.0625", "1/16")):
+            rows[f"{phase}_capacity_{label}_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_s")
+            rows[f"{phase}_capacity_{label}_flops"] = median(rabo, "clients", f"{phase} {capacity}", "flops")
+    rows["outer_1/16_over_1"] = statistics.median(run["clients"]["outer 0.0625"]["median_s"] / run["clients"]["outer 1"]["median_s"]
+                                                  for run in rabo)
+    rows["loadavg"] = [run["loadavg"] for run in [*evaluations, *rabo, *fedmbo]]
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -593,6 +715,39 @@ def report(results: dict[str, Any]) -> str:
                             "whole run"], rows))
         ratios = ", ".join(f"{r['sequential_over_workers']:.3g}" for r in par["rounds"])
         parts.append(f"One after another (1 thread) / 2 workers, per round: {ratios} (median {par['median_ratio']:.3g}).\n")
+    if "compute" in results:
+        summary = results["compute"]["summary"]
+        labels = [label for label in ("before", "after") if label in summary]
+        keys = [("evaluation_s", "one evaluation, test episodes 5w1s (s)"),
+                ("evaluation_cpu_s", "its CPU time (s)"),
+                ("test_accuracy", "its test accuracy (x_0)"),
+                ("rabo_iteration_s", "RABO phase time per iteration (s)"),
+                ("fedmbo_iteration_s", "FedMBO phase time per iteration (s)"),
+                ("rabo_over_fedmbo", "RABO / FedMBO"),
+                ("outer_capacity_1_s", "outer phase, one client at capacity 1 (s)"),
+                ("outer_capacity_1_flops", "its FLOPs"),
+                ("outer_capacity_1/16_s", "outer phase, one client at capacity 1/16 (s)"),
+                ("outer_capacity_1/16_flops", "its FLOPs"),
+                ("outer_1/16_over_1", "outer phase time, capacity 1/16 / capacity 1"),
+                ("inner_capacity_1_s", "inner phase, one client at capacity 1 (s)"),
+                ("inner_capacity_1/16_s", "inner phase, one client at capacity 1/16 (s)")]
+        rows = [[label, *(summary[t][k] for t in labels)] for k, label in keys]
+        if len(labels) == 2:
+            for row, (k, _) in zip(rows, keys):
+                row.append(summary["before"][k] / summary["after"][k] if k.endswith("_s") else None)
+        parts.append(table(f"Compute (Table II 5w1s at CPU scale, plain engine, {results['compute']['threads']} "
+                           "torch thread(s), medians over rounds)", ["what", *labels] + (["before / after"] if len(labels) == 2 else []),
+                           rows))
+        after = summary["after"]
+        if "before_over_after_by_round" in after:
+            for key, ratios in after["before_over_after_by_round"].items():
+                parts.append(f"{key}, before / after within each round: " + ", ".join(f"{v:.3g}" for v in ratios) + "\n")
+            for what in ("rabo", "fedmbo"):
+                parts.append(f"{what}: records other than timings identical before and after: "
+                             f"{after[f'{what}_records_identical']}\n")
+        parts.append("Load average (1, 5, 15 min) at the end of each measurement: " + "; ".join(
+            f"{label}: " + ", ".join("/".join(f"{v:.1f}" for v in la) for la in summary[label]["loadavg"])
+            for label in ("before", "after") if label in summary) + "\n")
     return "\n".join(parts)
 
 
@@ -603,12 +758,16 @@ def main() -> None:
                         "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment,parallel",
-                        help="comma-separated subset")
+                        help="comma-separated subset of these and compute")
+    parser.add_argument("--before", type=Path, help="compute part: also measure this checkout, alternately")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--compute-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or REPO / "benchmarks" / ("results-quick.json" if args.quick else "results.json")
     if args.hypergradient_worker:
         return hypergradient_worker(json.loads(args.hypergradient_worker))
+    if args.compute_worker:
+        return compute_worker(json.loads(args.compute_worker))
     if "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION" not in os.environ:
         sys.exit("source ./offline.env first (the offline Flower variables)")
     torch.set_num_threads(args.threads)
@@ -639,6 +798,9 @@ def main() -> None:
             print("part 6: both cores in one run", flush=True)
             results["parallel"] = parallel(cfg, Path(tmp))
             torch.set_num_threads(args.threads)
+        if "compute" in parts:
+            print("part 7: compute", flush=True)
+            results["compute"] = compute_benchmark(cfg, args.threads, args.before, Path(tmp))
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

@@ -271,6 +271,33 @@ def test_double_backward_through_sliced_model(name):
     assert (hvp - differences).norm() <= 1e-6 * hvp.norm()
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_functional_module_is_functional_call(name):
+    """FunctionalModule's slots give torch.func.functional_call's outputs, gradients and
+    second-order products bit for bit, on sliced tensors, and leave the template on ``meta``."""
+    case = CASES[name]
+    module, tensors = real_model(case)
+    model = FunctionalModule(lambda: case.build(case.width))
+    template = model.module
+    plan = make_plan(module, case.width, POLICIES["random"], 1 / 4, iteration=3)
+    sliced = slice_tensors(tensors, module.layout(), plan)
+    images = inputs_for(case, plan, torch.Generator().manual_seed(4))
+    runs = []
+    for forward in (model, lambda ts, *inputs: torch.func.functional_call(template, dict(ts), inputs, strict=True)):
+        params = {k: v.detach().clone().requires_grad_() for k, v in sliced.items()}
+        out = forward(params, images)
+        grads = torch.autograd.grad(out.square().mean(), list(params.values()), create_graph=True)
+        second = torch.autograd.grad(sum(g.sum() for g in grads), list(params.values()), allow_unused=True)
+        runs.append([out, *grads, *(s for s in second if s is not None)])
+    assert len(runs[0]) == len(runs[1]) > 1 + len(sliced)
+    for ours, reference in zip(*runs):
+        assert torch.equal(ours, reference)
+    assert all(t.device.type == "meta" for t in [*template.parameters(), *template.buffers()])
+    with pytest.raises(KeyError, match="missing"):
+        model({k: v for k, v in list(sliced.items())[1:]}, images)
+    assert all(t.device.type == "meta" for t in template.parameters())
+
+
 def test_resnet12_runs_on_84x84_images():
     module = FunctionalModule(lambda: ResNet12(3, 8))
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
 """Prunable models. Each declares a :class:`~rabo_flwr.submodel.Layout` of channel groups.
 
-Models are plain ``nn.Module``s run through ``torch.func.functional_call`` with the client's
-sliced tensors, so one architecture serves every width: a template on the ``meta`` device
-costs no memory and the narrow tensors decide the compute.
+Models are plain ``nn.Module``s run through :class:`~rabo_flwr.tasks.base.FunctionalModule`
+(``torch.func.functional_call``'s job) with the client's sliced tensors, so one architecture
+serves every width: a template on the ``meta`` device costs no memory and the narrow tensors
+decide the compute.
 """
 
 from .conv4 import Conv4

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
-from .units import ConvBN
+from .units import ConvBN, each_batch
 
 WIDTH_MULTIPLIERS = (1.0, 2.5, 5.0, 10.0)  # 64-160-320-640 at width 64
 
@@ -69,6 +69,9 @@ class ResNet12(nn.Module):
         return self.widths[-1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of one batch ``(n, C, H, W)``, or of E batches ``(E, n, C, H, W)`` apart."""
+        if images.ndim == 5:
+            return each_batch(self, images)
         return self.pool(self.blocks(images)).flatten(1)
 
     def layout(self) -> Layout:

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
-from .units import ConvBN
+from .units import ConvBN, each_batch
 
 STAGE_MULTIPLIERS = (1, 2, 4, 8)  # 64-128-256-512 at width 64
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -74,6 +74,9 @@ class ResNet18(nn.Module):
         return self.widths[-1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of one batch ``(n, C, H, W)``, or of E batches ``(E, n, C, H, W)`` apart."""
+        if images.ndim == 5:
+            return each_batch(self, images)
         return self.pool(self.stages(F.relu(self.stem(images)))).flatten(1)
 
     def describe(self, spec: ModuleLayout, name: str = "") -> str:

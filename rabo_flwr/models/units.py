@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -31,3 +33,9 @@ class ConvBN(nn.Module):
         """The conv's output channels and the BatchNorm's affine parameters are one group."""
         spec.conv(f"{name}.conv", out_group, in_group)
         spec.norm(f"{name}.bn", out_group)
+
+
+def each_batch(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """``forward`` on each of E batches ``(E, n, C, H, W)`` (each with its own BatchNorm statistics),
+    stacked: ``(E, n, features)``."""
+    return torch.stack([forward(batch) for batch in images])

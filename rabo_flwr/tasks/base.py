@@ -7,7 +7,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..cost import CostMeter
 from ..submodel import Layout
@@ -34,14 +33,37 @@ class FunctionalModule:
 
     The template lives on the ``meta`` device: it owns no memory, so a narrow client never
     materialises the full-width model; the tensors passed in decide the real shapes.
+
+    A call puts the tensors in the template's parameter and buffer slots for the duration of the
+    forward pass, as ``torch.func.functional_call`` does (same operations on the same tensors,
+    the same outputs and gradients), but through slots found once here instead of walking the
+    module tree at every call, which cost more than a narrow client's arithmetic.
     """
 
     def __init__(self, build: Callable[[], nn.Module]):
         with torch.device("meta"):
             self.module = build()
+        self._slots: dict[str, tuple[dict, str]] = {}
+        for prefix, owner in self.module.named_modules():
+            for store in (owner._parameters, owner._buffers):
+                for attr, value in store.items():
+                    if value is not None:
+                        self._slots[f"{prefix}.{attr}" if prefix else attr] = (store, attr)
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, dict(tensors), inputs, strict=True)
+        if tensors.keys() != self._slots.keys():
+            missing = sorted(self._slots.keys() - tensors.keys())
+            unexpected = sorted(tensors.keys() - self._slots.keys())
+            raise KeyError(f"{type(self.module).__name__}: tensors missing {missing}, unexpected {unexpected}")
+        templates = {name: store[attr] for name, (store, attr) in self._slots.items()}
+        try:
+            for name, tensor in tensors.items():
+                store, attr = self._slots[name]
+                store[attr] = tensor
+            return self.module(*inputs)
+        finally:
+            for name, (store, attr) in self._slots.items():
+                store[attr] = templates[name]
 
 
 class BilevelTask:

@@ -121,10 +121,14 @@ class FewShotTask(BilevelTask):
         return 0.5 * self.scenario.task.lower_l2 * sum(t.pow(2).sum() for t in y.values())
 
     def features(self, x: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """Backbone features, optionally L2-normalised to a fixed norm (bounded logits, stable bilevel)."""
+        """Backbone features, optionally L2-normalised to a fixed norm (bounded logits, stable bilevel).
+
+        ``images`` is one batch ``(n, C, H, W)`` or E batches ``(E, n, C, H, W)``, each normalised
+        by the backbone's BatchNorm with its own statistics (features ``(E, n, dim)``).
+        """
         features = self.backbone(x, images)
         scale = self.scenario.model.feature_norm
-        return scale * F.normalize(features, dim=1) if scale else features
+        return scale * F.normalize(features, dim=-1) if scale else features
 
     def lower_loss(self, x, y, batch):
         images, labels = batch
@@ -186,11 +190,12 @@ class FewShotTask(BilevelTask):
         return weight.detach(), bias.detach()
 
     def _episode_accuracies(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> torch.Tensor:
-        """Query accuracy of each episode."""
+        """Query accuracy of each episode. Its support set and its query set are each one batch for
+        BatchNorm (transductive, per episode), all episodes' sets in one backbone call each."""
         with torch.no_grad():
             x = {k: v.to(device) for k, v in x.items()}
-            support = torch.stack([self.features(x, e.support_x.to(device)) for e in episodes])
-            query = torch.stack([self.features(x, e.query_x.to(device)) for e in episodes])
+            support = self.features(x, torch.stack([e.support_x for e in episodes]).to(device))
+            query = self.features(x, torch.stack([e.query_x for e in episodes]).to(device))
         support_y = torch.stack([e.support_y for e in episodes]).to(device)
         query_y = torch.stack([e.query_y for e in episodes]).to(device)
         with torch.enable_grad():
