@@ -37,7 +37,9 @@ class FunctionalModule:
     A call puts the tensors in the template's parameter and buffer slots for the duration of the
     forward pass, as ``torch.func.functional_call`` does (same operations on the same tensors,
     the same outputs and gradients), but through slots found once here instead of walking the
-    module tree at every call, which cost more than a narrow client's arithmetic.
+    module tree at every call, which cost more than a narrow client's arithmetic. So one instance
+    serves one call at a time (not threads at once; every engine here calls it from one thread
+    per process).
     """
 
     def __init__(self, build: Callable[[], nn.Module]):
