@@ -409,7 +409,8 @@ def _curvature(oracle: _Oracle, x: Vec, y: Vec, *, solver: str = "cg", tol: floa
     quadratic lower level the full step always passes, which is the paper's method.
 
     Diagnostics: those of the ``u`` solve (``iterations``, and ``residual``/``converged`` for CG,
-    ``truncated``/``step``/``lambda_max`` for GD), ``negative_curvature`` (either solve),
+    ``truncated``/``step``/``lambda_max`` for GD), ``negative_curvature`` (either CG solve; for GD
+    the sign of power iteration's eigenvalue, as in ``neumann``),
     ``newton_iterations`` and ``newton_residual``/``newton_truncated`` (the ``v`` solve),
     ``newton_step`` (``t``), ``newton_norm`` (``t ||v||``, how far the lower level moved: an
     estimate of ``||y - y*(x)||``) and ``lower_decrease`` (``g(x, y) - g(x, y - t v)``).
