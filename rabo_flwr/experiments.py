@@ -35,6 +35,7 @@ import math
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -305,12 +306,25 @@ def cell_status(scenario: Scenario, published: Path | None = None) -> str:
     return "resumable" if (directory / CHECKPOINT).is_file() else "restart"
 
 
+def code_version() -> str | None:
+    """The commit of the code that runs (``+changes`` when its code or scenarios differ from it), so a
+    published number names the version that regenerates it; None outside a git checkout."""
+    git = ["git", "-C", str(APP_DIR)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "rabo_flwr", "strategies", "scenarios"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
     path = cell.scenario().results_path / "cell.json"
     info = json.loads(path.read_text()) if path.is_file() and action != "started" else {}
     info = {"label": cell.label, "command": cell.command, "invocations": info.get("invocations", [])}
     info["invocations"].append({"argv": shlex.join(["python", "-m", "rabo_flwr.experiments", *argv]),
-                                "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "code": code_version()})
     atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
 
 

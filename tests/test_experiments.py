@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+import subprocess
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_ano
     assert rabo["command"] == "python -m rabo_flwr.experiments cx-star --scale cpu --rows rabo-c1"
     assert rabo["scenario"] == yaml.safe_load((tmp_path / "runs" / "rabo-c1" / "scenario.yaml").read_text())
     assert [i["action"] for i in rabo["invocations"]] == ["started"]
+    head = subprocess.run(["git", "-C", str(experiments.APP_DIR), "rev-parse", "HEAD"], capture_output=True, text=True)
+    code = rabo["invocations"][0]["code"]  # the code that made it (None outside a git checkout)
+    assert (code.removesuffix("+changes") == head.stdout.strip()) if head.returncode == 0 else code is None
     assert shlex.split(rabo["invocations"][0]["argv"])[3:] == args
     table = (tmp_path / "cx-star.md").read_text()
     assert "(cpu scale)" in table
