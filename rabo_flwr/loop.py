@@ -6,9 +6,9 @@ replies back (the engine moves them), reply checks (names, shapes, dtype, finite
 the divergence guard), coverage-counted steps and assignments (of x, y and the algorithm's own
 server variables, :class:`~rabo_flwr.algorithms.Side`), the algorithm's server work after the
 phase (a decentralised method's gossip on its per-node states: ``Algorithm.gather``), cost and
-coverage records. Then the evaluation
-schedule (validation), checkpoints, early stopping, a progress line, and at the end the test
-evaluation of the model kept (the best on validation) and a summary.
+coverage records. Then the evaluation schedule (validation), checkpoints, early stopping, a
+progress line, and at the end the test evaluation of the model kept (the best on validation) and
+a summary.
 
 An engine is a :class:`PhaseRunner`: the plain engine (:class:`PlainRunner`, below) calls the
 clients in this process; the Flower engine (``strategies.PhaseStrategy``, a Flower ``Strategy``)
@@ -300,8 +300,8 @@ class TrainingLoop:
                 stepped = coverage_of(counts)
                 if stepped.min_covered > 0:
                     self.min_coverage[side] = min(self.min_coverage.get(side, stepped.min_covered), stepped.min_covered)
-        gathered = self.algorithm.gather(phase, self.state, self.scenario, {p: o.updates for p, (_, o) in accepted.items()}
-                                         ) if phase.gathers else {}
+        updates = {p: o.updates for p, (_, o) in accepted.items()}
+        gathered = self.algorithm.gather(phase, self.state, self.scenario, updates) if phase.gathers else {}
         aggregation_time = time.perf_counter() - aggregation_start
 
         clients = [o.metrics | {"capacity": a.capacity, "bytes_down": nbytes(a.arrays), "bytes_up": nbytes(o.updates),
@@ -455,8 +455,8 @@ class TrainingLoop:
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
         self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4g} (iteration "
                          f"{evals[0]['iteration']}) -> {evals[-1][key]:.4g} (iteration {evals[-1]['iteration']}); "
-                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and received{p2p}; "
-                         f"results in {self.writer.directory}")
+                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and "
+                         f"received{p2p}; results in {self.writer.directory}")
 
 
 @contextmanager
