@@ -52,7 +52,11 @@ what a peer-to-peer network would send for the same iteration, two mixings (trac
 states) in which every node sends its mixed x- and two y-shaped vectors to each neighbour:
 directed edges x 2 (|x| + 2 |y|) x bytes per element.
 
-State (``ServerState.nodes``, checkpointed): per node x, y, v, the trackers s^x, s^y, s^v and the
+Design: the node states are server-side variables keyed by partition (row i of a stacked tensor
+is partition i's), not client state: the issue's gossip engine has the server apply W, under
+Flower's simulation any SuperNode may serve any partition (so a ClientApp's context would not
+follow the node), and a checkpoint of the server then holds the whole run. State
+(``ServerState.nodes``, checkpointed): per node x, y, v, the trackers s^x, s^y, s^v and the
 directions last absorbed d^x, d^y, d^v (stacked over the nodes), initialised at the first
 iteration from the global x_0, y_0 and v = 0; the global x, y and v (a persistent side) are set to
 the node averages after every iteration, and the evaluation's ``x_error`` is that of the node
