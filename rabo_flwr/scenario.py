@@ -112,6 +112,12 @@ class AlgorithmConfig:
     neumann_step: float = 0.0  # fednest, lfednest: the Neumann step eta; 0: alpha (as in ucr-optml/FedNest)
     outer_steps: int = 1  # fednest, lfednest: local x-steps per iteration
     v_step: float = 0.0  # simfbo, shrofbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
+    # sldbo, s3ldbo: the gossip network (rabo_flwr/gossip.py) and their own keys (rabo_flwr/algorithms/sldbo.py)
+    topology: str = "ring"  # ring, torus, complete, erdos-renyi, or matrix (W given in mixing)
+    edge_probability: float = 0.5  # erdos-renyi: each pair's probability of an edge (seeded; redrawn until connected)
+    mixing: list[list[float]] = field(default_factory=list)  # matrix: W, clients.num rows, doubly stochastic
+    v_radius: float = 0.0  # each node's v is projected onto the ball of this radius (0: no projection)
+    snapshot_probability: float = 0.5  # s3ldbo: the probability that a node refreshes its snapshot in an iteration
 
     @property
     def resolved_estimator(self) -> str:
@@ -357,6 +363,8 @@ def validate(s: Scenario, source: str) -> Scenario:
         _check_positive(source, key, getattr(s.task, key.split(".")[1]), allow_zero=True)
     if s.task.condition < 1:
         raise _fail(source, "task.condition", f"must be >= 1 (the ratio of the largest to the smallest eigenvalue), got {s.task.condition}")
+    if algorithm.decentralised:
+        _check_decentralised(s, source)
     if algorithm.full_model:
         for key, capacities in [("clients.capacities", s.clients.capacities)] + [
                 (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:
@@ -364,6 +372,21 @@ def validate(s: Scenario, source: str) -> Scenario:
                 raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1 "
                                          f"(or below clients.min_capacity, whose clients sit out)")
     return s
+
+
+def _check_decentralised(s: Scenario, source: str) -> None:
+    """A gossip method: every node every iteration, a usable mixing matrix, its own keys in range."""
+    from .gossip import mixing_problem
+
+    if s.clients.fraction != 1.0:
+        raise _fail(source, "clients.fraction", f"{s.algorithm.name} runs every node every iteration: must be 1, "
+                                                f"got {s.clients.fraction}")
+    problem = mixing_problem(s)
+    if problem:
+        raise _fail(source, *problem)
+    _check_positive(source, "algorithm.v_radius", s.algorithm.v_radius, allow_zero=True)
+    if not 0.0 < s.algorithm.snapshot_probability <= 1.0:
+        raise _fail(source, "algorithm.snapshot_probability", f"must be in (0, 1], got {s.algorithm.snapshot_probability}")
 
 
 def _check_custom_task(s: Scenario, source: str) -> None:

@@ -6,6 +6,7 @@ from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
 from rabo_flwr.algorithms.fednest import FedNest
 from rabo_flwr.algorithms.simfbo import SimFBO
+from rabo_flwr.algorithms.sldbo import Gossip
 from rabo_flwr.scenario import Scenario
 
 from .phase_strategy import PhaseStrategy
@@ -46,6 +47,22 @@ class BilevelFamily(PhaseStrategy):
     algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO)))
 
 
+class Decentralised(PhaseStrategy):
+    """Decentralised bilevel methods on the gossip engine: SLDBO and S3LDBO, one server round per iteration.
+
+    The nodes are the partitions, and the server holds every node's x, y, v and trackers: each round
+    it sends node i its own (x_i, y_i, v_i), receives its local directions, and mixes the node states
+    with the scenario's mixing matrix (``algorithm.topology``), so the SuperLink relays what a
+    peer-to-peer network would exchange (``bytes_p2p`` in the records counts it per edge). S3LDBO
+    sends nothing to a node that keeps its snapshot. ``rabo_flwr/algorithms/sldbo.py`` gives the
+    equations (reconstructed), ``rabo_flwr/gossip.py`` the topologies.
+
+    Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, Gossip))
+
+
 class SinglePhase(PhaseStrategy):
     """Single-level submodel training and full-model few-shot baselines: one server round per iteration.
 
@@ -57,11 +74,12 @@ class SinglePhase(PhaseStrategy):
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms + BilevelFamily.algorithms)
+    algorithms = tuple(name for name in ALGORITHMS
+                       if name not in Rabo.algorithms + BilevelFamily.algorithms + Decentralised.algorithms)
 
 
 def strategy_for(scenario: Scenario, **kwargs) -> PhaseStrategy:
     """The family's strategy for the scenario's algorithm (``kwargs``: :class:`PhaseStrategy`'s)."""
     name = scenario.algorithm.name
-    cls = next(c for c in (Rabo, BilevelFamily, SinglePhase) if name in c.algorithms)
+    cls = next(c for c in (Rabo, BilevelFamily, Decentralised, SinglePhase) if name in c.algorithms)
     return cls(scenario, **kwargs)

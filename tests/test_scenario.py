@@ -51,7 +51,7 @@ def test_pyproject_offers_every_scalar_scenario_key():
     flat = set(config)
     expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule", "clients.local_steps",
                                                          "algorithm.estimator_options", "run.faults", "task.options",
-                                                         "algorithm.placement")}
+                                                         "algorithm.placement", "algorithm.mixing")}
     assert flat - {"scenario"} == expected
 
 

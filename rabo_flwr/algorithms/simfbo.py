@@ -71,10 +71,11 @@ class SimFBO(Algorithm):
         return local_directions(job, self.normalised)
 
 
-def local_directions(job: ClientJob, normalised: bool) -> LocalResult:
-    """The client's tau_i joint steps on (y, v) at the server's x, and the summed directions."""
+def local_directions(job: ClientJob, normalised: bool, steps: int = 0) -> LocalResult:
+    """The client's tau_i joint steps on (y, v) at the server's x, and the summed directions; ``steps``
+    (0: tau_i) = 1 gives the directions at the point sent (SLDBO's client work)."""
     algo, task, meter = job.scenario.algorithm, job.task, job.meter
-    steps = job.local_steps
+    steps = steps or job.local_steps
     batch = task.client_batch(job.partition, job.iteration, job.device, steps)
     x_names, y_names = list(job.x), list(job.y)
     xs = [job.x[n].detach() for n in x_names]
