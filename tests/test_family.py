@@ -56,7 +56,8 @@ def one_iteration(tmp_path: Path, name: str, local_steps: list[int] | None = Non
 
 
 def value(state, side: str) -> float:
-    return float(state.tensors[side][side if side in ("x", "y") else {"q": "y", "p": "y", "v": "y", "u": "y", "h": "x"}[side]])
+    follows = {"q": "y", "p": "y", "v": "y", "u": "y", "h": "x"}
+    return float(state.tensors[side][side if side in ("x", "y") else follows[side]])
 
 
 def test_a_side_follows_its_sides_submodel_and_assign_keeps_what_no_client_holds():
@@ -292,7 +293,8 @@ def test_aggitd_and_memfbo_through_flower_give_the_plain_engines_records(tmp_pat
     flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
     plain, _ = run(small(tmp_path / "plain", **sections))
     assert stable(flower) == stable(plain)
-    assert [r["phase"] for r in plain if "clients_sent" in r] == (["local.1", "local.2"] if name == "aggitd" else ["local"])
+    rounds = ["local.1", "local.2"] if name == "aggitd" else ["local"]
+    assert [r["phase"] for r in plain if "clients_sent" in r] == rounds
     assert last_eval(plain)["x_error"] < plain[0]["x_error"]
 
 

@@ -4,9 +4,10 @@ Differentiation", ICML 2023, arXiv:2302.04969) on the one training loop, with su
 RECONSTRUCTED. What was read: the abstract (the hypergradient by iterative differentiation (ITD) of the
 lower-level FedAvg rounds, "conducting the federated hypergradient estimation and the lower-level
 optimization simultaneously", so it takes no communication rounds beyond the lower level's, where
-AID methods such as FedNest add rounds of global Hessian-vector products). The algorithm boxes
-(Algorithm 1, the FBO algorithm, calling the AggITD estimator), step sizes and the exact order of
-its products were not reached. Assumed: the ITD products are accumulated in the order of the
+AID methods such as FedNest add rounds of global Hessian-vector products). The full text (arXiv
+2302.04969, PMLR 202:38059-38086) was not reachable from here: its algorithm boxes, hence their
+numbers, its step sizes and the exact order of its products were not read, and none is quoted
+here. Assumed: the ITD products are accumulated in the order of the
 forward pass, along the same local steps and in the same rounds as FedAvg on y, on a vector u that
 the server aggregates with y every round (the "aggregated" part: global products without rounds of
 their own), started from grad_y f at the iteration's y; x is held at the server's value for the

@@ -34,10 +34,11 @@ gradient of g and of f and two second-order products (H_i v and J_i v from one g
 MemFBO, RECONSTRUCTED. What was read: the abstract only ("fully single-loop structure with all
 involved variables updated simultaneously", "only first-order gradient information for all local
 updates", memory- and computation-efficient, linear speedup under partial participation); the full
-text (its algorithm box, step sizes, the form of its first-order products) was not reached. Assumed:
-SimFBO's round above, with its two second-order products replaced by a central difference of the
-first-order gradient of g along v (the finite-difference products of the first author's Hessian-free
-FdeHBO, Yang, Xiao, Ji, NeurIPS 2023):
+text (AAAI 39(21):22029-22037) was not reachable from here: its algorithm box (hence its number), step
+sizes and the form of its first-order products were not read. Assumed: SimFBO's round above (one
+round per iteration, x, y and v together), with its two second-order products replaced by a central
+difference of the first-order gradient of g along v (the finite-difference products of the first
+author's Hessian-free FdeHBO, Yang, Xiao, Ji, NeurIPS 2023):
 
     (J_i v_k, H_i v_k) ~ (grad_(x,y) g_i(x, y_k + h v_k) - grad_(x,y) g_i(x, y_k - h v_k)) / (2h),
     h = ``algorithm.fd_probe`` / ||v_k||   (the probe moves y by fd_probe whatever the size of v)
