@@ -254,13 +254,14 @@ def test_aggitd_one_iteration_matches_the_hand_computation(tmp_path, rounds, exp
     assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
 
 
-def test_aggitd_steps_x_along_the_truncated_itd_hypergradient(tmp_path):
+@pytest.mark.parametrize("rounds,steps", [(1, 6), (3, 2)])
+def test_aggitd_steps_x_along_the_truncated_itd_hypergradient(tmp_path, rounds, steps):
     """With Hessians shared by the clients (A, B), the products do not depend on the y trajectory, and
     one iteration steps every row along mu x + beta B' sum_{k < N tau} (I - beta A)^k (y - b), b the
     clients' mean: the ITD (truncated Neumann) hypergradient of N tau lower-level steps at the
-    iteration's y. Checked on the small instance (4 clients, N = 2 rounds of tau = 3, from the seeded
-    x and y) against that closed form in float64."""
-    rounds, steps, beta = 2, 3, 0.4
+    iteration's y. Checked on the small instance (4 clients, N tau = 6 as one round of 6 steps or
+    three of 2, from the seeded x and y) against that closed form in float64."""
+    beta = 0.4
     path = small(tmp_path, algorithm={"name": "aggitd", "iterations": 1, "inner_rounds": rounds, "inner_steps": steps,
                                       "alpha": 1.0, "beta": beta}, run={"eval_every": 0, "final_test": False})
     scenario = load_scenario(path)
