@@ -106,12 +106,13 @@ class AlgorithmConfig:
     placement: list[int] = field(default_factory=list)  # mask "placed": window index per partition
     adapt_steps: int = 3  # dist-maml: adaptation steps on the support set
     adapt_lr: float = 0.1  # dist-maml: adaptation step size
-    inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration
+    inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration; aggitd: N, its rounds
     inner_optimizer: str = ""  # fednest, lfednest: "svrg" (FedSVRG) or "sgd" (FedAvg); empty: fednest svrg, lfednest sgd
     neumann_terms: int = 5  # fednest, lfednest: N, Neumann products of the inverse-Hessian-gradient product
     neumann_step: float = 0.0  # fednest, lfednest: the Neumann step eta; 0: alpha (as in ucr-optml/FedNest)
     outer_steps: int = 1  # fednest, lfednest: local x-steps per iteration
-    v_step: float = 0.0  # simfbo, shrofbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
+    v_step: float = 0.0  # simfbo, shrofbo, memfbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
+    fd_probe: float = 1e-3  # memfbo: how far y moves in the finite differences of grad g along v
     # sldbo, s3ldbo: the gossip network (rabo_flwr/gossip.py) and their own keys (rabo_flwr/algorithms/sldbo.py)
     topology: str = "ring"  # ring, torus, complete, erdos-renyi, or matrix (W given in mixing)
     edge_probability: float = 0.5  # erdos-renyi: each pair's probability of an edge (seeded; redrawn until connected)
@@ -339,6 +340,7 @@ def validate(s: Scenario, source: str) -> Scenario:
         raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
                 "task.image_size", "task.eval_episodes", "task.val_alphabets", "task.val_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
+                "algorithm.fd_probe",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
                 "algorithm.inner_rounds", "algorithm.neumann_terms", "algorithm.outer_steps",
                 "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):

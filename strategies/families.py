@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.algorithms.aggitd import AggITD
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
 from rabo_flwr.algorithms.fednest import FedNest
 from rabo_flwr.algorithms.simfbo import SimFBO
@@ -36,15 +37,16 @@ class BilevelFamily(PhaseStrategy):
 
     ``algorithm.name``: ``fednest`` (FedSVRG rounds on y, N rounds of global Hessian-vector products
     for the Neumann series, a hypergradient round: 2T + N + 2 server rounds per iteration) and its
-    local variant ``lfednest`` (T + 1), ``simfbo`` and ``shrofbo`` (one round with x, y and v;
-    reconstructed). The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v) travel
-    in the messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
-    ``fednest.py`` and ``simfbo.py`` give each method's equations, rounds and state).
+    local variant ``lfednest`` (T + 1), ``simfbo``, ``shrofbo`` and ``memfbo`` (one round with x, y
+    and v; reconstructed), ``aggitd`` (N rounds of FedAvg on y carrying the ITD products; reconstructed).
+    The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v; AggITD's u) travel in the
+    messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
+    ``fednest.py``, ``simfbo.py`` and ``aggitd.py`` give each method's equations, rounds and state).
 
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO)))
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO, AggITD)))
 
 
 class Decentralised(PhaseStrategy):
