@@ -304,7 +304,7 @@ def test_aggitd_and_memfbo_through_flower_give_the_plain_engines_records(tmp_pat
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name,rounds", [("fednest", ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad"]),
-                                         ("shrofbo", ["local"])])
+                                         ("shrofbo", ["local"]), ("aggitd", ["local.1", "local.2"])])
 def test_family_through_flwr_run_matches_the_plain_engine(home, tmp_path, name, rounds):  # noqa: F811
     """The scenario file as a user runs it, shrunk: Flower's simulation engine routes train.<kind> messages
     (FedNest's numbered Neumann rounds travel as train.ihgp) and the server's own variables travel with them."""
