@@ -39,7 +39,7 @@ def inner_phase(job: ClientJob, steps: int, beta: float, round_index: int = 1, r
     x = {k: v.detach() for k, v in job.x.items()}
     y_t = leaves(job.y)
     params = list(y_t.values())
-    objectives: dict[int, Any] = {}  # one per distinct batch (few-shot steps share their support set), with its FLOP key
+    objectives: dict[int, Any] = {}  # per distinct batch (few-shot steps share their support set): g and its FLOP key
     losses = []
     for lower in lower_steps:
         if id(lower) not in objectives:
