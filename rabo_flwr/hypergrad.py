@@ -50,8 +50,17 @@ Diagnostics = dict[str, float]
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Inner product of two lists of tensors viewed as flat vectors."""
-    return sum((u * v).sum() for u, v in zip(a, b))
+    """Inner product of two lists of tensors viewed as flat vectors.
+
+    The per-tensor sums are added from the first (not from ``0`` as ``sum()`` would): the same
+    value with one operation less, and a solver's small-client iteration is mostly such
+    fixed per-operation costs.
+    """
+    parts = [(u * v).sum() for u, v in zip(a, b)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def axpy(alpha: float | Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vec:
@@ -93,7 +102,7 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
             break
         ap = matvec(p)
         curvature = dot(p, ap)
-        if not curvature > 0:  # also catches NaN
+        if not float(curvature) > 0:  # also catches NaN
             negative = True
             if steps == 0:
                 v, r = list(b), axpy(-1.0, ap, r)
@@ -101,7 +110,7 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
             break
         alpha = rr / curvature
         v = axpy(alpha, p, v)
-        r = axpy(-alpha, ap, r)
+        r = [s - alpha * t for s, t in zip(r, ap)]  # r - alpha ap: the value of axpy(-alpha, ap, r), one op less
         rr, rr_old = dot(r, r), rr
         p = axpy(rr / rr_old, p, r)
         steps += 1
@@ -184,6 +193,21 @@ def _grad(out: Tensor, inputs: Sequence[Tensor], **kwargs) -> Vec:
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
+def _vjp(outputs: Sequence[Tensor], vectors: Sequence[Tensor], inputs: Sequence[Tensor], **kwargs) -> Vec:
+    """``d <outputs, vectors> / d inputs`` with ``vectors`` held fixed: one backward pass seeded with them.
+
+    The same values as ``_grad(dot(outputs, vectors), inputs)``: the dot's backward hands each
+    output exactly its vector (``1.0 * v``), so the rest of the pass is the same. Without the
+    dot's forward and backward operations, which are a good part of a Hessian-vector product
+    of a small head.
+    """
+    pairs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [v for _, v in pairs], allow_unused=True, **kwargs)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
 class _Oracle:
     """Gradients of ``upper``/``lower`` at given points, counted, and metered by ``meter``.
 
@@ -217,7 +241,8 @@ class _Oracle:
     def second_order(self, x: Vec, y: Vec) -> tuple[MatVec, MatVec]:
         """``u -> H_yy u`` and ``v -> H_xy v`` of ``lower`` by double backward.
 
-        Both differentiate ``<grad_y g, .>`` through one retained graph of ``grad_y g``.
+        Both differentiate ``<grad_y g, .>`` through one retained graph of ``grad_y g`` (as
+        vector-Jacobian products seeded with the vector, :func:`_vjp`).
         """
         xs, ys = _leaves(x), _leaves(y)
         self.stats["grad_evals"] += 1
@@ -226,7 +251,7 @@ class _Oracle:
         def product(wrt: Vec, unit: str) -> MatVec:
             def matvec(u: Vec) -> Vec:
                 self.stats["hvp_evals"] += 1
-                return self._run(unit, lambda: _grad(dot(gy, u), wrt, retain_graph=True))
+                return self._run(unit, lambda: _vjp(gy, u, wrt, retain_graph=True))
             return matvec
 
         return product(ys, "lower.hvp_yy"), product(xs, "lower.hvp_xy")
@@ -285,7 +310,8 @@ def _exact(oracle: _Oracle, x: Vec, y: Vec, *, tol: float = 1e-10, max_iter: int
     """
     fx, fy = oracle.grad_xy("upper", x, y)
     hvp_yy, hvp_xy = oracle.second_order(x, y)
-    v, info = conjugate_gradient(lambda u: axpy(damping, u, hvp_yy(u)), fy, tol, max_iter)
+    matvec = hvp_yy if damping == 0 else lambda u: axpy(damping, u, hvp_yy(u))  # 0 * u + w is w
+    v, info = conjugate_gradient(matvec, fy, tol, max_iter)
     return axpy(-1.0, hvp_xy(v), fx), info | {"damping": float(damping)}
 
 

@@ -624,3 +624,96 @@ def test_curvature_stays_sound_where_the_lower_hessian_is_indefinite(c, solver):
     else:
         assert info["truncated"] == 1 and info["newton_truncated"] == 1
     assert prob.phi(prob.x - 0.1 * h) < phi0 - 1e-3
+
+
+def _few_shot_problem():
+    """A Table II client's bilevel problem (Conv4 width 8, 5-way 1-shot, ridge head) on seeded random
+    images, with y away from zero so that the ridge term takes part; the callables as ``outer_phase``'s."""
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from rabo_flwr.scenario import load_scenario
+    from rabo_flwr.tasks import build_task
+
+    root = Path(__file__).resolve().parent.parent
+    scenario = load_scenario(root / "scenarios" / "paper" / "table2" / "rabo.yaml",
+                             {"model.backbone": "conv4", "model.width": 8})
+    task = build_task(scenario)
+    x, y = task.init_tensors(0)
+    gen = torch.Generator().manual_seed(1)
+    y = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in y.items()}
+    support = (torch.rand(5, 1, 28, 28, generator=gen), torch.arange(5))
+    query = (torch.rand(15, 1, 28, 28, generator=gen), torch.arange(5).repeat(3))
+    xn, yn = list(x), list(y)
+
+    def as_dicts(xs, ys):
+        return dict(zip(xn, xs)), dict(zip(yn, ys))
+
+    def upper(xs, ys):
+        return task.upper_loss(*as_dicts(xs, ys), query)
+
+    def lower(xs, ys):
+        return task.lower_loss(*as_dicts(xs, ys), support)
+
+    def lower_textbook(xs, ys):  # the ridge as pow(2) terms summed from 0
+        xd, yd = as_dicts(xs, ys)
+        images, labels = support
+        ridge = 0.5 * scenario.task.lower_l2 * sum(t.pow(2).sum() for t in yd.values())
+        return F.cross_entropy(task.head(yd, task.features(xd, images)), labels) + ridge
+
+    return upper, lower, lower_textbook, list(x.values()), list(y.values())
+
+
+def test_exact_on_a_few_shot_client_is_bit_for_bit_the_textbook_computation():
+    """The fixed costs cut from a small client's outer phase (Hessian-vector products seeded with the
+    vector instead of differentiating a dot product, dot products not summed from 0, no zero-damping
+    term, r - alpha Ap, the ridge as t * t) leave every bit of the hypergradient as it was."""
+    upper, lower, lower_textbook, x, y = _few_shot_problem()
+    got, info = hypergradient_with_stats(upper, lower, x, y, "exact")
+
+    def old_dot(a, b):
+        return sum((u * v).sum() for u, v in zip(a, b))
+
+    xs, ys = [t.detach().requires_grad_(True) for t in x], [t.detach().requires_grad_(True) for t in y]
+    fgrad = torch.autograd.grad(upper(xs, ys), xs + ys)
+    fx, fy = list(fgrad[:len(xs)]), list(fgrad[len(xs):])
+    xs, ys = [t.detach().requires_grad_(True) for t in x], [t.detach().requires_grad_(True) for t in y]
+    gy = torch.autograd.grad(lower_textbook(xs, ys), ys, create_graph=True)
+
+    def hvp(u, wrt):
+        return list(torch.autograd.grad(old_dot(gy, u), wrt, retain_graph=True))
+
+    v, r, p = [torch.zeros_like(t) for t in fy], list(fy), list(fy)  # conjugate gradient as it was written
+    rr = old_dot(r, r)
+    b_norm = float(rr.sqrt())
+    for _ in range(100):
+        if float(rr.sqrt()) <= 1e-10 * b_norm:
+            break
+        ap = [0.0 * u + w for u, w in zip(p, hvp(p, ys))]
+        curvature = old_dot(p, ap)
+        assert curvature > 0
+        alpha = rr / curvature
+        v = [alpha * s + t for s, t in zip(p, v)]
+        r = [-alpha * s + t for s, t in zip(ap, r)]
+        rr, rr_old = old_dot(r, r), rr
+        p = [rr / rr_old * s + t for s, t in zip(p, r)]
+    want = [-1.0 * h + f for h, f in zip(hvp(v, xs), fx)]
+    assert info["iterations"] > 5 and info["converged"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_neumann_on_a_few_shot_client_is_bit_for_bit_the_textbook_computation(monkeypatch):
+    """FedMBO's estimator (power iteration, Neumann terms) through the same products: unchanged bits."""
+    import rabo_flwr.hypergrad as hg
+
+    upper, lower, lower_textbook, x, y = _few_shot_problem()
+    got, _ = hypergradient_with_stats(upper, lower, x, y, "neumann", K=5, seed=3)
+
+    def old_dot(a, b):
+        return sum((u * v).sum() for u, v in zip(a, b))
+
+    monkeypatch.setattr(hg, "dot", old_dot)
+    monkeypatch.setattr(hg, "_vjp", lambda outputs, vectors, inputs, **kw: hg._grad(old_dot(outputs, vectors), inputs, **kw))
+    want, _ = hypergradient_with_stats(upper, lower_textbook, x, y, "neumann", K=5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
