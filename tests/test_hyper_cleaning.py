@@ -18,6 +18,7 @@ from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.tasks.hyper_cleaning import GROUP, WEIGHTS, Examples, cleaning_scores, flip_labels
 from rabo_flwr.tasks.loss_tuning import to_input
+from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "scenarios" / "hyper_cleaning" / "base.yaml"
@@ -173,3 +174,22 @@ def test_rabo_cleans_better_than_chance_and_improves_validation(tmp_path):
     assert test["test_accuracy"] > 0.2
     outer = [r for r in records if r["phase"] == "outer"]
     assert all(r["min_coverage_x"] == 1 and r["uncovered_x"] == 0 for r in outer)  # one holder per weight
+
+
+def test_flower_message_path_gives_the_plain_engines_records(tmp_path, one_thread):  # noqa: F811
+    """Each client's own weights travel in the messages (a different number per client), half the
+    clients sampled in one iteration: the Flower path and the plain engine agree, and the weights of
+    the clients not sampled keep their initial value."""
+    overrides = {**TINY, "algorithm.iterations": 1, "clients.fraction": 0.5}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump({"base": str(BASE), "run": {"results_dir": str(tmp_path / "flower")}}))
+    flower = run_flower(path, overrides, num_nodes=4)
+    result = run_plain(load_scenario(BASE, {**overrides, "run.results_dir": str(tmp_path / "plain")}),
+                       logging.getLogger("quiet"))
+    assert stable(flower) == stable(result.records)
+    sampled = {c["partition"] for r in result.records if r["phase"] == "outer" for c in r["clients"]}
+    owners = cached_task(load_scenario(BASE, overrides)).x_layout.owners[GROUP]
+    assert sampled and len(sampled) < 4
+    for p in range(4):
+        moved = bool((result.state.x[WEIGHTS][owners[p]] != 0).any())
+        assert moved == (p in sampled)
