@@ -46,14 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.cifar import load_cifar10, split_clients
+from ..data.cifar import load_cifar10, split_clients, subsample_per_class, load_test_subset
 from ..models import Classifier
 from ..models.backbones import build_backbone
 from ..scenario import Scenario
 from ..submodel import Layout
 from .base import BilevelTask, ClientBatch, FunctionalModule, Tensors, init_module_tensors
 from .fewshot import seeded_generator
-from .loss_tuning import EVAL_BATCH, NUM_CLASSES, _subsample_per_class, to_input
+from .loss_tuning import EVAL_BATCH, NUM_CLASSES, to_input
 
 GROUP = "examples"
 WEIGHTS = "weights"
@@ -147,7 +147,7 @@ class HyperCleaningTask(BilevelTask):
         cfg, seed = self.scenario.task, self.scenario.seed
         indices = np.arange(len(labels))
         if cfg.train_subsample < 1.0:
-            indices = _subsample_per_class(indices, labels, cfg.train_subsample, seed)
+            indices = subsample_per_class(indices, labels, cfg.train_subsample, seed)
         return split_clients(indices, labels, self.scenario.clients.num, seed, cfg.val_fraction)
 
     @cached_property
@@ -179,12 +179,7 @@ class HyperCleaningTask(BilevelTask):
 
     @cached_property
     def _test(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels, _ = load_cifar10(train=False, download=self.scenario.task.download)
-        keep = np.arange(len(labels))
-        if self.scenario.task.test_subsample < 1.0:
-            keep = _subsample_per_class(keep, labels, self.scenario.task.test_subsample, self.scenario.seed)
-        keep = np.random.default_rng(self.scenario.seed).permutation(keep)  # batches span the classes (BatchNorm)
-        return images[keep], labels[keep]
+        return load_test_subset(self.scenario.task.test_subsample, self.scenario.seed, self.scenario.task.download)
 
     def features(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
         """The classifier's inputs for uint8 images: normalised images (``backbone``) or, for the linear
