@@ -193,3 +193,18 @@ def test_flower_message_path_gives_the_plain_engines_records(tmp_path, one_threa
     for p in range(4):
         moved = bool((result.state.x[WEIGHTS][owners[p]] != 0).any())
         assert moved == (p in sampled)
+
+
+def test_a_cnn_classifier_takes_submodels_while_each_client_keeps_its_own_weights(tmp_path):
+    """task.classifier: backbone (Conv4): y is sliced by capacity, x is each client's own block at any capacity."""
+    overrides = {**TINY, "task.classifier": "backbone", "model.backbone": "conv4", "model.width": 8,
+                 "clients.capacities": [1.0, 0.5, 0.25], "algorithm.iterations": 1,
+                 "run.results_dir": str(tmp_path / "results")}
+    scenario = load_scenario(BASE, overrides)
+    records = run_plain(scenario, logging.getLogger("quiet")).records
+    owners = cached_task(scenario).x_layout.owners[GROUP]
+    inner, outer = (next(r for r in records if r["phase"] == phase) for phase in ("inner", "outer"))
+    y_sizes = {c["capacity"]: c["y_elements"] for c in inner["clients"]}
+    assert y_sizes[0.25] < y_sizes[0.5] < y_sizes[1.0]
+    assert [c["x_elements"] for c in outer["clients"]] == [len(owners[c["partition"]]) for c in outer["clients"]]
+    assert outer["min_coverage_x"] == 1 and outer["uncovered_x"] == 0
