@@ -519,12 +519,55 @@ def _without_timings(value: Any) -> Any:
     return value
 
 
+def _median_known(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _measure_cpu() -> dict[str, dict]:
+    """Thread CPU time of every phase (the plain engine's clients and the server's step) and of every
+    client's metered work, beside the records' wall times: the machine is shared, and CPU time is what
+    other processes' load disturbs least. Wraps the plain engine and the meter in this process only."""
+    from rabo_flwr import cost, loop
+
+    times: dict[str, dict] = {"phases": {}, "clients": {}}
+    run_phase, enter, exit_ = loop.PlainRunner.run_phase, cost.CostMeter.__enter__, cost.CostMeter.__exit__
+    current: dict[str, Any] = {}
+
+    def timed_phase(self, phase_round):
+        current["phase"] = (phase_round.iteration, phase_round.phase.name)
+        start = time.thread_time()
+        run_phase(self, phase_round)
+        times["phases"][current["phase"]] = time.thread_time() - start
+
+    def timed_enter(self):
+        self._cpu_start = time.thread_time()
+        return enter(self)
+
+    def timed_exit(self, *exc):
+        result = exit_(self, *exc)
+        current.setdefault("meters", []).append(time.thread_time() - self._cpu_start)
+        return result
+
+    def timed_client(client, phase, iteration, arrays, timeout):
+        current["meters"] = []
+        outcome = call_client(client, phase, iteration, arrays, timeout)
+        if current["meters"]:
+            times["clients"][(iteration, phase, client.partition)] = current["meters"][-1]
+        return outcome
+
+    call_client = loop.call_client
+    loop.PlainRunner.run_phase, cost.CostMeter.__enter__, cost.CostMeter.__exit__ = timed_phase, timed_enter, timed_exit
+    loop.call_client = timed_client
+    return times
+
+
 def compute_worker(spec: dict[str, Any]) -> None:
     """In a fresh process, with the code of ``RABO_BENCH_SOURCE``: one measurement of part 7."""
     import rabo_flwr
 
     torch.set_num_threads(spec["threads"])
-    out: dict[str, Any] = {"source": str(Path(rabo_flwr.__file__).parent.parent)}
+    out: dict[str, Any] = {"source": str(Path(rabo_flwr.__file__).parent.parent), "loadavg_start": os.getloadavg()}
     if spec["what"] == "evaluation":
         scenario = load_scenario(TABLE2 / "rabo.yaml", CPU_SCALE | spec["overrides"])
         task = cached_task(scenario)
@@ -537,20 +580,29 @@ def compute_worker(spec: dict[str, Any]) -> None:
         scenario = load_scenario(TABLE2 / f"{spec['what']}.yaml", CPU_SCALE | spec["overrides"]
                                  | {"run.results_dir": str(Path(spec["work"]) / spec["what"])})
         cached_task(scenario).prepare()
+        cpu = _measure_cpu()
         records = run_plain(scenario, logging.getLogger("bench")).records
         out |= per_iteration(records)
         out["records"] = _without_timings(records)
-        clients = defaultdict(list)  # "phase capacity" -> [(wall, flops)] over iterations and clients
+        clients = defaultdict(list)  # "phase capacity" -> [(wall, flops, cpu)] over iterations and clients
         for r in records:
             for c in r.get("clients", []) if isinstance(r.get("clients"), list) else []:
-                clients[f"{r['phase']} {c['capacity']:g}"].append((c["wall_time"], c["flops"]))
-        out["clients"] = {k: {"median_s": statistics.median(w for w, _ in v), "flops": statistics.median(f for _, f in v),
-                              "count": len(v)} for k, v in clients.items()}
+                clients[f"{r['phase']} {c['capacity']:g}"].append(
+                    (c["wall_time"], c["flops"], cpu["clients"].get((r["iteration"], r["phase"], c["partition"]))))
+        out["clients"] = {k: {"median_s": statistics.median(w for w, _, _ in v), "flops": statistics.median(f for _, f, _ in v),
+                              "median_cpu_s": _median_known(t for _, _, t in v), "count": len(v)}
+                          for k, v in clients.items()}
+        phase_cpu = defaultdict(float)  # iteration -> CPU time of its phases (clients and the server's step)
+        for (iteration, _), t in cpu["phases"].items():
+            phase_cpu[iteration] += t
+        out["iterations_cpu"] = [phase_cpu[q] for q in sorted(phase_cpu)]
+        out["median_cpu_s"] = statistics.median(phase_cpu.values())
     out["loadavg"] = os.getloadavg()
     Path(spec["out"]).write_text(json.dumps(out))
 
 
-def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, work: Path) -> dict[str, Any]:
+def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, work: Path,
+                      only: list[str] | None = None) -> dict[str, Any]:
     """Every measurement on ``before`` and on this tree ("after"), alternately, each in its own process.
 
     ``rounds`` rounds of (evaluation, RABO, FedMBO), each on both trees one after the other, so
@@ -559,6 +611,7 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
     trees = {"before": before, "after": REPO} if before else {"after": REPO}
     c = cfg["compute"]
     jobs = [("evaluation", {"task.eval_episodes": c["eval_episodes"]}), ("rabo", c["run"]), ("fedmbo", c["run"])]
+    jobs = [(what, overrides) for what, overrides in jobs if only is None or what in only]
     results: dict[str, dict[str, list]] = {label: defaultdict(list) for label in trees}
     for _ in range(c["rounds"]):
         for what, overrides in jobs:
@@ -579,7 +632,13 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
                     for label, r in results.items()}
         summary["after"]["before_over_after_by_round"] = {
             key: [b[key] / a[key] for b, a in zip(by_round["before"], by_round["after"])]
-            for key in ("evaluation_s", "evaluation_cpu_s", "rabo_iteration_s", "fedmbo_iteration_s")}
+            for key in ("evaluation_s", "evaluation_cpu_s", "rabo_iteration_s", "fedmbo_iteration_s",
+                        "rabo_iteration_cpu_s", "fedmbo_iteration_cpu_s", "outer_capacity_1/16_cpu_s")
+            if key in by_round["before"][0] and key in by_round["after"][0]}
+        for key in ("rabo_over_fedmbo", "rabo_over_fedmbo_cpu", "outer_1/16_over_1", "outer_1/16_over_1_cpu"):
+            for label in trees:
+                if key in by_round[label][0]:
+                    summary[label][f"{key}_by_round"] = [r[key] for r in by_round[label]]
         summary["by_round"] = by_round
     for r in results.values():
         for what in ("rabo", "fedmbo"):
@@ -591,7 +650,7 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
 
 def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
     """The figures of the compute table from one tree's measurements: medians over rounds."""
-    evaluations, rabo, fedmbo = r["evaluation"], r["rabo"], r["fedmbo"]
+    evaluations, rabo, fedmbo = r.get("evaluation", []), r["rabo"], r["fedmbo"]
 
     def median(runs, *path):
         values = []
@@ -601,17 +660,29 @@ def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
             values.append(run)
         return statistics.median(values)
 
-    rows = {"evaluation_s": median(evaluations, "time_s"), "evaluation_cpu_s": median(evaluations, "cpu_s"),
-            "test_accuracy": evaluations[0]["test_accuracy"], "test_accuracy_se": evaluations[0]["test_accuracy_se"],
-            "rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
+    rows = {}
+    if evaluations:
+        rows |= {"evaluation_s": median(evaluations, "time_s"), "evaluation_cpu_s": median(evaluations, "cpu_s"),
+                 "test_accuracy": evaluations[0]["test_accuracy"], "test_accuracy_se": evaluations[0]["test_accuracy_se"]}
+    rows |= {"rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
     rows["rabo_over_fedmbo"] = statistics.median(a["median_s"] / b["median_s"] for a, b in zip(rabo, fedmbo))
+    cpu = all("median_cpu_s" in run for run in [*rabo, *fedmbo])  # measured since speed3 (CPU time beside wall time)
+    if cpu:
+        rows |= {"rabo_iteration_cpu_s": median(rabo, "median_cpu_s"), "fedmbo_iteration_cpu_s": median(fedmbo, "median_cpu_s")}
+        rows["rabo_over_fedmbo_cpu"] = statistics.median(a["median_cpu_s"] / b["median_cpu_s"] for a, b in zip(rabo, fedmbo))
     for phase in ("outer", "inner"):
         for capacity, label in (("1", "1"), ("0.0625", "1/16")):
             rows[f"{phase}_capacity_{label}_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_s")
             rows[f"{phase}_capacity_{label}_flops"] = median(rabo, "clients", f"{phase} {capacity}", "flops")
+            if cpu:
+                rows[f"{phase}_capacity_{label}_cpu_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_cpu_s")
     rows["outer_1/16_over_1"] = statistics.median(run["clients"]["outer 0.0625"]["median_s"] / run["clients"]["outer 1"]["median_s"]
                                                   for run in rabo)
+    if cpu:
+        rows["outer_1/16_over_1_cpu"] = statistics.median(
+            run["clients"]["outer 0.0625"]["median_cpu_s"] / run["clients"]["outer 1"]["median_cpu_s"] for run in rabo)
     rows["loadavg"] = [run["loadavg"] for run in [*evaluations, *rabo, *fedmbo]]
+    rows["loadavg_start"] = [run.get("loadavg_start") for run in [*evaluations, *rabo, *fedmbo]]
     return rows
 
 
@@ -722,19 +793,27 @@ def report(results: dict[str, Any]) -> str:
                 ("evaluation_cpu_s", "its CPU time (s)"),
                 ("test_accuracy", "its test accuracy (x_0)"),
                 ("rabo_iteration_s", "RABO phase time per iteration (s)"),
+                ("rabo_iteration_cpu_s", "its CPU time (s)"),
                 ("fedmbo_iteration_s", "FedMBO phase time per iteration (s)"),
+                ("fedmbo_iteration_cpu_s", "its CPU time (s)"),
                 ("rabo_over_fedmbo", "RABO / FedMBO"),
+                ("rabo_over_fedmbo_cpu", "RABO / FedMBO, CPU time"),
                 ("outer_capacity_1_s", "outer phase, one client at capacity 1 (s)"),
+                ("outer_capacity_1_cpu_s", "its CPU time (s)"),
                 ("outer_capacity_1_flops", "its FLOPs"),
                 ("outer_capacity_1/16_s", "outer phase, one client at capacity 1/16 (s)"),
+                ("outer_capacity_1/16_cpu_s", "its CPU time (s)"),
                 ("outer_capacity_1/16_flops", "its FLOPs"),
                 ("outer_1/16_over_1", "outer phase time, capacity 1/16 / capacity 1"),
+                ("outer_1/16_over_1_cpu", "the same in CPU time"),
                 ("inner_capacity_1_s", "inner phase, one client at capacity 1 (s)"),
                 ("inner_capacity_1/16_s", "inner phase, one client at capacity 1/16 (s)")]
-        rows = [[label, *(summary[t][k] for t in labels)] for k, label in keys]
+        keys = [(k, label) for k, label in keys if any(k in summary[t] for t in labels)]
+        rows = [[label, *(summary[t].get(k) for t in labels)] for k, label in keys]
         if len(labels) == 2:
             for row, (k, _) in zip(rows, keys):
-                row.append(summary["before"][k] / summary["after"][k] if k.endswith("_s") else None)
+                b, a = summary["before"].get(k), summary["after"].get(k)
+                row.append(b / a if k.endswith("_s") and a and b else None)
         parts.append(table(f"Compute (Table II 5w1s at CPU scale, plain engine, {results['compute']['threads']} "
                            "torch thread(s), medians over rounds)", ["what", *labels] + (["before / after"] if len(labels) == 2 else []),
                            rows))
@@ -742,6 +821,11 @@ def report(results: dict[str, Any]) -> str:
         if "before_over_after_by_round" in after:
             for key, ratios in after["before_over_after_by_round"].items():
                 parts.append(f"{key}, before / after within each round: " + ", ".join(f"{v:.3g}" for v in ratios) + "\n")
+            for label in labels:
+                for key in ("rabo_over_fedmbo", "rabo_over_fedmbo_cpu", "outer_1/16_over_1", "outer_1/16_over_1_cpu"):
+                    if f"{key}_by_round" in summary[label]:
+                        parts.append(f"{label}: {key} by round: "
+                                     + ", ".join(f"{v:.3g}" for v in summary[label][f"{key}_by_round"]) + "\n")
             for what in ("rabo", "fedmbo"):
                 parts.append(f"{what}: records other than timings identical before and after: "
                              f"{after[f'{what}_records_identical']}\n")
@@ -760,6 +844,9 @@ def main() -> None:
     parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment,parallel",
                         help="comma-separated subset of these and compute")
     parser.add_argument("--before", type=Path, help="compute part: also measure this checkout, alternately")
+    parser.add_argument("--compute-jobs", help="compute part: a comma-separated subset of evaluation,rabo,fedmbo "
+                        "(default all three)")
+    parser.add_argument("--rounds", type=int, help="compute part: rounds (default 3, 1 with --quick)")
     parser.add_argument("--hypergradient-worker", help=argparse.SUPPRESS)
     parser.add_argument("--compute-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -800,7 +887,10 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         if "compute" in parts:
             print("part 7: compute", flush=True)
-            results["compute"] = compute_benchmark(cfg, args.threads, args.before, Path(tmp))
+            if args.rounds:
+                cfg["compute"]["rounds"] = args.rounds
+            results["compute"] = compute_benchmark(cfg, args.threads, args.before, Path(tmp),
+                                                   args.compute_jobs.split(",") if args.compute_jobs else None)
     results["bench_wall_s"] = time.perf_counter() - started
     print()
     print(report(results))

@@ -18,7 +18,11 @@ read); the test split is read once per run, on the kept model. Cells run in para
 A cell's results directory is never overwritten by another scenario: a finished run of the same
 resolved scenario is skipped, an unfinished one resumes from its checkpoint, and a directory
 holding a different scenario stops the set with the keys that differ. Each cell's ``cell.json``
-records the command that makes exactly it and every invocation that ran it.
+records the command that makes exactly it and every invocation that ran it. With ``--publish``
+each cell is published (compact records, summary, resolved scenario, cell.json under
+``docs/results/<scale>/<set>/runs/<cell>/``) as soon as it finishes, and a published cell of the
+same resolved scenario counts as finished: a set spread over several machines continues from
+what was committed (``--fresh`` runs such cells again, to reproduce their numbers).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import math
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -129,6 +135,7 @@ class Cell:
     row: str = ""  # the row it belongs to (a sweep has several cells per row)
     command: str = ""  # the command that runs exactly this cell
     point: dict[str, float] = field(default_factory=dict)  # a sweep's step sizes for this cell
+    published: Path | None = None  # its folder under docs/results/<scale>/<set>/runs/ (None: --fresh)
 
     def scenario(self) -> Scenario:
         return load_scenario(self.path, self.overrides)
@@ -173,10 +180,15 @@ def set_rows(name: str, column: str, scale: str) -> list[str]:
     raise ValueError(f"unknown set {name!r}")
 
 
+def set_name(name: str, column: str) -> str:
+    """A set's name in file names: the column-specific sets carry their column."""
+    return f"{name}-{column}" if name in ("table2", "lr-sweep", "scalability") else name
+
+
 def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: Path,
-              extra_overrides: dict[str, Any] | None = None) -> list[Cell]:
+              extra_overrides: dict[str, Any] | None = None, fresh: bool = False) -> list[Cell]:
     """The cells of a set (``rows``: row names or cell labels; None: every row), every scenario
-    validated before anything runs."""
+    validated before anything runs; ``fresh``: published runs do not count as finished."""
     specs = []  # (row, label, path, overrides, sweep point)
     for row in set_rows(name, column, scale):
         if name in ("table2", "scalability"):
@@ -209,8 +221,9 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
         task = load_scenario(path).task.name
         sweep = SWEEP_BUDGET[task] if name.endswith("sweep") else {}
         overrides = SCALES[scale][task] | sweep | extra | (extra_overrides or {})
+        published = None if fresh else PUBLISHED / scale / set_name(name, column) / "runs" / label
         cells.append(Cell(label, path, overrides | {"run.results_dir": str(out / "runs" / label)}, row,
-                          _command(name, column, scale, label, extra_overrides or {}), point))
+                          _command(name, column, scale, label, extra_overrides or {}), point, published))
     unknown = wanted - {c.row for c in cells} - {c.label for c in cells}
     if unknown:
         raise SystemExit(f"{name}: no rows or cells named {sorted(unknown)} (rows: {', '.join(set_rows(name, column, scale))})")
@@ -233,7 +246,7 @@ def _command(name: str, column: str, scale: str, label: str, overrides: dict[str
 # ---------------------------------------------------------------------------- running cells
 
 
-IGNORED_KEYS = ("run.resume",)  # how a run was started, not what it computes
+IGNORED_KEYS = ("run.resume", "run.results_dir")  # how and where a run was started, not what it computes
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -248,28 +261,42 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def scenario_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two resolved scenarios: key -> (old, new)."""
-    a, b = flatten(old), flatten(new)
+    """Dotted keys whose values differ between two resolved scenarios: key -> (old, new). A key the
+    old run did not have yet, at its default now, is no difference: a key is added with a default that
+    keeps every existing run's numbers."""
+    a, b, default = flatten(old), flatten(new), flatten(Scenario().to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in IGNORED_KEYS and a.get(k) != b.get(k)}
+            if k not in IGNORED_KEYS and a.get(k) != b.get(k) and not (k not in a and k in default and b[k] == default[k])}
 
 
 class CellConflict(RuntimeError):
     """A cell's results directory holds a run of another scenario (never overwritten)."""
 
 
-def cell_status(scenario: Scenario) -> str:
-    """``new``, ``finished``, ``resumable`` (a checkpoint of this scenario) or ``restart`` (an unfinished
-    run of this scenario without a checkpoint); raises CellConflict for a run of another scenario."""
-    directory = scenario.results_path
-    saved_path = directory / "scenario.yaml"
-    if not saved_path.is_file():
-        return "new"
-    differs = scenario_diff(yaml.safe_load(saved_path.read_text()), scenario.to_dict())
+def _same_scenario(directory: Path, scenario: Scenario, remedy: str) -> None:
+    """Raise CellConflict when ``directory`` holds a run of another resolved scenario."""
+    differs = scenario_diff(yaml.safe_load((directory / "scenario.yaml").read_text()), scenario.to_dict())
     if differs:
         listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differs.items())
-        raise CellConflict(f"{directory} holds a run of another scenario ({listed}); it is never overwritten: "
-                           "move it away, or give this run another --out")
+        raise CellConflict(f"{directory} holds a run of another scenario ({listed}); it is never overwritten: {remedy}")
+
+
+def _published_finished(published: Path | None) -> bool:
+    path = published / "summary.json" if published else None
+    return bool(path and path.is_file() and json.loads(path.read_text())["status"] != "cut short")
+
+
+def cell_status(scenario: Scenario, published: Path | None = None) -> str:
+    """``new``, ``finished``, ``resumable`` (a checkpoint of this scenario), ``restart`` (an unfinished
+    run of this scenario without a checkpoint) or ``published`` (no run here, a finished one of this
+    scenario in ``published``); raises CellConflict for a run of another scenario, here or published."""
+    directory = scenario.results_path
+    if not (directory / "scenario.yaml").is_file():
+        if _published_finished(published):
+            _same_scenario(published, scenario, "remove that folder to run the cell again")
+            return "published"
+        return "new"
+    _same_scenario(directory, scenario, "move it away, or give this run another --out")
     try:
         records = read_metrics(directory / "metrics.jsonl")
     except (OSError, ValueError):
@@ -279,12 +306,25 @@ def cell_status(scenario: Scenario) -> str:
     return "resumable" if (directory / CHECKPOINT).is_file() else "restart"
 
 
+def code_version() -> str | None:
+    """The commit of the code that runs (``+changes`` when its code or scenarios differ from it), so a
+    published number names the version that regenerates it; None outside a git checkout."""
+    git = ["git", "-C", str(APP_DIR)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "rabo_flwr", "strategies", "scenarios"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
     path = cell.scenario().results_path / "cell.json"
     info = json.loads(path.read_text()) if path.is_file() and action != "started" else {}
     info = {"label": cell.label, "command": cell.command, "invocations": info.get("invocations", [])}
     info["invocations"].append({"argv": shlex.join(["python", "-m", "rabo_flwr.experiments", *argv]),
-                                "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "code": code_version()})
     atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
 
 
@@ -295,11 +335,13 @@ def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     import torch
 
     torch.set_num_threads(threads)
-    status = cell_status(cell.scenario())
-    if status == "finished":
-        return f"{cell.label}: already finished in {cell.scenario().results_path}"
+    status = cell_status(cell.scenario(), cell.published)
+    if status in ("finished", "published"):
+        where = cell.published if status == "published" else cell.scenario().results_path
+        return f"{cell.label}: already finished in {where}"
     if status == "resumable":
-        cell = Cell(cell.label, cell.path, cell.overrides | {"run.resume": True}, cell.row, cell.command, cell.point)
+        cell = Cell(cell.label, cell.path, cell.overrides | {"run.resume": True}, cell.row, cell.command, cell.point,
+                    cell.published)
     scenario = cell.scenario()
     scenario.results_path.mkdir(parents=True, exist_ok=True)
     _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started", argv)
@@ -325,13 +367,16 @@ def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     return f"{cell.label}: done"
 
 
-def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: list[str]) -> None:
+def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: list[str],
+              finished: Callable[[Cell], None] = lambda cell: None) -> None:
+    """Run the cells, ``jobs`` at a time; ``finished(cell)`` as each one ends (in order)."""
     for cell in cells:  # every conflict before any cell runs
-        cell_status(cell.scenario())
+        cell_status(cell.scenario(), cell.published)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for message in pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells),
-                                [argv] * len(cells)):
+        for cell, message in zip(cells, pool.map(run_cell, cells, [engine] * len(cells), [threads] * len(cells),
+                                                 [argv] * len(cells))):
             print(message, flush=True)
+            finished(cell)
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -351,8 +396,10 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     The reported number is the test metric of the model kept on validation (the run's ``test``
     record); curves are validation. A run without its ``done`` record (the process was stopped)
     is summarised up to its last evaluation and marked ``cut short``, with no test number; None
-    when there is no evaluation after iteration 0."""
+    when there is no evaluation after iteration 0. A cell with no run here reads its published summary."""
     directory = cell.scenario().results_path
+    if not (directory / "metrics.jsonl").is_file() and _published_finished(cell.published):
+        return json.loads((cell.published / "summary.json").read_text())
     try:
         saved = yaml.safe_load((directory / "scenario.yaml").read_text())
         scenario = load_scenario(directory / "scenario.yaml")
@@ -630,24 +677,34 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def publish_cell(cell: Cell, scale: str) -> None:
+    """Copy a cell's run (compact records, its summary row, resolved scenario, cell.json) to its
+    published folder, which then counts as finished for the same scenario; a published run of
+    another scenario is never overwritten. Nothing happens for a cell with no run here."""
+    directory = cell.scenario().results_path
+    row = summarize(cell, scale) if (directory / "metrics.jsonl").is_file() else None
+    if row is None or cell.published is None:
+        return
+    target = cell.published
+    if (target / "scenario.yaml").is_file():
+        _same_scenario(target, cell.scenario(), "remove that folder to publish this run")
+    target.mkdir(parents=True, exist_ok=True)
+    records = compact_records(directory)
+    atomic_write(target / "records.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
+    atomic_write(target / "summary.json", lambda f: json.dump(row, f, indent=1), "w")
+    for file in ("scenario.yaml", "cell.json"):
+        shutil.copy2(directory / file, target / file)
+
+
 def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
-    """Copy a set's tables and plots, and each cell's compact records, resolved scenario and cell.json,
-    to docs/results/<scale>/ (committed: every published number traces to its run's records)."""
+    """Copy a set's tables and plots, and each cell's run (:func:`publish_cell`), to docs/results/<scale>/
+    (committed: every published number traces to its run's records)."""
     published = PUBLISHED / scale
     published.mkdir(parents=True, exist_ok=True)
     for path in out.glob(f"{name}*.*"):
         shutil.copy2(path, published / path.name)
     for cell in cells:
-        directory = cell.scenario().results_path
-        if not (directory / "metrics.jsonl").is_file():
-            continue
-        target = published / name / "runs" / cell.label
-        target.mkdir(parents=True, exist_ok=True)
-        records = compact_records(directory)
-        atomic_write(target / "records.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
-        for file in ("scenario.yaml", "cell.json"):
-            if (directory / file).is_file():
-                shutil.copy2(directory / file, target / file)
+        publish_cell(cell, scale)
     return published
 
 
@@ -680,17 +737,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="scenario keys for every cell, after the scale's (e.g. algorithm.iterations=200)")
     parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/; "
-                             "a sweep also writes the chosen step sizes that the sets it tunes read")
+                        help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/ "
+                             "(each cell as soon as it finishes); a finished sweep also writes the chosen step sizes "
+                             "that the sets it tunes read")
+    parser.add_argument("--fresh", action="store_true",
+                        help="run cells again even where a finished run of the same scenario is published "
+                             "(to reproduce a published number)")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = f"{args.set}-{args.column}" if args.set in ("table2", "lr-sweep", "scalability") else args.set
+    name = set_name(args.set, args.column)
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
-    cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override))
+    cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override), args.fresh)
     if not args.plot_only:
-        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv)
+        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv,
+                  (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
     if args.rows:  # the table shows the whole set, whatever this call ran
-        cells = cells_for(args.set, args.column, None, args.scale, out)
+        cells = cells_for(args.set, args.column, None, args.scale, out, fresh=args.fresh)
     rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]
     if not rows:
         sys.exit(f"no finished runs under {out / 'runs'}")
@@ -699,9 +761,12 @@ def main(argv: list[str] | None = None) -> None:
     write_outputs(name, rows, out, title, list(COLUMNS).index(args.column) if args.set == "table2" else None)
     if args.set.endswith("sweep"):
         complete = all(r["status"] != "cut short" for r in rows) and len(rows) == len(cells)
-        chosen = choose_step_sizes(rows, cells, args.set, args.column, args.scale) if complete or args.publish else None
+        chosen = choose_step_sizes(rows, cells, args.set, args.column, args.scale) if complete else None
         write_sweep_markdown(name, rows, cells, chosen, out, title)
-        if args.publish:
+        if args.publish and not chosen:
+            unfinished = len(cells) - sum(r["status"] != "cut short" for r in rows)
+            print(f"{name}: {unfinished} of {len(cells)} cells not finished: step sizes not published yet")
+        elif args.publish:
             path = step_sizes_path(args.set, args.scale)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"# Written by `python -m rabo_flwr.experiments {args.set} --scale {args.scale} --publish` "

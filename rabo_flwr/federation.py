@@ -36,6 +36,9 @@ class ServerState:
         self.policies = dict(policies)
         self.plans: dict[int, Plan] = {}
         self.follows: dict[str, str] = {}  # an algorithm's own side -> the side ("x" or "y") whose layout it has
+        # decentralised methods' per-node variables: name -> tensor name -> tensor stacked over the nodes
+        # (row i: partition i's copy); empty for the server-based ones (algorithms/sldbo.py)
+        self.nodes: dict[str, Tensors] = {}
 
     def add_side(self, side: str, follows: str, tensors: Tensors | None = None) -> None:
         """A server variable shaped, sliced and aggregated like ``follows``; zeros unless ``tensors`` are given."""

@@ -5,9 +5,10 @@ them, their capacities and submodel plans, then every phase of the algorithm: sl
 replies back (the engine moves them), reply checks (names, shapes, dtype, finite values, and
 the divergence guard), coverage-counted steps and assignments (of x, y and the algorithm's own
 server variables, :class:`~rabo_flwr.algorithms.Side`), the algorithm's server work after the
-phase, cost and coverage records. Then the evaluation
-schedule (validation), checkpoints, early stopping, a progress line, and at the end the test
-evaluation of the model kept (the best on validation) and a summary.
+phase (a decentralised method's gossip on its per-node states: ``Algorithm.gather``), cost and
+coverage records. Then the evaluation schedule (validation), checkpoints, early stopping, a
+progress line, and at the end the test evaluation of the model kept (the best on validation) and
+a summary.
 
 An engine is a :class:`PhaseRunner`: the plain engine (:class:`PlainRunner`, below) calls the
 clients in this process; the Flower engine (``strategies.PhaseStrategy``, a Flower ``Strategy``)
@@ -180,6 +181,7 @@ class TrainingLoop:
             self.trained, self.flops_by_submodel = resumed.state["trained"], resumed.state["flops_by_submodel"]
             self.min_coverage = resumed.state.get("min_coverage", {})
             self.kept = resumed.state["kept"]
+            self.state.nodes = resumed.state.get("nodes", {})
         self.writer = writer
         first = resumed.iteration + 1 if resumed else 1
         self.logger.info(f"{scenario.name}: {algo.name} on {scenario.task.name}, {scenario.clients.num} clients, "
@@ -221,7 +223,8 @@ class TrainingLoop:
     def _loop_state(self) -> dict:
         persistent = {side.name: self.state.tensors[side.name] for side in self.sides if side.persistent}
         return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage,
-                "kept": self.kept, **({"sides": persistent} if persistent else {})}
+                "kept": self.kept, **({"sides": persistent} if persistent else {}),
+                **({"nodes": self.state.nodes} if self.state.nodes else {})}
 
     def _iteration(self, q: int) -> None:
         scenario = self.scenario
@@ -236,7 +239,8 @@ class TrainingLoop:
                 self.state.reset_side(side.name)
         for i, phase in enumerate(self.phases):
             start = time.perf_counter()
-            assignments = [Assignment(p, capacities[p], self.state.slices(p, phase.sends)) for p in chosen]
+            sent = {p: self.algorithm.arrays(phase, self.state, self.scenario, p, q) for p in chosen}
+            assignments = [Assignment(p, capacities[p], arrays) for p, arrays in sent.items() if arrays is not None]
             phase_round = PhaseRound(phase, q, (q - 1) * len(self.phases) + i + 1, assignments,
                                      partial(self._complete_phase, phase, q, assignments, start))
             self.runner.run_phase(phase_round)
@@ -285,7 +289,7 @@ class TrainingLoop:
 
         aggregation_start = time.perf_counter()
         coverage = {}
-        for side in phase.replies:
+        for side in (*phase.steps, *phase.assigns):
             replies = {p: o.updates[side] for p, (_, o) in accepted.items()}
             counts = self.state.step(side, replies, phase.steps[side]) if side in phase.steps else \
                 self.state.assign(side, replies)
@@ -296,6 +300,8 @@ class TrainingLoop:
                 stepped = coverage_of(counts)
                 if stepped.min_covered > 0:
                     self.min_coverage[side] = min(self.min_coverage.get(side, stepped.min_covered), stepped.min_covered)
+        updates = {p: o.updates for p, (_, o) in accepted.items()}
+        gathered = self.algorithm.gather(phase, self.state, self.scenario, updates) if phase.gathers else {}
         aggregation_time = time.perf_counter() - aggregation_start
 
         clients = [o.metrics | {"capacity": a.capacity, "bytes_down": nbytes(a.arrays), "bytes_up": nbytes(o.updates),
@@ -315,6 +321,7 @@ class TrainingLoop:
             **{f"C_{side}*": self._covering_number(side) for side in self.stepped_sides},
             **{f"trained_{side}": _fraction(self.trained[side]) for side in ("x", "y")},
             **cost,
+            **gathered,
             "negative_curvature_clients": sum(int(c.get("hg_negative_curvature", 0)) for c in clients),
             "client_wall_time_max": max((c["wall_time"] for c in clients), default=0.0),
             "aggregation_time": aggregation_time,
@@ -443,11 +450,13 @@ class TrainingLoop:
         uncounted = sum(r.get("uncounted_replies", 0) for r in phases)
         uncounted = f"; {uncounted} replies without a FLOP count" if uncounted else ""
         traffic = sum(r["bytes_down"] + r["bytes_up"] for r in phases)
+        p2p = sum(r.get("bytes_p2p", 0) for r in phases)
+        p2p = f" ({p2p / 1e6:.1f} MB peer-to-peer)" if p2p else ""
         stop = f"stopped early at iteration {last}" if stopped_early else f"{last} iterations"
         self.logger.info(f"done: {stop} in {format_duration(wall)}; {key} {evals[0][key]:.4g} (iteration "
                          f"{evals[0]['iteration']}) -> {evals[-1][key]:.4g} (iteration {evals[-1]['iteration']}); "
-                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and received; "
-                         f"results in {self.writer.directory}")
+                         f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and "
+                         f"received{p2p}; results in {self.writer.directory}")
 
 
 @contextmanager

@@ -110,12 +110,19 @@ class AlgorithmConfig:
     placement: list[int] = field(default_factory=list)  # mask "placed": window index per partition
     adapt_steps: int = 3  # dist-maml: adaptation steps on the support set
     adapt_lr: float = 0.1  # dist-maml: adaptation step size
-    inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration
+    inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration; aggitd: N, its rounds
     inner_optimizer: str = ""  # fednest, lfednest: "svrg" (FedSVRG) or "sgd" (FedAvg); empty: fednest svrg, lfednest sgd
     neumann_terms: int = 5  # fednest, lfednest: N, Neumann products of the inverse-Hessian-gradient product
     neumann_step: float = 0.0  # fednest, lfednest: the Neumann step eta; 0: alpha (as in ucr-optml/FedNest)
     outer_steps: int = 1  # fednest, lfednest: local x-steps per iteration
-    v_step: float = 0.0  # simfbo, shrofbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
+    v_step: float = 0.0  # simfbo, shrofbo, memfbo: step of v ~ H^-1 grad_y f, local and server; 0: beta
+    fd_probe: float = 1e-3  # memfbo: how far y moves in the finite differences of grad g along v
+    # sldbo, s3ldbo: the gossip network (rabo_flwr/gossip.py) and their own keys (rabo_flwr/algorithms/sldbo.py)
+    topology: str = "ring"  # ring, torus, complete, erdos-renyi, or matrix (W given in mixing)
+    edge_probability: float = 0.5  # erdos-renyi: each pair's probability of an edge (seeded; redrawn until connected)
+    mixing: list[list[float]] = field(default_factory=list)  # matrix: W, clients.num rows, doubly stochastic
+    v_radius: float = 0.0  # each node's v is projected onto the ball of this radius (0: no projection)
+    snapshot_probability: float = 0.5  # s3ldbo: the probability that a node refreshes its snapshot in an iteration
 
     @property
     def resolved_estimator(self) -> str:
@@ -340,6 +347,7 @@ def validate(s: Scenario, source: str) -> Scenario:
         raise _fail(source, "clients.min_available", f"{s.clients.min_available} exceeds clients.num={s.clients.num}")
     for key in ("clients.num", "algorithm.iterations", "algorithm.inner_steps", "task.n_way", "task.k_shot",
                 "task.image_size", "task.eval_episodes", "task.val_alphabets", "task.val_episodes", "model.width", "model.head_hidden", "algorithm.rolling_step",
+                "algorithm.fd_probe",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
                 "algorithm.inner_rounds", "algorithm.neumann_terms", "algorithm.outer_steps",
                 "task.imbalance_ratio", "task.batch_size", "task.random_filters", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
@@ -364,6 +372,8 @@ def validate(s: Scenario, source: str) -> Scenario:
         _check_positive(source, key, getattr(s.task, key.split(".")[1]), allow_zero=True)
     if s.task.condition < 1:
         raise _fail(source, "task.condition", f"must be >= 1 (the ratio of the largest to the smallest eigenvalue), got {s.task.condition}")
+    if algorithm.decentralised:
+        _check_decentralised(s, source)
     if algorithm.full_model:
         for key, capacities in [("clients.capacities", s.clients.capacities)] + [
                 (f"clients.schedule[{i}].capacities", c.capacities) for i, c in enumerate(s.clients.schedule)]:
@@ -371,6 +381,21 @@ def validate(s: Scenario, source: str) -> Scenario:
                 raise _fail(source, key, f"{s.algorithm.name} trains the full model: every capacity must be 1 "
                                          f"(or below clients.min_capacity, whose clients sit out)")
     return s
+
+
+def _check_decentralised(s: Scenario, source: str) -> None:
+    """A gossip method: every node every iteration, a usable mixing matrix, its own keys in range."""
+    from .gossip import mixing_problem
+
+    if s.clients.fraction != 1.0:
+        raise _fail(source, "clients.fraction", f"{s.algorithm.name} runs every node every iteration: must be 1, "
+                                                f"got {s.clients.fraction}")
+    problem = mixing_problem(s)
+    if problem:
+        raise _fail(source, *problem)
+    _check_positive(source, "algorithm.v_radius", s.algorithm.v_radius, allow_zero=True)
+    if not 0.0 < s.algorithm.snapshot_probability <= 1.0:
+        raise _fail(source, "algorithm.snapshot_probability", f"must be in (0, 1], got {s.algorithm.snapshot_probability}")
 
 
 def _check_custom_task(s: Scenario, source: str) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from rabo_flwr.algorithms import ALGORITHMS
+from rabo_flwr.algorithms.aggitd import AggITD
 from rabo_flwr.algorithms.bilevel import Bilevel, LowerOnly
 from rabo_flwr.algorithms.fednest import FedNest
 from rabo_flwr.algorithms.simfbo import SimFBO
+from rabo_flwr.algorithms.sldbo import Gossip
 from rabo_flwr.scenario import Scenario
 
 from .phase_strategy import PhaseStrategy
@@ -35,15 +37,32 @@ class BilevelFamily(PhaseStrategy):
 
     ``algorithm.name``: ``fednest`` (FedSVRG rounds on y, N rounds of global Hessian-vector products
     for the Neumann series, a hypergradient round: 2T + N + 2 server rounds per iteration) and its
-    local variant ``lfednest`` (T + 1), ``simfbo`` and ``shrofbo`` (one round with x, y and v;
-    reconstructed). The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v) travel
-    in the messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
-    ``fednest.py`` and ``simfbo.py`` give each method's equations, rounds and state).
+    local variant ``lfednest`` (T + 1), ``simfbo``, ``shrofbo`` and ``memfbo`` (one round with x, y
+    and v; reconstructed), ``aggitd`` (N rounds of FedAvg on y carrying the ITD products; reconstructed).
+    The algorithms' own server variables (FedNest's q, p, v, h; SimFBO's v; AggITD's u) travel in the
+    messages beside x and y, sliced to each client's submodel (``rabo_flwr/algorithms/``
+    ``fednest.py``, ``simfbo.py`` and ``aggitd.py`` give each method's equations, rounds and state).
 
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO)))
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, (FedNest, SimFBO, AggITD)))
+
+
+class Decentralised(PhaseStrategy):
+    """Decentralised bilevel methods on the gossip engine: SLDBO and S3LDBO, one server round per iteration.
+
+    The nodes are the partitions, and the server holds every node's x, y, v and trackers: each round
+    it sends node i its own (x_i, y_i, v_i), receives its local directions, and mixes the node states
+    with the scenario's mixing matrix (``algorithm.topology``), so the SuperLink relays what a
+    peer-to-peer network would exchange (``bytes_p2p`` in the records counts it per edge). S3LDBO
+    sends nothing to a node that keeps its snapshot. ``rabo_flwr/algorithms/sldbo.py`` gives the
+    equations (reconstructed), ``rabo_flwr/gossip.py`` the topologies.
+
+    Parameters: see :class:`PhaseStrategy`.
+    """
+
+    algorithms = tuple(name for name, a in ALGORITHMS.items() if isinstance(a, Gossip))
 
 
 class SinglePhase(PhaseStrategy):
@@ -57,11 +76,12 @@ class SinglePhase(PhaseStrategy):
     Parameters: see :class:`PhaseStrategy`.
     """
 
-    algorithms = tuple(name for name in ALGORITHMS if name not in Rabo.algorithms + BilevelFamily.algorithms)
+    algorithms = tuple(name for name in ALGORITHMS
+                       if name not in Rabo.algorithms + BilevelFamily.algorithms + Decentralised.algorithms)
 
 
 def strategy_for(scenario: Scenario, **kwargs) -> PhaseStrategy:
     """The family's strategy for the scenario's algorithm (``kwargs``: :class:`PhaseStrategy`'s)."""
     name = scenario.algorithm.name
-    cls = next(c for c in (Rabo, BilevelFamily, SinglePhase) if name in c.algorithms)
+    cls = next(c for c in (Rabo, BilevelFamily, Decentralised, SinglePhase) if name in c.algorithms)
     return cls(scenario, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+import subprocess
 
 import pytest
 import torch
@@ -22,6 +23,12 @@ TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, 
 TINY_LOSS_TUNING = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
                     "task.batch_size": 16, "task.train_subsample": 0.03, "task.test_subsample": 0.02,
                     "clients.num": 2, "run.eval_every": 1, "run.checkpoint_every": 1}
+
+
+@pytest.fixture(autouse=True)
+def _no_published_runs(tmp_path, monkeypatch):
+    """The repository's published runs stay out of these tests (their scenarios are the full scale)."""
+    monkeypatch.setattr(experiments, "PUBLISHED", tmp_path / "published")
 
 
 def without_times(records):
@@ -60,6 +67,9 @@ def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_ano
     assert rabo["command"] == "python -m rabo_flwr.experiments cx-star --scale cpu --rows rabo-c1"
     assert rabo["scenario"] == yaml.safe_load((tmp_path / "runs" / "rabo-c1" / "scenario.yaml").read_text())
     assert [i["action"] for i in rabo["invocations"]] == ["started"]
+    head = subprocess.run(["git", "-C", str(experiments.APP_DIR), "rev-parse", "HEAD"], capture_output=True, text=True)
+    code = rabo["invocations"][0]["code"]  # the code that made it (None outside a git checkout)
+    assert (code.removesuffix("+changes") == head.stdout.strip()) if head.returncode == 0 else code is None
     assert shlex.split(rabo["invocations"][0]["argv"])[3:] == args
     table = (tmp_path / "cx-star.md").read_text()
     assert "(cpu scale)" in table
@@ -200,3 +210,48 @@ def test_cost_ratios_are_per_iteration_relative_to_fedmbo_on_every_client():
     assert (rows[2]["flops_vs_fedmbo"], rows[2]["bytes_vs_fedmbo"]) == (0.25, 0.25)
     assert rows[2]["total_flops_vs_fedmbo"] == 0.5 and rows[0]["flops_vs_fedmbo"] == 1.0
     assert rows[1]["flops_vs_fedmbo"] == 0.2  # the full-only row against FedMBO on all ten clients
+
+
+def test_published_cells_count_as_finished_on_a_new_machine_and_fresh_reproduces_them(tmp_path, monkeypatch, capsys):
+    """A set spread over machines: each cell is published as it finishes; a clone without the local
+    runs skips the published cells and writes the same table; --fresh reruns them to the same numbers."""
+    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY)
+    monkeypatch.setattr(experiments, "PUBLISHED", tmp_path / "docs")
+    first = ["cx-star", "--jobs", "1", "--rows", "rabo-c1", "--out", str(tmp_path / "machine1"), "--publish"]
+    experiments.main(first)
+    published = tmp_path / "docs" / "cpu" / "cx-star" / "runs" / "rabo-c1"
+    summary = json.loads((published / "summary.json").read_text())
+    assert summary["status"] == "budget" and summary["cell"] == "rabo-c1"
+    assert (published / "records.jsonl").is_file() and not (published / "metrics.jsonl").exists()
+
+    capsys.readouterr()
+    second = tmp_path / "machine2"  # a new machine: no local runs, the published folder committed
+    experiments.main(["cx-star", "--jobs", "1", "--rows", "rabo-c1", "rabo-c2", "--out", str(second), "--publish"])
+    out = capsys.readouterr().out
+    assert f"rabo-c1: already finished in {published}" in out and not (second / "runs" / "rabo-c1").exists()
+    rows = {r["cell"]: r for r in json.loads((second / "cx-star.json").read_text())}
+    assert set(rows) == {"rabo-c1", "rabo-c2"}
+    assert (rows["rabo-c1"]["test"], rows["rabo-c1"]["curve"]) == (summary["test"], summary["curve"])
+    assert (tmp_path / "docs" / "cpu" / "cx-star" / "runs" / "rabo-c2" / "summary.json").is_file()
+
+    # a published run of another scenario stops the set before anything runs, and stays as it was
+    with pytest.raises(experiments.CellConflict, match=r"algorithm.iterations: 2 there, 3 now.*remove that folder"):
+        experiments.main(["cx-star", "--rows", "rabo-c1", "--out", str(tmp_path / "machine3"),
+                          "--override", "algorithm.iterations=3"])
+    assert json.loads((published / "summary.json").read_text()) == summary
+
+    experiments.main(["cx-star", "--jobs", "1", "--rows", "rabo-c1", "--out", str(tmp_path / "again"), "--fresh"])
+    again = read_metrics(tmp_path / "again" / "runs" / "rabo-c1" / "metrics.jsonl")
+    compact = read_metrics(published / "records.jsonl")
+    assert without_times([{k: r[k] for k in r if not k.endswith("_so_far")} for r in compact]) == \
+        without_times([r for r in again if r["phase"] in ("eval", "test", "done")])
+
+
+def test_a_key_added_since_a_run_at_its_default_is_no_difference():
+    new = {"algorithm": {"name": "rabo", "alpha": 0.1, "outer_steps": 1}, "run": {"results_dir": "elsewhere"}}
+    assert experiments.scenario_diff({"algorithm": {"name": "rabo", "alpha": 0.1}}, new) == {}
+    assert experiments.scenario_diff({"algorithm": {"name": "rabo", "alpha": 0.1}},
+                                     new | {"algorithm": new["algorithm"] | {"outer_steps": 2}}) == {
+        "algorithm.outer_steps": (None, 2)}
+    assert experiments.scenario_diff(new, {"algorithm": {"name": "rabo", "alpha": 0.3}}) == {
+        "algorithm.alpha": (0.1, 0.3), "algorithm.outer_steps": (1, None)}

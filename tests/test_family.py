@@ -1,6 +1,7 @@
-"""The federated bilevel family on the loop: FedNest and LFedNest (rabo_flwr/algorithms/fednest.py), SimFBO
-and ShroFBO (rabo_flwr/algorithms/simfbo.py). Per method: one iteration against a hand computation on a
-two-client problem, convergence on the quadratic task, and the Flower path giving the plain engine's records."""
+"""The federated bilevel family on the loop: FedNest and LFedNest (rabo_flwr/algorithms/fednest.py), SimFBO,
+ShroFBO and MemFBO (rabo_flwr/algorithms/simfbo.py), AggITD (rabo_flwr/algorithms/aggitd.py). Per method: one
+iteration against a hand computation on a two-client problem, convergence on the quadratic task, and the
+Flower path giving the plain engine's records."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flwr.serverapp.strategy import Strategy
 
 from rabo_flwr.algorithms import ALGORITHMS
 from rabo_flwr.federation import ServerState
+from rabo_flwr.hypergrad import _Oracle
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
 from rabo_flwr.masks import scenario_policies
 from rabo_flwr.results import read_metrics
@@ -54,7 +56,8 @@ def one_iteration(tmp_path: Path, name: str, local_steps: list[int] | None = Non
 
 
 def value(state, side: str) -> float:
-    return float(state.tensors[side][side if side in ("x", "y") else {"q": "y", "p": "y", "v": "y", "h": "x"}[side]])
+    follows = {"q": "y", "p": "y", "v": "y", "u": "y", "h": "x"}
+    return float(state.tensors[side][side if side in ("x", "y") else follows[side]])
 
 
 def test_a_side_follows_its_sides_submodel_and_assign_keeps_what_no_client_holds():
@@ -110,7 +113,7 @@ def test_lfednest_one_iteration_matches_the_hand_computation(tmp_path, outer_ste
 
 def test_the_family_has_its_own_flower_strategy():
     assert issubclass(BilevelFamily, Strategy)
-    assert set(BilevelFamily.algorithms) == {"fednest", "lfednest", "simfbo", "shrofbo"}
+    assert set(BilevelFamily.algorithms) == {"fednest", "lfednest", "simfbo", "shrofbo", "memfbo", "aggitd"}
     scenario = load_scenario(REPO / "scenarios" / "quadratic" / "fednest.yaml")
     assert type(strategy_for(scenario)) is BilevelFamily and strategy_for(scenario).rounds_per_iteration == 12
 
@@ -209,12 +212,99 @@ def test_simfbo_through_flower_gives_the_plain_engines_records_and_resumes_v(tmp
         assert all(torch.equal(resumed.state.tensors[side][n], state.tensors[side][n]) for n in state.tensors[side])
 
 
+# ---------------------------------------------------------------- MemFBO
+
+
+def test_memfbo_one_iteration_matches_the_hand_computation(tmp_path):
+    """On a quadratic g the central difference of grad g along v is H v and J v exactly, so MemFBO takes
+    SimFBO's steps: the first case of the SimFBO table above (x = 0.5625, y = 0.4375, v = -0.625); the
+    probe moves y by 1 here (float32 rounding of a 1e-3 probe leaves about 1e-5)."""
+    records, state = one_iteration(tmp_path, "memfbo", [2], alpha=0.25, beta=0.25, v_step=0.25, fd_probe=1.0)
+    assert [r["phase"] for r in records if "clients_sent" in r] == ["local"]
+    expected = {"x": 0.5625, "y": 0.4375, "v": -0.625}
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_memfbo_uses_first_order_gradients_only(tmp_path, monkeypatch):
+    """No second-order graph is built: the oracle's double-backward products are never asked for."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("MemFBO asked for a second-order product")
+    monkeypatch.setattr(_Oracle, "second_order", refuse)
+    records, state = one_iteration(tmp_path, "memfbo", [2], alpha=0.25, beta=0.25, v_step=0.25)
+    local = [r for r in records if r["phase"] == "local"]
+    assert local[0]["clients_aggregated"] == 2 and value(state, "v") == pytest.approx(-0.625, abs=1e-4)
+
+
+# ---------------------------------------------------------------- AggITD
+
+
+@pytest.mark.parametrize("rounds,expected", [
+    # N = 1, tau = 2, beta = 1/4: client 1 (A = 1, B = 2, b = 1): u_0 = grad_y f = -1, J u = -B u, so
+    # d = grad_x f - beta (J u_0 + J u_1) = 1 - (2 + 1.5) / 4 = 1/8 with u_1 = (1 - 1/4) u_0; y 0 -> 1/2 -> 7/8.
+    # Client 2 (B = 0): d = 1, y stays 0. x = 1 - 0.5 mean(1/8, 1) = 0.71875, y = 7/16.
+    (1, {"x": 0.71875, "y": 0.4375}),
+    # N = 2: round 1 as above, u_2 = (3/4)^2 (-1) and (1/4)^2 (-3): u = -0.375, h = mean d = 0.5625, y = 7/16.
+    # Round 2 from y = 7/16, u = -3/8: client 1 d = -(0.75 + 0.5625) / 4 = -0.328125, y -> 1.12109375;
+    # client 2 d = 0, y -> 0.02734375. y = 0.57421875; x = 1 - 0.5 (0.5625 - 0.328125 / 2) = 0.80078125.
+    (2, {"x": 0.80078125, "y": 0.57421875, "h": 0.5625, "u": -0.375}),
+])
+def test_aggitd_one_iteration_matches_the_hand_computation(tmp_path, rounds, expected):
+    records, state = one_iteration(tmp_path, "aggitd", inner_rounds=rounds)
+    assert [r["phase"] for r in records if "clients_sent" in r] == (["local"] if rounds == 1 else ["local.1", "local.2"])
+    assert {side: value(state, side) for side in expected} == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("rounds,steps", [(1, 6), (3, 2)])
+def test_aggitd_steps_x_along_the_truncated_itd_hypergradient(tmp_path, rounds, steps):
+    """With Hessians shared by the clients (A, B), the products do not depend on the y trajectory, and
+    one iteration steps every row along mu x + beta B' sum_{k < N tau} (I - beta A)^k (y - b), b the
+    clients' mean: the ITD (truncated Neumann) hypergradient of N tau lower-level steps at the
+    iteration's y. Checked on the small instance (4 clients, N tau = 6 as one round of 6 steps or
+    three of 2, from the seeded x and y) against that closed form in float64."""
+    beta = 0.4
+    path = small(tmp_path, algorithm={"name": "aggitd", "iterations": 1, "inner_rounds": rounds, "inner_steps": steps,
+                                      "alpha": 1.0, "beta": beta}, run={"eval_every": 0, "final_test": False})
+    scenario = load_scenario(path)
+    task = QuadraticTask(scenario)
+    x, y = task.init_tensors(scenario.seed)
+    m = task.mean_problem()
+    eye = torch.eye(len(m.b), dtype=torch.float64)
+    series = sum(torch.linalg.matrix_power(eye - beta * m.A, k) for k in range(rounds * steps))
+    X, Y = x["x"].double(), y["y"].double()
+    expected = X - (task.mu * X + beta * (Y - m.b) @ series.T @ m.B)
+    state = TrainingLoop(scenario, task, PlainRunner(scenario, task, CPU), CPU, QUIET).run().state
+    assert torch.allclose(state.x["x"].double(), expected, atol=1e-5)
+    assert not torch.allclose(state.x["x"].double(), X - (task.mu * X + (Y - m.b) @ torch.linalg.solve(m.A, m.B)),
+                              atol=1e-3)  # and it is not the exact hypergradient: N tau = 6 terms
+
+
+@pytest.mark.parametrize("name,algorithm", [("aggitd", {"inner_rounds": 2}), ("memfbo", {"alpha": 0.06})])
+def test_aggitd_and_memfbo_drive_x_error_below_1e_2(tmp_path, name, algorithm):
+    records, _ = run(small(tmp_path, algorithm={"name": name, **algorithm}))
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert evals[0]["x_error"] > 0.5 and evals[-1]["x_error"] < 1e-2
+
+
+@pytest.mark.parametrize("name,algorithm", [("aggitd", {"inner_rounds": 2}), ("memfbo", {"alpha": 0.06})])
+def test_aggitd_and_memfbo_through_flower_give_the_plain_engines_records(tmp_path, one_thread, name, algorithm):  # noqa: F811
+    """AggITD's numbered rounds travel as train.local with u beside x and y, MemFBO's round with v; both
+    sliced to each client's submodel."""
+    sections = {"clients": {"num": 4, "capacities": [1.0, 0.5, 0.25]},
+                "algorithm": {"name": name, "iterations": 1, **algorithm}}
+    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=4)
+    plain, _ = run(small(tmp_path / "plain", **sections))
+    assert stable(flower) == stable(plain)
+    rounds = ["local.1", "local.2"] if name == "aggitd" else ["local"]
+    assert [r["phase"] for r in plain if "clients_sent" in r] == rounds
+    assert last_eval(plain)["x_error"] < plain[0]["x_error"]
+
+
 # ---------------------------------------------------------------- through `flwr run` (Ray)
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name,rounds", [("fednest", ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad"]),
-                                         ("shrofbo", ["local"])])
+                                         ("shrofbo", ["local"]), ("aggitd", ["local.1", "local.2"])])
 def test_family_through_flwr_run_matches_the_plain_engine(home, tmp_path, name, rounds):  # noqa: F811
     """The scenario file as a user runs it, shrunk: Flower's simulation engine routes train.<kind> messages
     (FedNest's numbered Neumann rounds travel as train.ihgp) and the server's own variables travel with them."""

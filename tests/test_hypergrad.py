@@ -331,7 +331,9 @@ def test_errors_name_the_culprit():
         hypergradient(prob.upper, prob.lower, x, y, "fd-directional", inverse="newton")
     with pytest.raises(ValueError, match="weight"):
         hypergradient(prob.upper, prob.lower, x, y, "fd-coordinate", weight="reweighted")
-    assert set(METHODS) == {"exact", "neumann", "fd-coordinate", "fd-directional"}
+    with pytest.raises(ValueError, match="solver"):
+        hypergradient(prob.upper, prob.lower, x, y, "curvature", solver="newton")
+    assert set(METHODS) == {"exact", "neumann", "fd-coordinate", "fd-directional", "curvature"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -494,3 +496,224 @@ def test_estimators_stay_sound_where_the_lower_hessian_is_indefinite(c, exact_st
     assert prob.phi(prob.x - 0.1 * h) < phi0 - 1e-3
     if not exact_steps:  # grad_x f (zero) - H_xy v with H_xy = -I and v = grad_y f = y - c
         assert torch.allclose(h, y - prob.c)
+
+
+# --- the curvature-aware estimator (NBO, Dong et al., ICML 2025): Newton step and hypergradient on one Hessian ---
+
+
+def dense_curvature(upper, lower, x, y, t=1.0):
+    """Brute-force oracle of the estimator's two steps on one flat x and y: dense Hessian blocks of g at
+    (x, y), v = H^-1 grad_y g, u = H^-1 grad_y f, then grad_x f - H_xy u at the Newton point y - t v."""
+    def blocks(yy):
+        z = torch.cat([x, yy]).detach().requires_grad_(True)
+        hess = torch.autograd.functional.hessian(lambda w: lower([w[:len(x)]], [w[len(x):]]), z)
+        return hess[:len(x), len(x):], hess[len(x):, len(x):]
+
+    def grads(fn, yy):
+        xs, ys = x.clone().requires_grad_(True), yy.clone().requires_grad_(True)
+        return torch.autograd.grad(fn([xs], [ys]), [xs, ys])
+
+    _, h_yy = blocks(y)
+    v = torch.linalg.solve(h_yy, grads(lower, y)[1])
+    u = torch.linalg.solve(h_yy, grads(upper, y)[1])
+    y_new = y - t * v
+    h_xy, _ = blocks(y_new)
+    return grads(upper, y_new)[0] - h_xy @ u, v
+
+
+class Quartic(Quadratic):
+    """The nonlinear Quadratic plus 0.05 sum(y^4) in g: strongly convex (H_yy >= A + 0.2 diag(sin x)), not
+    quadratic in y, so the Newton step lands near y*(x) but not on it, and grad_x f and H_xy depend on y."""
+
+    def __init__(self):
+        super().__init__(nonlinear=True)
+
+    def lower(self, x, y):
+        return super().lower(x, y) + 0.05 * (flat(y) ** 4).sum()
+
+
+def test_curvature_is_the_closed_form_hypergradient_at_y_star_and_its_diagnostics_are_sane():
+    """NBO-CG: both systems solved by CG to tol, exact in at most dim(y) products each; at y = y*(x) the
+    Newton step is 0 and the estimate is the closed form. Away from y*, on this quadratic lower level the
+    Newton step lands on y*(x) (newton_norm = ||y - y*||, lower_decrease = 0.5 (y - y*)'A(y - y*)) while
+    grad_y f stays at y, as in the paper's system: grad_x f and H_xy do not depend on y here, so the
+    estimate is exact's at (x, y)."""
+    prob = Quadratic()
+    x, y = prob.point()
+    h, info = hypergradient_with_stats(prob.upper, prob.lower, x, y, "curvature")
+    assert rel_err(h, prob.true_hypergrad(prob.x)) < 1e-10
+    assert info["newton_norm"] < 1e-12 and info["newton_step"] == 1 and abs(info["lower_decrease"]) < 1e-12
+    assert info["negative_curvature"] == 0 and info["converged"] == 1 and info["residual"] < 1e-10
+    assert 1 <= info["iterations"] <= DY and 1 <= info["newton_iterations"] <= DY and info["newton_residual"] < 1e-10
+    # one graph of grad_y g per point (y and the Newton point), f's gradients at both, g's at y
+    assert info["grad_evals"] == 5 and info["hvp_evals"] == info["iterations"] + info["newton_iterations"] + 1
+    shift = 0.3 * torch.randn(DY, generator=torch.Generator().manual_seed(2), dtype=DT)
+    far = split(flat(y) + shift, Y_SHAPES)
+    h, info = hypergradient_with_stats(prob.upper, prob.lower, x, far, "curvature")
+    assert info["newton_norm"] == pytest.approx(float(shift.norm()), rel=1e-9)
+    assert info["lower_decrease"] == pytest.approx(float(0.5 * shift @ prob.A @ shift), rel=1e-9)
+    assert rel_err(h, hypergradient(prob.upper, prob.lower, x, far, "exact", tol=1e-14)) < 1e-10
+
+
+def test_curvature_gd_solver_converges_at_the_gradient_descent_rate():
+    """NBO-GD: K gradient steps of size 1/L = 0.2 from 0 on both quadratic programs (the K-term Neumann
+    series), whose error contracts by 1 - mu/L = 0.8 per step (A's eigenvalues in [1, 5])."""
+    prob = Quadratic()
+    x, y = prob.point()
+    true = prob.true_hypergrad(prob.x)
+    errors = {}
+    for K in (5, 20, 50, 200):
+        h, info = hypergradient_with_stats(prob.upper, prob.lower, x, y, "curvature", solver="gd", K=K, step=0.2)
+        errors[K] = rel_err(h, true)
+        assert info["iterations"] == info["newton_iterations"] == K and info["truncated"] == 0
+        assert info["hvp_evals"] == 2 * (K - 1) + 1
+    assert all(errors[K] <= max(10 * 0.8**K, 1e-12) for K in errors), errors  # to round-off
+    assert errors[5] > 1e-2 and errors[200] < 1e-12, errors
+    h, info = hypergradient_with_stats(prob.upper, prob.lower, x, y, "curvature", solver="gd", K=200, power_iters=30)
+    assert info["lambda_max"] == pytest.approx(5.0, rel=0.02) and rel_err(h, true) < 1e-8  # safe step, measured once
+
+
+@pytest.mark.parametrize("problem", [Quadratic, Quartic])
+def test_curvature_matches_the_dense_two_step_oracle_away_from_y_star(problem):
+    """Nonlinear couplings (grad_x f and H_xy depend on y) and, for Quartic, a lower level not quadratic in
+    y: the estimate is grad_x f - H_xy u at y - v with v, u from the Hessian at y, element for element, and
+    not exact's estimate at y."""
+    prob = problem(nonlinear=True) if problem is Quadratic else problem()
+    xf, yf = prob.x, prob.y_star(prob.x) + 0.5
+    h, info = hypergradient_with_stats(prob.upper, prob.lower, split(xf, X_SHAPES), split(yf, Y_SHAPES), "curvature",
+                                       tol=1e-14)
+    expected, v = dense_curvature(prob.upper, prob.lower, xf, yf)
+    assert info["newton_step"] == 1 and info["newton_norm"] == pytest.approx(float(v.norm()), rel=1e-9)
+    assert rel_err(h, expected) < 1e-9
+    assert rel_err(h, hypergradient(prob.upper, prob.lower, split(xf, X_SHAPES), split(yf, Y_SHAPES))) > 1e-3
+
+
+def test_curvature_line_search_keeps_the_newton_point_below_g():
+    """g = sqrt(1 + y^2) + 0.05 y^2 - x y is strongly convex, but from y = 3 the full Newton step jumps to
+    y - 9.49 = -6.49, where g is higher (8.67 > 3.61): the paper's unit step (line_search=False) climbs, the
+    default halves it once (y = -1.74, g = 2.16)."""
+    def lower(x, y):
+        return (1 + y[0] ** 2).sqrt().sum() + 0.05 * (y[0] ** 2).sum() - (x[0] * y[0]).sum()
+
+    def upper(x, y):
+        return 0.5 * ((y[0] - 1) ** 2).sum() + 0.5 * (x[0] ** 2).sum()
+
+    x, y = torch.zeros(1, dtype=DT), torch.full((1,), 3.0, dtype=DT)
+    (h,), info = hypergradient_with_stats(upper, lower, [x], [y], "curvature")
+    assert info["newton_step"] == 0.5 and info["lower_decrease"] == pytest.approx(3.6123 - 2.1619, abs=1e-3)
+    expected, v = dense_curvature(upper, lower, x, y, t=0.5)
+    assert float(v) == pytest.approx(9.49, abs=1e-2) and rel_err(h, expected) < 1e-10
+    _, info = hypergradient_with_stats(upper, lower, [x], [y], "curvature", line_search=False)
+    assert info["newton_step"] == 1 and info["lower_decrease"] < -5
+
+
+@pytest.mark.parametrize("c", [[1.2, 1.0], [None, 1.0]])
+@pytest.mark.parametrize("solver", ["cg", "gd"])
+def test_curvature_stays_sound_where_the_lower_hessian_is_indefinite(c, solver):
+    """The double well of the test above: the Newton system's CG stops at negative curvature (or GD's series
+    at its first growing term), the Newton point does not climb g, and the estimate lowers Phi_T."""
+    prob = DoubleWell([1.2 if v is None else v for v in c])
+    y = prob.solve(prob.x)
+    if c[0] is None:
+        prob.c[0] = y[0]
+    phi0 = prob.phi(prob.x)
+    (h,), info = hypergradient_with_stats(prob.upper, prob.lower, [prob.x], [y], "curvature", solver=solver)
+    assert torch.isfinite(h).all() and info["lower_decrease"] > 0 and 0 < info["newton_step"] <= 1
+    if solver == "cg":
+        assert info["negative_curvature"] == 1 and info["converged"] == 0
+    else:
+        assert info["truncated"] == 1 and info["newton_truncated"] == 1
+    assert prob.phi(prob.x - 0.1 * h) < phi0 - 1e-3
+
+
+def _few_shot_problem():
+    """A Table II client's bilevel problem (Conv4 width 8, 5-way 1-shot, ridge head) on seeded random
+    images, with y away from zero so that the ridge term takes part; the callables as ``outer_phase``'s."""
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from rabo_flwr.scenario import load_scenario
+    from rabo_flwr.tasks import build_task
+
+    root = Path(__file__).resolve().parent.parent
+    scenario = load_scenario(root / "scenarios" / "paper" / "table2" / "rabo.yaml",
+                             {"model.backbone": "conv4", "model.width": 8})
+    task = build_task(scenario)
+    x, y = task.init_tensors(0)
+    gen = torch.Generator().manual_seed(1)
+    y = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in y.items()}
+    support = (torch.rand(5, 1, 28, 28, generator=gen), torch.arange(5))
+    query = (torch.rand(15, 1, 28, 28, generator=gen), torch.arange(5).repeat(3))
+    xn, yn = list(x), list(y)
+
+    def as_dicts(xs, ys):
+        return dict(zip(xn, xs)), dict(zip(yn, ys))
+
+    def upper(xs, ys):
+        return task.upper_loss(*as_dicts(xs, ys), query)
+
+    def lower(xs, ys):
+        return task.lower_loss(*as_dicts(xs, ys), support)
+
+    def lower_textbook(xs, ys):  # the ridge as pow(2) terms summed from 0
+        xd, yd = as_dicts(xs, ys)
+        images, labels = support
+        ridge = 0.5 * scenario.task.lower_l2 * sum(t.pow(2).sum() for t in yd.values())
+        return F.cross_entropy(task.head(yd, task.features(xd, images)), labels) + ridge
+
+    return upper, lower, lower_textbook, list(x.values()), list(y.values())
+
+
+def test_exact_on_a_few_shot_client_is_bit_for_bit_the_textbook_computation():
+    """The fixed costs cut from a small client's outer phase (Hessian-vector products seeded with the
+    vector instead of differentiating a dot product, dot products not summed from 0, no zero-damping
+    term, r - alpha Ap, the ridge as t * t) leave every bit of the hypergradient as it was."""
+    upper, lower, lower_textbook, x, y = _few_shot_problem()
+    got, info = hypergradient_with_stats(upper, lower, x, y, "exact")
+
+    def old_dot(a, b):
+        return sum((u * v).sum() for u, v in zip(a, b))
+
+    xs, ys = [t.detach().requires_grad_(True) for t in x], [t.detach().requires_grad_(True) for t in y]
+    fgrad = torch.autograd.grad(upper(xs, ys), xs + ys)
+    fx, fy = list(fgrad[:len(xs)]), list(fgrad[len(xs):])
+    xs, ys = [t.detach().requires_grad_(True) for t in x], [t.detach().requires_grad_(True) for t in y]
+    gy = torch.autograd.grad(lower_textbook(xs, ys), ys, create_graph=True)
+
+    def hvp(u, wrt):
+        return list(torch.autograd.grad(old_dot(gy, u), wrt, retain_graph=True))
+
+    v, r, p = [torch.zeros_like(t) for t in fy], list(fy), list(fy)  # conjugate gradient as it was written
+    rr = old_dot(r, r)
+    b_norm = float(rr.sqrt())
+    for _ in range(100):
+        if float(rr.sqrt()) <= 1e-10 * b_norm:
+            break
+        ap = [0.0 * u + w for u, w in zip(p, hvp(p, ys))]
+        curvature = old_dot(p, ap)
+        assert curvature > 0
+        alpha = rr / curvature
+        v = [alpha * s + t for s, t in zip(p, v)]
+        r = [-alpha * s + t for s, t in zip(ap, r)]
+        rr, rr_old = old_dot(r, r), rr
+        p = [rr / rr_old * s + t for s, t in zip(p, r)]
+    want = [-1.0 * h + f for h, f in zip(hvp(v, xs), fx)]
+    assert info["iterations"] > 5 and info["converged"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_neumann_on_a_few_shot_client_is_bit_for_bit_the_textbook_computation(monkeypatch):
+    """FedMBO's estimator (power iteration, Neumann terms) through the same products: unchanged bits."""
+    import rabo_flwr.hypergrad as hg
+
+    upper, lower, lower_textbook, x, y = _few_shot_problem()
+    got, _ = hypergradient_with_stats(upper, lower, x, y, "neumann", K=5, seed=3)
+
+    def old_dot(a, b):
+        return sum((u * v).sum() for u, v in zip(a, b))
+
+    monkeypatch.setattr(hg, "dot", old_dot)
+    monkeypatch.setattr(hg, "_vjp", lambda outputs, vectors, inputs, **kw: hg._grad(old_dot(outputs, vectors), inputs, **kw))
+    want, _ = hypergradient_with_stats(upper, lower_textbook, x, y, "neumann", K=5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

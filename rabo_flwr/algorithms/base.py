@@ -9,6 +9,11 @@ outer on x); single-level baselines have one that steps both sides, with updates
 ``(w_0 - w_T) / lr`` so that the server step with the same ``lr`` is the coverage-counted
 average of the clients' models; FedNest has 2T + N + 2 or more (``algorithms/fednest.py``).
 
+Decentralised methods (``algorithms/sldbo.py``) keep one copy of their variables per node in
+``ServerState.nodes``: :meth:`Algorithm.arrays` sends each node its own copy (or nothing: a node
+that skips this iteration), and a phase's ``gathers`` hands the replies, per node and unaveraged,
+to :meth:`Algorithm.gather`, which mixes the node states with the gossip matrix.
+
 Server variables beyond x and y (:class:`Side`) take the layout and the iteration's submodel of
 the side they follow, so a y-shaped variable is sliced, checked and coverage-averaged exactly as
 y is, under every mask policy.
@@ -40,11 +45,12 @@ class Phase:
     steps: Mapping[str, float]  # side -> server step size; the reply holds one update per side
     loss: str  # the client metric the phase's record averages ("": none)
     assigns: tuple[str, ...] = ()  # sides the server sets to the coverage-mean of the replies
+    gathers: tuple[str, ...] = ()  # sides whose replies go to Algorithm.gather per client, unaveraged
 
     @property
     def replies(self) -> tuple[str, ...]:
-        """The sides a reply holds: those stepped, then those assigned."""
-        return (*self.steps, *self.assigns)
+        """The sides a reply holds: those stepped, then those assigned, then those gathered."""
+        return (*self.steps, *self.assigns, *self.gathers)
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Algorithm:
     default_estimator: ClassVar[str] = ""  # "" for algorithms without a hypergradient
     full_model: ClassVar[bool] = False  # every client trains the whole model (capacity 1)
     episodic: ClassVar[bool] = False  # trains on few-shot episodes (needs the few-shot task)
+    decentralised: ClassVar[bool] = False  # per-node states mixed by a gossip matrix (every node every iteration)
 
     def phases(self, scenario: "Scenario") -> list[Phase]:
         raise NotImplementedError
@@ -105,6 +112,18 @@ class Algorithm:
 
     def after_phase(self, phase: Phase, state: "ServerState", scenario: "Scenario") -> None:
         """Server work after a phase's aggregation (FedNest: accumulate the Neumann sum). Default: none."""
+
+    def arrays(self, phase: Phase, state: "ServerState", scenario: "Scenario", partition: int,
+               iteration: int) -> dict[str, Tensors] | None:
+        """What ``partition`` is sent in ``phase``, or None to leave it out of the phase. Default: its
+        slices of the global sides the phase sends."""
+        return state.slices(partition, phase.sends)
+
+    def gather(self, phase: Phase, state: "ServerState", scenario: "Scenario",
+               replies: Mapping[int, Mapping[str, Tensors]]) -> dict:
+        """Server work on the accepted replies of a phase with ``gathers`` (partition -> side -> tensors);
+        returns entries for the phase's record. Only decentralised methods have such phases."""
+        raise NotImplementedError(f"{self.name} gathers no replies")
 
     def run(self, phase: str, job: ClientJob) -> LocalResult:
         raise NotImplementedError

@@ -39,13 +39,13 @@ def inner_phase(job: ClientJob, steps: int, beta: float, round_index: int = 1, r
     x = {k: v.detach() for k, v in job.x.items()}
     y_t = leaves(job.y)
     params = list(y_t.values())
-    objectives: dict[int, Any] = {}  # one per distinct batch: few-shot steps share their support set
+    objectives: dict[int, Any] = {}  # per distinct batch (few-shot steps share their support set): g and its FLOP key
     losses = []
     for lower in lower_steps:
         if id(lower) not in objectives:
-            objectives[id(lower)] = task.lower_objective(x, lower, meter)
-        objective = objectives[id(lower)]
-        loss, grads = loss_and_grads(meter, "lower.inner_step", lambda: objective(y_t), params, shapes(x, y_t, lower))
+            objectives[id(lower)] = task.lower_objective(x, lower, meter), shapes(x, y_t, lower)
+        objective, signature = objectives[id(lower)]
+        loss, grads = loss_and_grads(meter, "lower.inner_step", lambda: objective(y_t), params, signature)
         losses.append(loss)
         sgd_step(params, grads, beta)
     return LocalResult({"y": scaled_change(job.y, y_t, beta)},

@@ -1,5 +1,6 @@
 """SimFBO and ShroFBO (Yang, Xiao, Ji, "SimFBO: Towards Simple, Flexible and Communication-efficient
-Federated Bilevel Learning", NeurIPS 2023, arXiv:2305.19442), on the one training loop, with submodels.
+Federated Bilevel Learning", NeurIPS 2023, arXiv:2305.19442), and MemFBO (Yang, Xiao, Ma, Ji, "First-Order
+Federated Bilevel Learning", AAAI 2025), on the one training loop, with submodels.
 
 RECONSTRUCTED. What was read: the abstract ("one communication round per iteration", the lower
 variable, the upper variable and a Hessian-inverse-vector variable "updated simultaneously", "a
@@ -30,6 +31,21 @@ SOBA step on the mean functions. With unequal tau_i SimFBO weights client i by t
 drifts to argmin sum_i tau_i g_i); ShroFBO weights clients equally. Each local step costs one
 gradient of g and of f and two second-order products (H_i v and J_i v from one graph).
 
+MemFBO, RECONSTRUCTED. What was read: the abstract only ("fully single-loop structure with all
+involved variables updated simultaneously", "only first-order gradient information for all local
+updates", memory- and computation-efficient, linear speedup under partial participation); the full
+text (AAAI 39(21):22029-22037) was not reachable from here: its algorithm box (hence its number), step
+sizes and the form of its first-order products were not read. Assumed: SimFBO's round above (one
+round per iteration, x, y and v together), with its two second-order products replaced by a central
+difference of the first-order gradient of g along v (the finite-difference products of the first
+author's Hessian-free FdeHBO, Yang, Xiao, Ji, NeurIPS 2023):
+
+    (J_i v_k, H_i v_k) ~ (grad_(x,y) g_i(x, y_k + h v_k) - grad_(x,y) g_i(x, y_k - h v_k)) / (2h),
+    h = ``algorithm.fd_probe`` / ||v_k||   (the probe moves y by fd_probe whatever the size of v)
+
+so each local step costs three gradients of g and one of f and builds no second-order graph (on a
+quadratic g the difference is exact: MemFBO then takes SimFBO's steps). Aggregation as SimFBO's.
+
 State: the server keeps x, y and v (persistent, follows y's layout and submodel, checkpointed);
 clients keep nothing. Submodels: x on the client's x-plan, y and v on its y-plan, coverage-counted.
 """
@@ -38,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hypergrad import _Oracle
+from ..hypergrad import Vec, _central_difference, _Oracle, axpy
 from ..protocol import LOCAL
 from .base import Algorithm, ClientJob, LocalResult, Phase, Side
 
@@ -49,12 +65,13 @@ def v_step(algo) -> float:
 
 
 class SimFBO(Algorithm):
-    """SimFBO (``normalised=False``) or ShroFBO (``normalised=True``); see the module docstring."""
+    """SimFBO (``normalised=False``), ShroFBO (``normalised=True``) or, with ``first_order=True``,
+    MemFBO; see the module docstring."""
 
     default_mask = "importance"
 
-    def __init__(self, name: str, normalised: bool):
-        self.name, self.normalised = name, normalised
+    def __init__(self, name: str, normalised: bool, first_order: bool = False):
+        self.name, self.normalised, self.first_order = name, normalised, first_order
 
     def phases(self, scenario):
         algo, num = scenario.algorithm, scenario.clients.num
@@ -68,13 +85,25 @@ class SimFBO(Algorithm):
     def run(self, phase, job):
         if phase != LOCAL:
             raise ValueError(f"{self.name} has no phase {phase!r}")
-        return local_directions(job, self.normalised)
+        return local_directions(job, self.normalised, job.scenario.algorithm.fd_probe if self.first_order else 0.0)
 
 
-def local_directions(job: ClientJob, normalised: bool) -> LocalResult:
-    """The client's tau_i joint steps on (y, v) at the server's x, and the summed directions."""
+def lower_products(oracle: _Oracle, xs: Vec, ys: Vec, v: Vec, probe: float) -> tuple[Vec, Vec]:
+    """(H v, J v) of the oracle's g at (x, y): by double backward (``probe`` 0), or, first-order only,
+    as a central difference of grad_(x,y) g along v that moves y by ``probe`` (MemFBO)."""
+    if not probe:
+        hvp_yy, hvp_xy = oracle.second_order(xs, ys)
+        return hvp_yy(v), hvp_xy(v)
+    both = _central_difference(lambda h: sum(oracle.grad_xy("lower", xs, axpy(h, v, ys)), []), v, probe)
+    return both[len(xs):], both[:len(xs)]
+
+
+def local_directions(job: ClientJob, normalised: bool, probe: float = 0.0, steps: int = 0) -> LocalResult:
+    """The client's tau_i joint steps on (y, v) at the server's x, and the summed directions
+    (``probe`` > 0: MemFBO's first-order products, :func:`lower_products`; ``steps`` (0: tau_i) = 1
+    gives the directions at the point sent, SLDBO's client work)."""
     algo, task, meter = job.scenario.algorithm, job.task, job.meter
-    steps = job.local_steps
+    steps = steps or job.local_steps
     batch = task.client_batch(job.partition, job.iteration, job.device, steps)
     x_names, y_names = list(job.x), list(job.y)
     xs = [job.x[n].detach() for n in x_names]
@@ -93,8 +122,7 @@ def local_directions(job: ClientJob, normalised: bool) -> LocalResult:
         oracle = _Oracle(upper_loss, lower_loss, xs, y_k, meter)
         fx, fy = oracle.grad_xy("upper", xs, y_k)
         gy = oracle.grad("lower", xs, y_k, "y")
-        hvp_yy, hvp_xy = oracle.second_order(xs, y_k)
-        hv, jv = hvp_yy(v_k), hvp_xy(v_k)
+        hv, jv = lower_products(oracle, xs, y_k, v_k, probe)
         with torch.no_grad():
             losses.append(meter.unit("lower.value", oracle.signature, lambda: float(lower_loss(xs, y_k))))
         directions = {"x": [a - b for a, b in zip(fx, jv)], "y": gy, "v": [a - b for a, b in zip(hv, fy)]}

@@ -18,6 +18,8 @@ asked to map a different permutation of classes to its outputs in every episode)
 
 from __future__ import annotations
 
+import functools
+import operator
 from functools import cached_property
 from typing import Mapping
 
@@ -118,7 +120,10 @@ class FewShotTask(BilevelTask):
         return x, {k: torch.zeros_like(v) for k, v in y.items()}
 
     def _ridge(self, y: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return 0.5 * self.scenario.task.lower_l2 * sum(t.pow(2).sum() for t in y.values())
+        # t * t is what pow(t, 2) computes, with a cheaper backward (a node of every Hessian-vector
+        # product's graph); summed from the first square, not from 0 as sum() would: the same value,
+        # one operation less
+        return 0.5 * self.scenario.task.lower_l2 * functools.reduce(operator.add, ((t * t).sum() for t in y.values()))
 
     def features(self, x: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Backbone features, optionally L2-normalised to a fixed norm (bounded logits, stable bilevel).
