@@ -299,11 +299,14 @@ def build_plan(
     iteration: int,
     client: int,
 ) -> dict[str, torch.Tensor]:
-    """One client's submodel: kept indices for every group, each side by its own policy."""
+    """One client's submodel: kept indices for every group, each side by its own policy, except
+    the groups a layout gives to data partitions (``Layout.owners``: the client's own index set)."""
     plan: dict[str, torch.Tensor] = {}
     for side, layout in layouts.items():
         for group, size in layout.groups.items():
-            plan[group] = policies[side].indices(group, size, capacity, iteration, client)
+            owned = layout.owners.get(group)
+            plan[group] = owned[client] if owned is not None else policies[side].indices(group, size, capacity,
+                                                                                           iteration, client)
     return plan
 
 

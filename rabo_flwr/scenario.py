@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-TASKS = ("fewshot", "loss-tuning", "quadratic")
+TASKS = ("fewshot", "loss-tuning", "quadratic", "hyper-cleaning")
 FAULT_KINDS = ("raise", "sleep", "block", "nan", "wrong-shape", "huge")
 
 
@@ -45,11 +45,11 @@ class TaskConfig:
     val_alphabets: int = 5  # background alphabets held out as validation (every choice reads them, never the test set)
     val_episodes: int = 200  # fixed validation episodes of those alphabets, evaluated at every evaluation
     download: bool = True  # fetch missing archives with torchvision's utilities; RABO_OFFLINE=1 turns it off
-    # loss-tuning (long-tail CIFAR-10)
+    # loss-tuning (long-tail CIFAR-10); hyper-cleaning shares val_fraction, batch_size and the subsamples
     imbalance_ratio: float = 100.0
     val_fraction: float = 0.2  # share of each client's data that validates x (upper level)
     batch_size: int = 128
-    train_subsample: float = 1.0  # fraction of the long-tail training set used (miniature runs)
+    train_subsample: float = 1.0  # fraction of the (long-tail) training set used, per class (miniature runs)
     test_subsample: float = 1.0  # fraction of the balanced test set evaluated
     upper_objective: str = "balanced-ce"  # "balanced-ce" or "vs" (the paper's printed one; see tasks/loss_tuning.py)
     x_init: str = "neutral"  # "neutral" (plain cross-entropy) or "vs-recommended" (Kini et al.'s fixed values)
@@ -63,6 +63,10 @@ class TaskConfig:
     upper_l2: float = 0.1  # mu in f_i = 0.5 ||y - b_i||^2 + 0.5 mu ||x||^2
     heterogeneity: float = 1.0  # spread of the clients' linear terms c_i and targets b_i
     hessian_heterogeneity: float = 0.0  # spread of the clients' A_i and B_i (> 0: local hypergradients are biased)
+    # hyper-cleaning (CIFAR-10 with flipped training labels; tasks/hyper_cleaning.py)
+    flip_fraction: float = 0.4  # p: share of each client's training labels flipped to another class
+    classifier: str = "linear"  # "linear" (on fixed random features) or "backbone" (model.backbone at model.width)
+    random_filters: int = 32  # the linear classifier's features: random 3x3 filters, ReLU, 8x8 pooling (32 x 16 = 512)
 
 
 @dataclass
@@ -315,6 +319,9 @@ def validate(s: Scenario, source: str) -> Scenario:
     _check_choice(source, "task.labels", s.task.labels, ("episode", "global"))
     _check_choice(source, "task.upper_objective", s.task.upper_objective, ("balanced-ce", "vs"))
     _check_choice(source, "task.x_init", s.task.x_init, ("neutral", "vs-recommended"))
+    _check_choice(source, "task.classifier", s.task.classifier, ("linear", "backbone"))
+    if not 0.0 <= s.task.flip_fraction < 1.0:
+        raise _fail(source, "task.flip_fraction", f"must be in [0, 1), got {s.task.flip_fraction}")
     _check_choice(source, "run.device", s.run.device, ("auto", "cpu", "cuda"))
     _check_capacities(source, "clients.capacities", s.clients.capacities)
     phases = {phase.name for phase in algorithm.phases(s)}
@@ -343,7 +350,7 @@ def validate(s: Scenario, source: str) -> Scenario:
                 "algorithm.fd_probe",
                 "algorithm.alpha", "algorithm.beta", "algorithm.adapt_steps", "algorithm.adapt_lr", "task.eval_lr",
                 "algorithm.inner_rounds", "algorithm.neumann_terms", "algorithm.outer_steps",
-                "task.imbalance_ratio", "task.batch_size", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
+                "task.imbalance_ratio", "task.batch_size", "task.random_filters", "run.phase_timeout", "run.node_wait_timeout", "run.workers"):
         section, name = key.split(".")
         _check_positive(source, key, getattr(getattr(s, section), name))
     for key in ("task.val_fraction", "task.train_subsample", "task.test_subsample"):

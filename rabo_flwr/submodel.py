@@ -11,8 +11,8 @@ computes a narrower network, and only those slices travel.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 
@@ -26,10 +26,17 @@ class Layout:
     ``groups`` are the channel groups this side owns (its mask policy decides them);
     ``dims`` may also refer to groups owned by the other side (a head reads the backbone's
     channels), which is why plans span both sides.
+
+    ``owners`` names groups whose elements belong to data partitions rather than to a model
+    (hyper-cleaning's one weight per training example): partition p holds exactly
+    ``owners[group][p]`` (sorted indices), whatever its capacity and the side's mask policy.
+    Owned index sets are disjoint, so each such element has one holder, and coverage-counted
+    aggregation (count 1) gives it exactly its holder's update.
     """
 
     groups: Mapping[str, int]
     dims: Mapping[str, DimGroups]
+    owners: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
 
 
 def kept_count(capacity: float, size: int) -> int:

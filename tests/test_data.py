@@ -30,6 +30,7 @@ from rabo_flwr.data import (
     shard_classes,
     shard_classes_by_alphabet,
     split_clients,
+    subsample_per_class,
 )
 from rabo_flwr.data import cifar, omniglot
 
@@ -437,3 +438,12 @@ def test_cifar_real_test_split(real_env):
     assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [1000] * 10 and names == list(CIFAR10_CLASSES)
     assert 80 < x.mean() < 160 and x.std() > 40
+
+
+def test_subsample_per_class_keeps_a_seeded_fraction_of_each_class():
+    labels = np.repeat(np.arange(10), 50)
+    kept = subsample_per_class(np.arange(500), labels, 0.1, seed=0)
+    assert np.bincount(labels[kept]).tolist() == [5] * 10 and (np.diff(kept) > 0).all()
+    assert np.array_equal(kept, subsample_per_class(np.arange(500), labels, 0.1, seed=0))
+    assert not np.array_equal(kept, subsample_per_class(np.arange(500), labels, 0.1, seed=1))
+    assert np.bincount(labels[subsample_per_class(np.arange(500), labels, 0.001, seed=0)]).tolist() == [1] * 10

@@ -4,7 +4,7 @@ Raw archives are read from :func:`data_dir` (``$RABO_DATA_DIR``); decoded arrays
 in :func:`cache_dir` (``$RABO_CACHE_DIR``), never next to the data, which may be read-only.
 """
 
-from .cifar import CIFAR10_CLASSES, load_cifar10, long_tail_indices, split_clients
+from .cifar import CIFAR10_CLASSES, load_cifar10, long_tail_indices, split_clients, subsample_per_class, load_test_subset
 from .omniglot import (
     Episode,
     EpisodeSampler,
@@ -33,4 +33,6 @@ __all__ = [
     "shard_classes",
     "shard_classes_by_alphabet",
     "split_clients",
+    "subsample_per_class",
+    "load_test_subset",
 ]

@@ -186,6 +186,28 @@ def long_tail_indices(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def subsample_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded fraction of each class's indices, at least one per class; sorted."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(len(CIFAR10_CLASSES)):
+        members = indices[labels[indices] == c]
+        count = max(1, int(round(fraction * len(members))))
+        keep.append(np.sort(rng.choice(members, size=count, replace=False)))
+    return np.sort(np.concatenate(keep))
+
+
+def load_test_subset(fraction: float, seed: int, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The test set's images and labels, a seeded per-class ``fraction`` of them, shuffled: the archive
+    is ordered by class, and shuffled, every evaluation batch's (BatchNorm) statistics span the classes."""
+    images, labels, _ = load_cifar10(train=False, download=download)
+    keep = np.arange(len(labels))
+    if fraction < 1.0:
+        keep = subsample_per_class(keep, labels, fraction, seed)
+    keep = np.random.default_rng(seed).permutation(keep)
+    return images[keep], labels[keep]
+
+
 def split_clients(
     indices: np.ndarray, labels: np.ndarray, num_clients: int, seed: int, val_fraction: float = 0.2
 ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -35,6 +35,10 @@ def build_task(scenario: Scenario) -> BilevelTask:
         from .quadratic import QuadraticTask
 
         return QuadraticTask(scenario)
+    if scenario.task.name == "hyper-cleaning":
+        from .hyper_cleaning import HyperCleaningTask
+
+        return HyperCleaningTask(scenario)
     if ":" in scenario.task.name:
         return task_class(scenario.task.name)(scenario)
     raise ValueError(f"unknown task {scenario.task.name!r}")

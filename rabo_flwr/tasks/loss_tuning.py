@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.cifar import load_cifar10, long_tail_indices, split_clients
+from ..data.cifar import load_cifar10, long_tail_indices, split_clients, subsample_per_class, load_test_subset
 from ..models import Classifier
 from ..models.backbones import build_backbone
 from ..scenario import Scenario
@@ -120,7 +120,7 @@ class LossTuningTask(BilevelTask):
         _, labels = self._train
         indices = long_tail_indices(labels, cfg.imbalance_ratio, NUM_CLASSES, seed)
         if cfg.train_subsample < 1.0:
-            indices = _subsample_per_class(indices, labels, cfg.train_subsample, seed)
+            indices = subsample_per_class(indices, labels, cfg.train_subsample, seed)
         return indices
 
     @cached_property
@@ -138,13 +138,7 @@ class LossTuningTask(BilevelTask):
 
     @cached_property
     def _test(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels, _ = load_cifar10(train=False, download=self.scenario.task.download)
-        keep = np.arange(len(labels))
-        if self.scenario.task.test_subsample < 1.0:
-            keep = _subsample_per_class(keep, labels, self.scenario.task.test_subsample, self.scenario.seed)
-        # the archive is ordered by class; shuffled, every evaluation batch's statistics span the classes
-        keep = np.random.default_rng(self.scenario.seed).permutation(keep)
-        return images[keep], labels[keep]
+        return load_test_subset(self.scenario.task.test_subsample, self.scenario.seed, self.scenario.task.download)
 
     def prepare(self) -> None:
         self.client_splits, self._validation, self._test  # noqa: B018 - loads and decodes both splits
@@ -240,13 +234,3 @@ class LossTuningTask(BilevelTask):
         return {"val_accuracy": float((logits.argmax(1) == targets).float().mean()), "val_loss": float(loss),
                 "examples": float(len(val))}
 
-
-def _subsample_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A seeded fraction of each class's indices, at least one per class."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in range(NUM_CLASSES):
-        members = indices[labels[indices] == c]
-        count = max(1, int(round(fraction * len(members))))
-        keep.append(np.sort(rng.choice(members, size=count, replace=False)))
-    return np.sort(np.concatenate(keep))
