@@ -71,7 +71,7 @@ def test_straggler_past_the_phase_timeout_is_dropped_and_counted(home, tmp_path)
     scenario = tmp_path / "straggler.yaml"
     scenario.write_text(
         f"base: {QUICKSTART}\n"
-        "run:\n  phase_timeout: 30.0\n  faults:\n"
+        "run:\n  phase_timeout: 60.0\n  faults:\n"
         f"  - {{partition: 1, phase: outer, iterations: [1], kind: block, seconds: 600, release: '{release}'}}\n")
     done = threading.Event()
 
