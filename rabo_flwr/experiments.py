@@ -10,8 +10,9 @@
     python -m rabo_flwr.experiments family-hyper-cleaning-sweep --publish
     python -m rabo_flwr.experiments family-hyper-cleaning
 
-A cell is a scenario file under ``scenarios/paper/`` plus overrides (the column, the scale, the
-step sizes chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
+A cell is a scenario file under ``scenarios/paper/`` (the family's: ``scenarios/quadratic/`` and
+``scenarios/hyper_cleaning/``) plus overrides (the column, the capacities, the scale, the step sizes
+chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
 Conv4 backbone instead of ResNet12, a small CNN instead of ResNet18, early stopping on the
 validation split, checkpoints; ``--scale paper`` runs the files as they are (a GPU's work).
 Every choice reads validation: early stopping, the model kept (the best validation evaluation),

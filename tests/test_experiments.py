@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import subprocess
 
@@ -283,6 +284,7 @@ def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_a
     assert {c.scenario().algorithm.alpha for c in cleaning} == {30.0, 100.0, 300.0, 1000.0}  # GRID times 1000
     assert {c.scenario().algorithm.beta for c in cleaning} == set(experiments.GRID)
     assert {c.scenario().task.name for c in cleaning} == {"hyper-cleaning"}
+    assert all(c.scenario().run.final_test is False for c in cleaning)
 
     with pytest.raises(SystemExit, match="family-quadratic-sweep-cpu.yaml: no step sizes for row 'fedmbo'"):
         experiments.cells_for("family-quadratic", "5w1s", None, "cpu", tmp_path / "set")
@@ -367,3 +369,14 @@ def test_summaries_read_the_tasks_own_metrics(tmp_path):
                            (experiments.FAMILY_TASKS["hyper-cleaning"] / "rabo.yaml", ("val_accuracy", True, "test_accuracy")),
                            (experiments.FAMILY_TASKS["quadratic"] / "rabo.yaml", ("suboptimality", False, "x_error"))):
         assert experiments.validation_metric(experiments.load_scenario(path)) == expected
+
+
+def test_family_hyper_cleaning_columns_read_the_cleaning_scores_of_the_kept_model():
+    scenario = experiments.load_scenario(experiments.FAMILY_TASKS["hyper-cleaning"] / "fednest.yaml")
+    phases = [{"iteration": q, "bytes_down": 10 * q, "bytes_up": 1} for q in (1, 1, 2, 2, 2)]
+    test = {"test_accuracy": 0.4, "flip_precision": 0.6, "flip_recall": 0.5, "downweighted": 0.45}
+    row = experiments.family_columns(scenario, [], phases, test, 2)
+    assert (row["rounds_per_iteration"], row["bytes_per_iteration"]) == (2.5, (10 + 10 + 20 * 3 + 5) / 2)
+    assert (row["flip_precision"], row["flip_recall"], row["downweighted"]) == (0.6, 0.5, 0.45)
+    assert "iterations_to_target" not in row and row["capacities"] == [1.0] and row["alpha"] == 100.0
+    assert math.isnan(experiments.family_columns(scenario, [], phases, None, 2)["flip_recall"])  # cut short: no test
