@@ -798,8 +798,8 @@ def _write_family_markdown(name, rows, out, title):
                   f"own resolved scenarios): `{json.dumps(common)}`. Rows are `scenarios/{FAMILY_TASKS[task].name}/<row>.yaml` "
                   "at capacity 1; `<row>-submodels` is the same file at the paper's capacities (1, 1/2, 1/4, 1/8, 1/16, "
                   "round-robin over the clients, the file's mask policy; v follows y's submodel)."]
-    full = [row for row in FAMILY_ROWS if row + SUBMODELS not in {r["cell"] for r in rows}
-            and row not in FAMILY_SKIPPED.get(task, {})]
+    every = family_rows(task)
+    full = [row for row in every if not row.endswith(SUBMODELS) and row + SUBMODELS not in every]
     for row, why in FAMILY_SKIPPED.get(task, {}).items():
         lines.append(f"Not in this table: {row}: {why}.")
     if task in SUBMODEL_TASKS:

@@ -359,7 +359,7 @@ def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_s
     assert {r["cell"] for r in rows} == {"rabo", "fedmbo", "rabo-submodels"}
     assert all(float(r["bytes_vs_fedmbo"]) > 0 for r in rows)
     table = (tmp_path / "set" / "family-quadratic.md").read_text()
-    assert table.count("not reached") == 3 * 3 and "Capacity 1 only: fedmbo" in table
+    assert table.count("not reached") == 3 * 3 and "Capacity 1 only: fedmbo (FedMBO" in table
     assert (tmp_path / "set" / "family-quadratic_accuracy.png").is_file()
 
 
