@@ -770,7 +770,7 @@ def _write_family_markdown(name, rows, out, title):
                   f"rounds to {target}", f"bytes to {target}", "bytes / it", "x_error at the end (iteration)",
                   "x_error kept on F", "FLOPs/it vs FedMBO"]
     else:
-        header = ["row", "alpha, beta", f"test {rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
+        header = ["row", "alpha, beta", f"{rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
                   "flip precision", "flip recall", "down-weighted", "FLOPs/it vs FedMBO", "bytes/it vs FedMBO",
                   "rounds / it", "bytes / it"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -796,12 +796,15 @@ def _write_family_markdown(name, rows, out, title):
     common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k, object()) == v for r in rows)}
     lines += ["", f"Scale: {rows[0]['scale']}. Overrides of the scenario files that every run used (read from the runs' "
                   f"own resolved scenarios): `{json.dumps(common)}`. Rows are `scenarios/{FAMILY_TASKS[task].name}/<row>.yaml` "
-                  "at capacity 1; `<row>-submodels` is the same file at the paper's capacities (1, 1/2, 1/4, 1/8, 1/16, "
-                  "round-robin over the clients, the file's mask policy; v follows y's submodel)."]
+                  "at capacity 1" + ("; `<row>-submodels` is the same file at the paper's capacities (1, 1/2, 1/4, 1/8, "
+                  "1/16, round-robin over the clients, the file's mask policy; v follows y's submodel)."
+                  if task in SUBMODEL_TASKS else ".")]
     every = family_rows(task)
     full = [row for row in every if not row.endswith(SUBMODELS) and row + SUBMODELS not in every]
+    skipped: dict[str, list[str]] = {}
     for row, why in FAMILY_SKIPPED.get(task, {}).items():
-        lines.append(f"Not in this table: {row}: {why}.")
+        skipped.setdefault(why, []).append(row)
+    lines += [f"Not in this table: {', '.join(names)}: {why}." for why, names in skipped.items()]
     if task in SUBMODEL_TASKS:
         lines.append(f"Capacity 1 only: {', '.join(full)} (FedMBO trains the full model; SLDBO and S3LDBO hold the full "
                      "model on every node of the gossip network).")
