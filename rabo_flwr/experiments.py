@@ -5,9 +5,14 @@
     python -m rabo_flwr.experiments cx-star                            # the C_x* study (Fig. 3)
     python -m rabo_flwr.experiments loss-tuning-sweep --publish        # the lower-level step of loss tuning
     python -m rabo_flwr.experiments loss-tuning                        # the loss-tuning rows (Fig. 5)
+    python -m rabo_flwr.experiments family-quadratic-sweep --publish   # the family's step sizes (issue 15)
+    python -m rabo_flwr.experiments family-quadratic                   # the family side by side on quadratic
+    python -m rabo_flwr.experiments family-hyper-cleaning-sweep --publish
+    python -m rabo_flwr.experiments family-hyper-cleaning
 
-A cell is a scenario file under ``scenarios/paper/`` plus overrides (the column, the scale, the
-step sizes chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
+A cell is a scenario file under ``scenarios/paper/`` (the family's: ``scenarios/quadratic/`` and
+``scenarios/hyper_cleaning/``) plus overrides (the column, the capacities, the scale, the step sizes
+chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
 Conv4 backbone instead of ResNet12, a small CNN instead of ResNet18, early stopping on the
 validation split, checkpoints; ``--scale paper`` runs the files as they are (a GPU's work).
 Every choice reads validation: early stopping, the model kept (the best validation evaluation),
@@ -77,6 +82,31 @@ PAPER_TABLE2 = {  # arXiv 2512.24667, Table II (ResNet12, 10 clients)
 PAPER_COST = {"rabo": 0.267, "rafbo": 0.178}  # FLOPs relative to FedMBO (Fig. 4); bytes: 0.267 for both
 LOSS_TUNING_ROWS = ["ce", "ce-full", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
 
+# The federated bilevel family side by side (issue 15): every server-based algorithm on the two tasks
+# with checkable answers, one set (and one sweep) per task: ``family-<task>`` and ``family-<task>-sweep``.
+# A row is a file of the task's folder (``rabo-curvature``: RABO with the curvature-aware estimator) at
+# full capacity; ``<row>-submodels`` is the same at the paper's capacities (round-robin over the clients).
+FAMILY_TASKS = {"quadratic": APP_DIR / "scenarios" / "quadratic", "hyper-cleaning": APP_DIR / "scenarios" / "hyper_cleaning"}
+FAMILY_ROWS = ["fedmbo", "rabo", "rafbo", "rabo-curvature", "fednest", "lfednest", "simfbo", "shrofbo", "aggitd",
+               "memfbo", "sldbo", "s3ldbo"]
+SUBMODELS = "-submodels"
+# Rows a task's set leaves out, and why (the table says so).
+FAMILY_SKIPPED = {"hyper-cleaning": {
+    row: "the gossip engine does not take hyper-cleaning's owned x yet (each node replies with the whole x, "
+         "4,001 weights, where its own block of about 800 is expected, so every reply is rejected)"
+    for row in ("sldbo", "s3ldbo")}}
+PAPER_CAPACITIES = [1.0, 0.5, 0.25, 0.125, 0.0625]
+# Tasks whose rows also run at the paper's capacities. Not hyper-cleaning at CPU scale: x is owned (each
+# client is sent its own example weights whatever its capacity) and the linear classifier has no channel
+# group, so a capacity changes nothing there (the same run, byte for byte); its Conv4 classifier, which
+# submodels would slice, costs a hypergradient over every training image per client per iteration.
+SUBMODEL_TASKS = ("quadratic",)
+TARGET_X_ERROR = 1e-3  # the quadratic table's "to 1e-3" columns
+# What the harness chooses on where it is not the task's main metric: quadratic's main metric, x_error,
+# needs x* (an oracle); a user computes F(x) (the clients' upper losses at y*(x)) without it, and
+# F(x) - F(x*) (``suboptimality``) ranks runs as F(x) does, F(x*) being one constant. Lower is better.
+VALIDATION = {"quadratic": ("suboptimality", False)}
+
 # What each scale changes, per task. "paper" runs the scenario files unchanged.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
@@ -84,8 +114,12 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                     "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005, "run.checkpoint_every": 20},
         "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 400,
                         "run.eval_every": 20, "run.patience": 5, "run.min_delta": 0.005, "run.checkpoint_every": 10},
+        # the family (issue 15): no early stopping, so every row runs the same budget; quadratic evaluates at
+        # every iteration (closed forms, no data) so the "to 1e-3" columns are exact
+        "quadratic": {"algorithm.iterations": 150, "run.eval_every": 1, "run.patience": 0},
+        "hyper-cleaning": {"algorithm.iterations": 100, "run.eval_every": 10, "run.patience": 0},
     },
-    "paper": {"fewshot": {}, "loss-tuning": {}},
+    "paper": {"fewshot": {}, "loss-tuning": {}, "quadratic": {}, "hyper-cleaning": {}},
 }
 
 # Step-size sweeps: one grid for every step size of every row, one budget, judged on validation
@@ -101,18 +135,54 @@ TUNED_KEYS = {
 SWEEP_BUDGET = {
     "fewshot": {"algorithm.iterations": 100, "run.eval_every": 25, "run.patience": 0, "run.final_test": False},
     "loss-tuning": {"algorithm.iterations": 100, "run.eval_every": 20, "run.patience": 0, "run.final_test": False},
+    # quadratic: short enough that F stays far above its rounding (RABO at alpha 0.3, beta 0.3: F - F* 3e-7 at
+    # iteration 40, measured), so the lowest F within the budget ranks the grid points by speed
+    "quadratic": {"algorithm.iterations": 40, "run.eval_every": 1, "run.patience": 0, "run.final_test": False},
+    "hyper-cleaning": {"algorithm.iterations": 30, "run.eval_every": 10, "run.patience": 0, "run.final_test": False},
 }
 # The sweep of loss tuning tunes the lower-level step (y's training, the same in every row) on
 # plain cross-entropy, the row whose budget matters most; every loss-tuning row reads it.
 LOSS_TUNING_SWEEP = {"ce": [("algorithm.beta",)]}
+# The family's sweeps tune alpha and beta of every row (v_step, where a method has one, follows beta: its
+# default 0; FedNest's Neumann step stays its file's, a property of the series (inside 2/L), not a rate).
+FAMILY_TUNED = [("algorithm.alpha",), ("algorithm.beta",)]
+# A task's grid factor per key: on hyper-cleaning, alpha steps per-example weights whose hypergradient is of
+# order 1/n_i (n_i about 800 training examples per client), so alpha's grid is GRID times 1000 (30 to 1000,
+# around the files' 100): the same grid in units of a step per example.
+GRID_SCALE = {"hyper-cleaning": {"algorithm.alpha": 1000.0}}
 
 
-def grid_points(keys: list[tuple[str, ...]]) -> list[dict[str, float]]:
-    """Every combination of grid values, one per group of keys (a group shares its value)."""
+def grid_points(keys: list[tuple[str, ...]], scale: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Every combination of grid values, one per group of keys (a group shares its value); ``scale``:
+    a factor per key (:data:`GRID_SCALE`)."""
     points: list[dict[str, float]] = [{}]
     for group in keys:
-        points = [point | {key: value for key in group} for point in points for value in GRID]
+        points = [point | {key: value * (scale or {}).get(key, 1.0) for key in group} for point in points for value in GRID]
     return points
+
+
+def family_task(name: str) -> str | None:
+    """The task of a family set (``family-<task>`` or ``family-<task>-sweep``); None for other sets."""
+    task = name.removeprefix("family-").removesuffix("-sweep")
+    return task if name.startswith("family-") and task in FAMILY_TASKS else None
+
+
+def family_rows(task: str) -> list[str]:
+    """A family set's rows: every algorithm at full capacity (but :data:`FAMILY_SKIPPED`), then at the paper's
+    capacities where the task has submodels and the algorithm takes them (not FedMBO, SLDBO, S3LDBO: they
+    train the full model)."""
+    from .algorithms import ALGORITHMS
+
+    full = [row for row in FAMILY_ROWS if row not in FAMILY_SKIPPED.get(task, {})]
+    partial = [] if task not in SUBMODEL_TASKS else [
+        row + SUBMODELS for row in full if not ALGORITHMS[load_scenario(FAMILY_TASKS[task] / f"{row}.yaml").algorithm.name].full_model]
+    return [*full, *partial]
+
+
+def _family_row_file(task: str, row: str) -> tuple[Path, dict[str, Any]]:
+    """A family row's scenario file and the capacities that make it (full, or the paper's)."""
+    capacities = PAPER_CAPACITIES if row.endswith(SUBMODELS) else [1.0]
+    return FAMILY_TASKS[task] / f"{row.removesuffix(SUBMODELS)}.yaml", {"clients.capacities": capacities}
 
 
 def step_sizes_path(sweep: str, scale: str) -> Path:
@@ -177,6 +247,8 @@ def set_rows(name: str, column: str, scale: str) -> list[str]:
         return LOSS_TUNING_ROWS if name == "loss-tuning" else list(LOSS_TUNING_SWEEP)
     if name == "scalability":
         return ["rabo", "rafbo"]
+    if family_task(name):
+        return family_rows(family_task(name))
     raise ValueError(f"unknown set {name!r}")
 
 
@@ -206,6 +278,14 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
         elif name == "loss-tuning":
             extra = _tuned("loss-tuning-sweep", scale, "ce") if scale == "cpu" else {}
             specs.append((row, row, PAPER / "losstuning" / f"{row}.yaml", extra, {}))
+        elif family_task(name) and not name.endswith("sweep"):
+            path, extra = _family_row_file(family_task(name), row)
+            specs.append((row, row, path, extra | (_tuned(name + "-sweep", scale, row) if scale == "cpu" else {}), {}))
+        elif family_task(name):
+            path, extra = _family_row_file(family_task(name), row)
+            for point in grid_points(FAMILY_TUNED, GRID_SCALE.get(family_task(name))):
+                label = f"{row}-" + "-".join(f"{k.split('.')[1]}{v:g}" for k, v in point.items())
+                specs.append((row, label, path, extra | point, point))
         else:  # a sweep
             path, extra = _row_file("table2" if name == "lr-sweep" else "losstuning", row)
             keys = (TUNED_KEYS[row.removesuffix(FULL_ONLY)] if name == "lr-sweep" else LOSS_TUNING_SWEEP[row])
@@ -414,9 +494,10 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     last = done["iteration"] if done else evals[-1]["iteration"]
     phases = [r for r in records if r["phase"] not in ("eval", "test", "done") and r["iteration"] <= last]
     status = ("stopped early" if done["stopped_early"] else "budget") if done else "cut short"
-    val_key = "val_accuracy" if scenario.task.name == "fewshot" else "val_balanced_accuracy"
-    key = "test_accuracy" if scenario.task.name == "fewshot" else "balanced_accuracy"
-    kept = max(evals, key=lambda r: r[val_key])  # the first best, as the loop keeps it
+    val_key, higher, key = validation_metric(scenario)
+    kept = max(evals, key=lambda r: _score(r[val_key], higher))  # the first best, as the loop keeps it
+    if scenario.task.name in VALIDATION:  # the loop kept its model by another metric: report the kept evaluation's
+        test = kept if done else None  # (the metric reads no data: "val" and "test" are one computation)
     to_kept = [r for r in phases if r["iteration"] <= kept["iteration"]]
     file_scenario = load_scenario(cell.path).to_dict()
     row = {
@@ -448,6 +529,45 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     }
     if scenario.task.name == "loss-tuning" and test:
         row |= {k: test[k] for k in ("head_accuracy", "tail_accuracy", "per_class_accuracy", "w", "l", "Delta")}
+    if scenario.task.name in FAMILY_TASKS:
+        row |= family_columns(scenario, evals, phases, test, last) | {"higher_is_better": higher}
+    return row
+
+
+def validation_metric(scenario: Scenario) -> tuple[str, bool, str]:
+    """(the metric every choice reads, whether higher is better, the reported metric) of a scenario's task:
+    its ``main_metric``, ``higher_is_better`` and ``test_metric``, unless :data:`VALIDATION` names another."""
+    from .tasks import build_task
+
+    task = build_task(scenario)  # cheap: the tasks load their data when first asked for it
+    val_key, higher = VALIDATION.get(scenario.task.name, (task.main_metric, task.higher_is_better))
+    return val_key, higher, task.test_metric
+
+
+def _score(value: float, higher: bool) -> float:
+    """A validation value on one scale where larger is better; NaN (a diverged run) is the worst."""
+    return -math.inf if value is None or math.isnan(value) else (value if higher else -value)
+
+
+def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list[dict[str, Any]],
+                   test: dict[str, Any] | None, last: int) -> dict[str, Any]:
+    """The family table's columns from a run's records. Every task: message rounds (one phase is one round
+    of messages) and bytes per iteration. quadratic: the first evaluation with x_error <= TARGET_X_ERROR
+    (its iteration, the rounds and bytes spent up to it; None when no evaluation reached it) and x_error at
+    the end. hyper-cleaning: precision and recall of the down-weighted examples of the model kept."""
+    iterations = max(1, last)
+    row = {"capacities": scenario.clients.capacities, "alpha": scenario.algorithm.alpha, "beta": scenario.algorithm.beta,
+           "rounds_per_iteration": len(phases) / iterations,
+           "bytes_per_iteration": sum(r["bytes_down"] + r["bytes_up"] for r in phases) / iterations}
+    if scenario.task.name == "quadratic":
+        reached = next((r["iteration"] for r in evals if r["x_error"] <= TARGET_X_ERROR), None)
+        spent = [r for r in phases if reached is not None and r["iteration"] <= reached]
+        row |= {"target_x_error": TARGET_X_ERROR, "iterations_to_target": reached,
+                "rounds_to_target": len(spent) if reached is not None else None,
+                "bytes_to_target": sum(r["bytes_down"] + r["bytes_up"] for r in spent) if reached is not None else None,
+                "final_x_error": evals[-1]["x_error"], "best_x_error": min(r["x_error"] for r in evals)}
+    if scenario.task.name == "hyper-cleaning":
+        row |= {k: test[k] if test else math.nan for k in ("flip_precision", "flip_recall", "downweighted")}
     return row
 
 
@@ -503,6 +623,10 @@ def _ratio(value: float) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _sci(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
 def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, paper_column: int | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
@@ -521,13 +645,18 @@ def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, 
         _plot_cost(name, rows, out, title)
     if rows[0]["task"] == "loss-tuning" and any("w" in r for r in rows):
         _plot_hyperparameters(name, [r for r in rows if "w" in r], out, title)
-    _write_markdown(name, rows, out, title, paper_column)
+    if rows[0]["task"] in FAMILY_TASKS:
+        _write_family_markdown(name, rows, out, title)
+    else:
+        _write_markdown(name, rows, out, title, paper_column)
 
 
 def _plot_curves(name, rows, out, title):
     """Validation accuracy against global iterations (the paper's Fig. 2) and against FLOPs spent
     (cost-matched); the reported test numbers are in the tables."""
     colors = plt.cm.tab20.colors if len(rows) > 10 else plt.cm.tab10.colors
+    higher = rows[0].get("higher_is_better", True)
+    unit = 100 if higher else 1
     for suffix, xlabel, scale_x in (("accuracy", "global iteration", lambda r, its: its),
                                     ("accuracy_vs_flops", "FLOPs spent (all clients, all work sent; log scale)",
                                      lambda r, its: [q * r["flops_per_iteration"] for q in its])):
@@ -538,13 +667,15 @@ def _plot_curves(name, rows, out, title):
             # on the log-scaled FLOPs axis there is no iteration 0
             its, acc, se = zip(*[point for point in r["curve"] if suffix == "accuracy" or point[0] > 0])
             xs = scale_x(r, its)
-            line, = ax.plot(xs, [100 * a for a in acc], label=r["cell"], lw=1.4, color=colors[i % len(colors)])
-            ax.fill_between(xs, [100 * (a - s) for a, s in zip(acc, se)], [100 * (a + s) for a, s in zip(acc, se)],
+            line, = ax.plot(xs, [unit * a for a in acc], label=r["cell"], lw=1.4, color=colors[i % len(colors)])
+            ax.fill_between(xs, [unit * (a - s) for a, s in zip(acc, se)], [unit * (a + s) for a, s in zip(acc, se)],
                             color=line.get_color(), alpha=0.15)
         if suffix == "accuracy_vs_flops":
             ax.set_xscale("log")
+        if not higher:  # an error or a suboptimality: orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{rows[0]['validation_metric'].replace('val_', 'validation ').replace('_', ' ')} (%)")
+        ax.set_ylabel(f"{rows[0]['validation_metric'].replace('val_', 'validation ').replace('_', ' ')}" + (" (%)" if higher else ""))
         ax.set_title(f"{title} ({rows[0]['scale']} scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -628,6 +759,82 @@ def _write_markdown(name, rows, out, title, paper_column):
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def _write_family_markdown(name, rows, out, title):
+    """The family side by side on one task (issue 15): each row at full capacity and, where it takes
+    submodels, at the paper's capacities; step sizes from the family sweep (chosen on validation)."""
+    task = rows[0]["task"]
+    lines = [f"# {title} ({rows[0]['scale']} scale)", ""]
+    if task == "quadratic":
+        target = f"{TARGET_X_ERROR:g}"
+        header = ["row", "capacities", "alpha, beta", "rounds / it", f"iterations to x_error {target}",
+                  f"rounds to {target}", f"bytes to {target}", "bytes / it", "x_error at the end (iteration)",
+                  "x_error kept on F", "FLOPs/it vs FedMBO"]
+    else:
+        header = ["row", "alpha, beta", f"{rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
+                  "flip precision", "flip recall", "down-weighted", "FLOPs/it vs FedMBO", "bytes/it vs FedMBO",
+                  "rounds / it", "bytes / it"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        capacities = "1" if r["capacities"] == [1.0] else "1, 1/2, 1/4, 1/8, 1/16" if r["capacities"] == PAPER_CAPACITIES \
+            else ", ".join(f"{c:g}" for c in r["capacities"])
+        steps = f"{r['alpha']:g}, {r['beta']:g}"
+        if task == "quadratic":
+            missing = "not reached" if r["status"] != "cut short" else "(cut short)"
+            reached = r["iterations_to_target"] is not None
+            cells = [r["cell"], capacities, steps, f"{r['rounds_per_iteration']:g}",
+                     str(r["iterations_to_target"]) if reached else missing,
+                     str(r["rounds_to_target"]) if reached else missing,
+                     f"{r['bytes_to_target']:,}" if reached else missing, f"{r['bytes_per_iteration']:,.0f}",
+                     f"{_sci(r['final_x_error'])} ({r['iterations_run']}, {r['status']})", _sci(r["test"]),
+                     _ratio(r.get("flops_vs_fedmbo", math.nan))]
+        else:
+            cells = [r["cell"], steps, f"{_pct(r['test'])} ({r['kept_iteration']}, {_pct(r['kept_validation'])})",
+                     _ratio(r["flip_precision"]), _ratio(r["flip_recall"]), _ratio(r["downweighted"]),
+                     _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)),
+                     f"{r['rounds_per_iteration']:g}", f"{r['bytes_per_iteration']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k, object()) == v for r in rows)}
+    lines += ["", f"Scale: {rows[0]['scale']}. Overrides of the scenario files that every run used (read from the runs' "
+                  f"own resolved scenarios): `{json.dumps(common)}`. Rows are `scenarios/{FAMILY_TASKS[task].name}/<row>.yaml` "
+                  "at capacity 1" + ("; `<row>-submodels` is the same file at the paper's capacities (1, 1/2, 1/4, 1/8, "
+                  "1/16, round-robin over the clients, the file's mask policy; v follows y's submodel)."
+                  if task in SUBMODEL_TASKS else ".")]
+    every = family_rows(task)
+    full = [row for row in every if not row.endswith(SUBMODELS) and row + SUBMODELS not in every]
+    skipped: dict[str, list[str]] = {}
+    for row, why in FAMILY_SKIPPED.get(task, {}).items():
+        skipped.setdefault(why, []).append(row)
+    lines += [f"Not in this table: {', '.join(names)}: {why}." for why, names in skipped.items()]
+    if task in SUBMODEL_TASKS:
+        lines.append(f"Capacity 1 only: {', '.join(full)} (FedMBO trains the full model; SLDBO and S3LDBO hold the full "
+                     "model on every node of the gossip network).")
+    else:
+        lines.append("Capacity 1 only, every row: on this task x is owned (each client is sent its own example weights "
+                     "whatever its capacity) and the linear classifier has no channel group, so the paper's capacities "
+                     "would repeat these runs byte for byte; submodels need `task.classifier: backbone`, beyond the CPU scale.")
+    lines.append(
+        "Protocol (Table II's): alpha and beta of every row from one grid and one budget, chosen on validation only "
+        f"(`{name}-sweep`; v_step, where a method has it, follows beta; FedNest's Neumann step is its file's). Rows run "
+        "the same number of iterations (no early stopping); cost columns are over all work sent, per iteration; a "
+        "round is one round of messages between the server and the clients (one phase).")
+    if task == "quadratic":
+        lines.append(
+            f"`iterations to x_error {target}`: the first evaluation (every iteration) at or below it, from the "
+            "run's records; rounds and bytes (sent and received, all clients) spent up to and including that "
+            "iteration. x_error = ||x - x*|| / ||x*|| is the oracle and reported only: validation is F(x) - F(x*), "
+            "which ranks runs as the upper objective F(x) does, and `x_error kept on F` is x_error at the "
+            "evaluation of lowest F. SLDBO and S3LDBO count per-edge traffic (what a peer-to-peer network sends).")
+    else:
+        lines.append(
+            "Test accuracy on the clean test set of the model kept on validation (the clients' clean validation "
+            "splits, pooled); flip precision and recall: of the examples that model's x down-weights (x_j < 0), "
+            "against the flipped ones, and the share down-weighted. FLOPs and bytes per iteration relative to FedMBO's.")
+    short = [r["cell"] for r in rows if r["status"] == "cut short"]
+    if short:
+        lines.append(f"Cut short (the process ended before the run did): {', '.join(short)}.")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def choose_step_sizes(rows: list[dict[str, Any]], cells: list[Cell], name: str, column: str,
                       scale: str) -> dict[str, Any]:
     """Each row's grid point with the best validation metric (the first in grid order on a tie),
@@ -641,8 +848,9 @@ def choose_step_sizes(rows: list[dict[str, Any]], cells: list[Cell], name: str, 
     if name == "lr-sweep":
         chosen["column"] = column
     for cell in cells:
-        value = by_label[cell.label]["kept_validation"]
-        if cell.row not in chosen["rows"] or value > chosen["validation"][cell.row]:
+        row = by_label[cell.label]
+        value, higher = row["kept_validation"], row.get("higher_is_better", True)
+        if cell.row not in chosen["rows"] or _score(value, higher) > _score(chosen["validation"][cell.row], higher):
             chosen["rows"][cell.row], chosen["validation"][cell.row] = cell.point, value
     if name == "lr-sweep":
         chosen["best_single_level"] = max(SINGLE_LEVEL_ROWS, key=lambda row: chosen["validation"][row])
@@ -654,22 +862,28 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
     """Every cell of the sweep: its step sizes, its best validation evaluation, and the value chosen per row."""
     by_label = {r["cell"]: r for r in rows}
     metric = rows[0]["validation_metric"].replace("val_", "validation ").replace("_", " ")
+    value = lambda v: _pct(v) if rows[0].get("higher_is_better", True) else _sci(v)  # noqa: E731
     lines = [f"# {title} ({rows[0]['scale']} scale)", "", f"| row | step sizes | best {metric} (iteration) | "
              f"{metric} at the end | end | chosen |", "| --- | --- | --- | --- | --- | --- |"]
     for cell in cells:
         r = by_label.get(cell.label)
         picked = chosen and chosen["rows"].get(cell.row) == cell.point
         steps = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in cell.point.items())
-        lines.append(f"| {cell.row} | {steps} | " + (f"{_pct(r['kept_validation'])} ({r['kept_iteration']}) | "
-                     f"{_pct(r['final_validation'])} | {r['iterations_run']} ({r['status']})" if r else "| | not run") +
+        lines.append(f"| {cell.row} | {steps} | " + (f"{value(r['kept_validation'])} ({r['kept_iteration']}) | "
+                     f"{value(r['final_validation'])} | {r['iterations_run']} ({r['status']})" if r else "| | not run") +
                      f" | {'**chosen**' if picked else ''} |")
-    budget = SWEEP_BUDGET[rows[0]["task"]]
+    task = rows[0]["task"]
+    budget = SWEEP_BUDGET[task]
+    scaled = "".join(f"; {k} takes the grid times {f:g}" for k, f in GRID_SCALE.get(task, {}).items())
     lines += ["", f"One grid for every step size ({', '.join(f'{v:g}' for v in GRID)}; a row with two step sizes "
-                  f"takes every pair) and one budget for every row (`{json.dumps(budget)}`); each point is judged on "
-                  "validation only (the test split is never read in a sweep). A row's chosen point is the one with the "
-                  "best validation evaluation (the first in grid order on a tie)."]
+                  f"takes every pair{scaled}) and one budget for every row (`{json.dumps(budget)}`); each point is "
+                  "judged on validation only (the test split is never read in a sweep). A row's chosen point is the one "
+                  "with the best validation evaluation (the first in grid order on a tie; a diverged run is the worst)."]
+    if task in VALIDATION:
+        lines.append(f"Validation on {task} is `{VALIDATION[task][0]}` = F(x) - F(x*), lower is better: the upper "
+                     "objective, which a user computes without x*; the oracle x_error is reported, never chosen on.")
     if chosen:
-        lines.append("Chosen: " + "; ".join(f"{row} {json.dumps(point)} ({_pct(chosen['validation'][row])})"
+        lines.append("Chosen: " + "; ".join(f"{row} {json.dumps(point)} ({value(chosen['validation'][row])})"
                                             for row, point in chosen["rows"].items()) + ".")
         if "best_single_level" in chosen:
             lines.append(f"Best single-level row on validation: {chosen['best_single_level']} (its `-full-only` row "
@@ -710,7 +924,9 @@ def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
 
 SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
               "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}",
-              "loss-tuning-sweep": "Step-size sweep, loss tuning", "scalability": "Scalability (Table III), {column}"}
+              "loss-tuning-sweep": "Step-size sweep, loss tuning", "scalability": "Scalability (Table III), {column}",
+              **{f"family-{task}": f"The federated bilevel family on {task}" for task in FAMILY_TASKS},
+              **{f"family-{task}-sweep": f"Step-size sweep, the family on {task}" for task in FAMILY_TASKS}}
 
 
 def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:

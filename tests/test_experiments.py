@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import subprocess
 
@@ -255,3 +256,128 @@ def test_a_key_added_since_a_run_at_its_default_is_no_difference():
         "algorithm.outer_steps": (None, 2)}
     assert experiments.scenario_diff(new, {"algorithm": {"name": "rabo", "alpha": 0.3}}) == {
         "algorithm.alpha": (0.1, 0.3), "algorithm.outer_steps": (1, None)}
+
+
+# ---------------------------------------------------------------------------- the family side by side (issue 15)
+
+TINY_QUADRATIC = {"algorithm.iterations": 6, "run.eval_every": 1, "run.patience": 0, "algorithm.inner_steps": 2,
+                  "task.channels": 4, "clients.num": 4}
+
+
+def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_and_read_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path)
+    sweep = experiments.cells_for("family-quadratic-sweep", "5w1s", None, "cpu", tmp_path / "sweep")
+    rows = {c.row for c in sweep}
+    partial = {r + "-submodels" for r in experiments.FAMILY_ROWS} - {"fedmbo-submodels", "sldbo-submodels", "s3ldbo-submodels"}
+    assert rows == set(experiments.FAMILY_ROWS) | partial  # the full-model rows take capacity 1 only
+    assert len(sweep) == 21 * 16 and all(c.scenario().run.final_test is False for c in sweep)
+    cell = next(c for c in sweep if c.label == "rafbo-submodels-alpha0.1-beta1")
+    scenario = cell.scenario()
+    assert (scenario.algorithm.name, scenario.algorithm.alpha, scenario.algorithm.beta) == ("rafbo", 0.1, 1.0)
+    assert scenario.clients.capacities == [1.0, 0.5, 0.25, 0.125, 0.0625] and scenario.algorithm.iterations == 40
+    full = next(c for c in sweep if c.label == "rabo-alpha1-beta0.03").scenario()
+    assert full.clients.capacities == [1.0]  # rabo.yaml's own profile is the paper's: the full row overrides it
+    assert next(c for c in sweep if c.label == "simfbo-alpha0.03-beta0.1").scenario().algorithm.v_step == 0  # follows beta
+
+    cleaning = experiments.cells_for("family-hyper-cleaning-sweep", "5w1s", None, "cpu", tmp_path / "hc")
+    # full capacity only; the gossip rows are left out (the table says why)
+    assert {c.row for c in cleaning} == set(experiments.FAMILY_ROWS) - {"sldbo", "s3ldbo"} and len(cleaning) == 10 * 16
+    assert {c.scenario().algorithm.alpha for c in cleaning} == {30.0, 100.0, 300.0, 1000.0}  # GRID times 1000
+    assert {c.scenario().algorithm.beta for c in cleaning} == set(experiments.GRID)
+    assert {c.scenario().task.name for c in cleaning} == {"hyper-cleaning"}
+    assert all(c.scenario().run.final_test is False for c in cleaning)
+
+    with pytest.raises(SystemExit, match="family-quadratic-sweep-cpu.yaml: no step sizes for row 'fedmbo'"):
+        experiments.cells_for("family-quadratic", "5w1s", None, "cpu", tmp_path / "set")
+    fake = [{"cell": c.label, "status": "budget", "kept_validation": 1.0 / (1 + i), "higher_is_better": False}
+            for i, c in enumerate(sweep)]
+    chosen = experiments.choose_step_sizes(fake, sweep, "family-quadratic-sweep", "5w1s", "cpu")
+    assert chosen["rows"]["rabo"] == {"algorithm.alpha": 1.0, "algorithm.beta": 1.0}  # lower is better: the last
+    (tmp_path / "family-quadratic-sweep-cpu.yaml").write_text(yaml.safe_dump(chosen))
+    cells = {c.label: c for c in experiments.cells_for("family-quadratic", "5w1s", None, "cpu", tmp_path / "set")}
+    assert set(cells) == rows
+    assert cells["shrofbo-submodels"].command == \
+        "python -m rabo_flwr.experiments family-quadratic --scale cpu --rows shrofbo-submodels"
+    s = cells["shrofbo-submodels"].scenario()
+    assert (s.algorithm.alpha, s.clients.capacities, s.clients.local_steps) == (1.0, [1.0, 0.5, 0.25, 0.125, 0.0625], [5, 4, 3, 2, 1])
+    assert (s.algorithm.iterations, s.run.eval_every, s.run.patience) == (150, 1, 0)
+
+
+def test_family_sweep_chooses_on_the_upper_objective_lower_is_better_and_a_diverged_run_is_the_worst():
+    cells = [experiments.Cell(f"rabo-{i}", experiments.FAMILY_TASKS["quadratic"] / "rabo.yaml", {}, "rabo",
+                              point={"algorithm.alpha": a}) for i, a in enumerate((0.03, 0.1, 0.3))]
+    rows = [{"cell": "rabo-0", "status": "budget", "kept_validation": float("nan"), "higher_is_better": False},
+            {"cell": "rabo-1", "status": "budget", "kept_validation": 2e-6, "higher_is_better": False},
+            {"cell": "rabo-2", "status": "budget", "kept_validation": 3e-6, "higher_is_better": False}]
+    chosen = experiments.choose_step_sizes(rows, cells, "family-quadratic-sweep", "5w1s", "cpu")
+    assert chosen["rows"]["rabo"] == {"algorithm.alpha": 0.1}
+
+
+def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_sweep_reads_no_test(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiments.SWEEP_BUDGET, "quadratic", TINY_QUADRATIC | {"run.final_test": False})
+    monkeypatch.setattr(experiments, "GRID", (0.1, 0.3))
+    monkeypatch.setattr(experiments, "FAMILY_ROWS", ["rabo", "fedmbo"])
+    monkeypatch.setattr(experiments, "TARGET_X_ERROR", 0.5)  # reached within the tiny budget
+    monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path / "step_sizes")
+    experiments.main(["family-quadratic-sweep", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "sweep"), "--publish"])
+    summary = {r["cell"]: r for r in json.loads((tmp_path / "sweep" / "family-quadratic-sweep.json").read_text())}
+    assert set(summary) == {f"{row}-alpha{a}-beta{b}" for row in ("rabo", "fedmbo", "rabo-submodels")
+                            for a in (0.1, 0.3) for b in (0.1, 0.3)}
+    for label, row in summary.items():
+        records = read_metrics(tmp_path / "sweep" / "runs" / label / "metrics.jsonl")
+        assert all(r["phase"] != "test" for r in records)  # a sweep never reads the test split
+        evals = [r for r in records if r["phase"] == "eval"]
+        phases = [r for r in records if r["phase"] not in ("eval", "test", "done")]
+        # the kept evaluation is the lowest F(x) - F(x*), never chosen on x_error
+        kept = min(evals, key=lambda r: r["suboptimality"])
+        assert (row["validation_metric"], row["kept_iteration"], row["test"]) == ("suboptimality", kept["iteration"], kept["x_error"])
+        # "to the target", by hand: the first evaluation at or below it, and every phase up to its iteration
+        first = [r["iteration"] for r in evals if r["x_error"] <= 0.5]
+        if first:
+            q = first[0]
+            assert row["iterations_to_target"] == q
+            assert row["rounds_to_target"] == sum(1 for r in phases if r["iteration"] <= q)
+            assert row["bytes_to_target"] == sum(r["bytes_down"] + r["bytes_up"] for r in phases if r["iteration"] <= q)
+        else:
+            assert row["iterations_to_target"] is row["rounds_to_target"] is row["bytes_to_target"] is None
+        assert row["rounds_per_iteration"] == len(phases) / 6 == 2  # rabo and fedmbo: inner and outer phase
+        assert row["final_x_error"] == evals[-1]["x_error"]
+    assert any(r["iterations_to_target"] is not None for r in summary.values())
+    chosen = yaml.safe_load((tmp_path / "step_sizes" / "family-quadratic-sweep-cpu.yaml").read_text())
+    for row in ("rabo", "fedmbo", "rabo-submodels"):
+        best = min((r for r in summary.values() if r["row"] == row), key=lambda r: r["kept_validation"])
+        assert chosen["rows"][row] == {"algorithm.alpha": best["scenario"]["algorithm"]["alpha"],
+                                       "algorithm.beta": best["scenario"]["algorithm"]["beta"]}
+    table = (tmp_path / "sweep" / "family-quadratic-sweep.md").read_text()
+    assert table.count("**chosen**") == 3 and "F(x) - F(x*)" in table
+
+    # the set reads the choices and writes the side-by-side table, with "not reached" where it was not
+    monkeypatch.setitem(experiments.SCALES["cpu"], "quadratic", TINY_QUADRATIC)
+    monkeypatch.setattr(experiments, "TARGET_X_ERROR", 1e-9)
+    experiments.main(["family-quadratic", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "set")])
+    rows = list(csv.DictReader(open(tmp_path / "set" / "family-quadratic.csv")))
+    assert {r["cell"] for r in rows} == {"rabo", "fedmbo", "rabo-submodels"}
+    assert all(float(r["bytes_vs_fedmbo"]) > 0 for r in rows)
+    table = (tmp_path / "set" / "family-quadratic.md").read_text()
+    assert table.count("not reached") == 3 * 3 and "Capacity 1 only: fedmbo (FedMBO" in table
+    assert (tmp_path / "set" / "family-quadratic_accuracy.png").is_file()
+
+
+def test_summaries_read_the_tasks_own_metrics(tmp_path):
+    """The metric names come from the task (main_metric, test_metric, higher_is_better), as the tables had them."""
+    for path, expected in ((experiments.PAPER / "table2" / "rabo.yaml", ("val_accuracy", True, "test_accuracy")),
+                           (experiments.PAPER / "losstuning" / "ce.yaml", ("val_balanced_accuracy", True, "balanced_accuracy")),
+                           (experiments.FAMILY_TASKS["hyper-cleaning"] / "rabo.yaml", ("val_accuracy", True, "test_accuracy")),
+                           (experiments.FAMILY_TASKS["quadratic"] / "rabo.yaml", ("suboptimality", False, "x_error"))):
+        assert experiments.validation_metric(experiments.load_scenario(path)) == expected
+
+
+def test_family_hyper_cleaning_columns_read_the_cleaning_scores_of_the_kept_model():
+    scenario = experiments.load_scenario(experiments.FAMILY_TASKS["hyper-cleaning"] / "fednest.yaml")
+    phases = [{"iteration": q, "bytes_down": 10 * q, "bytes_up": 1} for q in (1, 1, 2, 2, 2)]
+    test = {"test_accuracy": 0.4, "flip_precision": 0.6, "flip_recall": 0.5, "downweighted": 0.45}
+    row = experiments.family_columns(scenario, [], phases, test, 2)
+    assert (row["rounds_per_iteration"], row["bytes_per_iteration"]) == (2.5, (10 + 10 + 20 * 3 + 5) / 2)
+    assert (row["flip_precision"], row["flip_recall"], row["downweighted"]) == (0.6, 0.5, 0.45)
+    assert "iterations_to_target" not in row and row["capacities"] == [1.0] and row["alpha"] == 100.0
+    assert math.isnan(experiments.family_columns(scenario, [], phases, None, 2)["flip_recall"])  # cut short: no test
