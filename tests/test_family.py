@@ -302,21 +302,27 @@ def test_aggitd_and_memfbo_through_flower_give_the_plain_engines_records(tmp_pat
 # ---------------------------------------------------------------- through `flwr run` (Ray)
 
 
+def flwr_run_and_plain(home, tmp_path, config, supernodes):  # noqa: F811
+    """The records of ``config`` (a run config with its scenario file) through ``flwr run`` on
+    ``supernodes`` simulated SuperNodes, and through the plain engine: (flower, plain)."""
+    results = tmp_path / "results"
+    outcome = home.run(REPO, run_config=config | {"run.results_dir": str(results)},
+                       federation_config={"num-supernodes": supernodes, "client-resources-num-cpus": 1}, timeout=600)
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    overrides = {k: v for k, v in config.items() if k != "scenario"} | {"run.results_dir": str(tmp_path / "plain")}
+    plain = run_plain(load_scenario(REPO / config["scenario"], overrides), QUIET).records
+    return read_metrics(results / "metrics.jsonl"), plain
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("name,rounds", [("fednest", ["inner_grad", "inner", "ihgp_grad", "ihgp.1", "ihgp.2", "hypergrad"]),
                                          ("shrofbo", ["local"]), ("aggitd", ["local.1", "local.2"])])
 def test_family_through_flwr_run_matches_the_plain_engine(home, tmp_path, name, rounds):  # noqa: F811
     """The scenario file as a user runs it, shrunk: Flower's simulation engine routes train.<kind> messages
     (FedNest's numbered Neumann rounds travel as train.ihgp) and the server's own variables travel with them."""
-    config = {"scenario": f"scenarios/quadratic/{name}.yaml", "algorithm.iterations": 2, "clients.num": 3,
-              "algorithm.neumann_terms": 2, "run.eval_every": 1}
-    results = tmp_path / "results"
-    outcome = home.run(REPO, run_config=config | {"run.results_dir": str(results)},
-                       federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1}, timeout=600)
-    assert outcome.status == "finished:completed", outcome.log[-3000:]
-    flower = read_metrics(results / "metrics.jsonl")
-    plain = run_plain(load_scenario(REPO / config.pop("scenario"), config | {"run.results_dir": str(tmp_path / "plain")}),
-                      QUIET).records
+    flower, plain = flwr_run_and_plain(home, tmp_path, {
+        "scenario": f"scenarios/quadratic/{name}.yaml", "algorithm.iterations": 2, "clients.num": 3,
+        "algorithm.neumann_terms": 2, "run.eval_every": 1}, supernodes=3)
     trained = lambda records: [r for r in records if "clients_sent" in r]  # noqa: E731
     assert [(r["iteration"], r["phase"]) for r in trained(flower)] == [(q, p) for q in (1, 2) for p in rounds]
     for f, p in zip(trained(flower), trained(plain)):

@@ -14,10 +14,10 @@ import torch
 from rabo_flwr.algorithms.sldbo import project, refreshes
 from rabo_flwr.gossip import connected, directed_edges, edge_bytes, mixing_matrix, torus_shape
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
-from rabo_flwr.results import read_metrics
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
 from strategies import Decentralised, strategy_for
+from tests.test_family import flwr_run_and_plain
 from tests.test_flower_e2e import home  # noqa: F401 - a fixture
 from tests.test_quadratic import last_eval, run, small
 from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
@@ -315,15 +315,9 @@ def test_gossip_through_flower_gives_the_plain_engines_records(tmp_path, one_thr
 def test_s3ldbo_through_flwr_run_matches_the_plain_engine(home, tmp_path):  # noqa: F811
     """The scenario file as a user runs it, shrunk: Flower's simulation engine relays the nodes' messages
     (only those of the nodes whose snapshot is refreshed after the first iteration)."""
-    config = {"scenario": "scenarios/quadratic/s3ldbo.yaml", "algorithm.iterations": 3, "clients.num": 4,
-              "run.eval_every": 1}
-    results = tmp_path / "results"
-    outcome = home.run(REPO, run_config=config | {"run.results_dir": str(results)},
-                       federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1}, timeout=600)
-    assert outcome.status == "finished:completed", outcome.log[-3000:]
-    flower = read_metrics(results / "metrics.jsonl")
-    plain = run_plain(load_scenario(REPO / config.pop("scenario"), config | {"run.results_dir": str(tmp_path / "plain")}),
-                      QUIET).records
+    flower, plain = flwr_run_and_plain(home, tmp_path, {
+        "scenario": "scenarios/quadratic/s3ldbo.yaml", "algorithm.iterations": 3, "clients.num": 4,
+        "run.eval_every": 1}, supernodes=2)
     trained = lambda records: [r for r in records if r["phase"] == "local"]  # noqa: E731
     assert len(trained(flower)) == 3
     for f, p in zip(trained(flower), trained(plain)):
