@@ -300,7 +300,7 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
             continue
         task = load_scenario(path).task.name
         sweep = SWEEP_BUDGET[task] if name.endswith("sweep") else {}
-        overrides = SCALES[scale][task] | sweep | extra | (extra_overrides or {})
+        overrides = WAIT_FOR_EVERY_CLIENT | SCALES[scale][task] | sweep | extra | (extra_overrides or {})
         published = None if fresh else PUBLISHED / scale / set_name(name, column) / "runs" / label
         cells.append(Cell(label, path, overrides | {"run.results_dir": str(out / "runs" / label)}, row,
                           _command(name, column, scale, label, extra_overrides or {}), point, published))
@@ -326,7 +326,13 @@ def _command(name: str, column: str, scale: str, label: str, overrides: dict[str
 # ---------------------------------------------------------------------------- running cells
 
 
-IGNORED_KEYS = ("run.resume", "run.results_dir")  # how and where a run was started, not what it computes
+# How and where a run was started, not what it computes. The phase timeout changes a number only when a
+# client is late, and a cell never is: the harness waits for every client (WAIT_FOR_EVERY_CLIENT).
+IGNORED_KEYS = ("run.resume", "run.results_dir", "run.phase_timeout")
+# A late client is dropped by wall time, so a loaded or paused machine would change a cell's numbers (it
+# did: two cells of 2026-12-03, paused for a CI run, dropped a client at 600 s and were rerun); a set's
+# cells wait a day for every reply, so their numbers depend on the scenario and seed alone.
+WAIT_FOR_EVERY_CLIENT = {"run.phase_timeout": 86400.0}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -521,7 +527,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "flops_per_iteration": sum(r["flops"] for r in phases) / max(1, last),
         "wall_time": sum(r["wall_time"] for r in phases) + sum(r.get("eval_time", 0.0) for r in evals),
         # what the run used, read from its own resolved scenario (not from the calling command)
-        "overrides": {k: new for k, (_, new) in scenario_diff(file_scenario, saved).items() if k != "run.results_dir"},
+        "overrides": {k: used for k, (used, _) in scenario_diff(saved, file_scenario).items()},
         "curve": [(r["iteration"], r[val_key], r.get(f"{val_key}_se", 0.0)) for r in evals],
         "command": _cell_info(directory).get("command", cell.command),
         "invocations": _cell_info(directory).get("invocations", []),
@@ -716,8 +722,9 @@ def _plot_hyperparameters(name, rows, out, title):
 
 def _write_markdown(name, rows, out, title, paper_column):
     metric = rows[0]["metric"].replace("_", " ")
+    metric = metric if metric.startswith("test") else f"test {metric}"
     lines = [f"# {title} ({rows[0]['scale']} scale)", ""]
-    header = ["row", f"test {metric} ± SE", "kept at iteration (validation)", "iterations run (end)",
+    header = ["row", f"{metric} ± SE", "kept at iteration (validation)", "iterations run (end)",
               "examples to kept", "FLOPs to kept", "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "C_x*", "wasted FLOPs", "rejected"]
     if paper_column is not None:
         header.insert(1, "paper")
@@ -739,7 +746,7 @@ def _write_markdown(name, rows, out, title, paper_column):
     lines += ["", f"Scale: {rows[0]['scale']}. Overrides of the scenario files that every run used (read from the runs' "
                   f"own resolved scenarios): `{json.dumps(common)}`."]
     own = {r["cell"]: {k: v for k, v in r["overrides"].items() if k not in common} for r in rows}
-    lines.append("Each row's own overrides: " + "; ".join(f"{c} `{json.dumps(o)}`" for c, o in own.items() if o) + ".")
+    lines.append("Each row's own overrides: " + ("; ".join(f"{c} `{json.dumps(o)}`" for c, o in own.items() if o) or "none") + ".")
     lines.append(
         "Protocol: every choice reads validation (held-out data, never the test split): early stopping, the model "
         "kept (the best validation evaluation) and the step sizes (the sweep). The test number is read once per run, "
@@ -747,7 +754,8 @@ def _write_markdown(name, rows, out, title, paper_column):
         "(one episode per client in few-shot learning; the `-full-only` rows train only the capacity-1 clients), so "
         "rows are compared at the model each kept, with the FLOPs and the distinct examples (all clients) spent to "
         "reach it; the accuracy-against-FLOPs plot compares them at equal FLOPs. Cost ratios are per global "
-        "iteration, over all work sent (rejected and failed replies included; `wasted FLOPs` is that part); "
+        "iteration, over all work sent (rejected and failed replies included; `wasted FLOPs` is that part; every "
+        "cell waits for every client's reply, so no client is dropped as late); "
         "SE = standard error over the test episodes.")
     short = [r["cell"] for r in rows if r["status"] == "cut short"]
     if short:
