@@ -82,7 +82,7 @@ PAPER_TABLE2 = {  # arXiv 2512.24667, Table II (ResNet12, 10 clients)
 PAPER_COST = {"rabo": 0.267, "rafbo": 0.178}  # FLOPs relative to FedMBO (Fig. 4); bytes: 0.267 for both
 LOSS_TUNING_ROWS = ["ce", "ce-full", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
 
-# The federated bilevel family side by side (issue 15): every server-based algorithm on the two tasks
+# The federated bilevel family side by side (issue 15): every algorithm on the two tasks
 # with checkable answers, one set (and one sweep) per task: ``family-<task>`` and ``family-<task>-sweep``.
 # A row is a file of the task's folder (``rabo-curvature``: RABO with the curvature-aware estimator) at
 # full capacity; ``<row>-submodels`` is the same at the paper's capacities (round-robin over the clients).
@@ -90,11 +90,6 @@ FAMILY_TASKS = {"quadratic": APP_DIR / "scenarios" / "quadratic", "hyper-cleanin
 FAMILY_ROWS = ["fedmbo", "rabo", "rafbo", "rabo-curvature", "fednest", "lfednest", "simfbo", "shrofbo", "aggitd",
                "memfbo", "sldbo", "s3ldbo"]
 SUBMODELS = "-submodels"
-# Rows a task's set leaves out, and why (the table says so).
-FAMILY_SKIPPED = {"hyper-cleaning": {
-    row: "the gossip engine does not take hyper-cleaning's owned x yet (each node replies with the whole x, "
-         "4,001 weights, where its own block of about 800 is expected, so every reply is rejected)"
-    for row in ("sldbo", "s3ldbo")}}
 PAPER_CAPACITIES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 # Tasks whose rows also run at the paper's capacities. Not hyper-cleaning at CPU scale: x is owned (each
 # client is sent its own example weights whatever its capacity) and the linear classifier has no channel
@@ -168,15 +163,14 @@ def family_task(name: str) -> str | None:
 
 
 def family_rows(task: str) -> list[str]:
-    """A family set's rows: every algorithm at full capacity (but :data:`FAMILY_SKIPPED`), then at the paper's
+    """A family set's rows: every algorithm at full capacity, then at the paper's
     capacities where the task has submodels and the algorithm takes them (not FedMBO, SLDBO, S3LDBO: they
     train the full model)."""
     from .algorithms import ALGORITHMS
 
-    full = [row for row in FAMILY_ROWS if row not in FAMILY_SKIPPED.get(task, {})]
     partial = [] if task not in SUBMODEL_TASKS else [
-        row + SUBMODELS for row in full if not ALGORITHMS[load_scenario(FAMILY_TASKS[task] / f"{row}.yaml").algorithm.name].full_model]
-    return [*full, *partial]
+        row + SUBMODELS for row in FAMILY_ROWS if not ALGORITHMS[load_scenario(FAMILY_TASKS[task] / f"{row}.yaml").algorithm.name].full_model]
+    return [*FAMILY_ROWS, *partial]
 
 
 def _family_row_file(task: str, row: str) -> tuple[Path, dict[str, Any]]:
@@ -809,17 +803,15 @@ def _write_family_markdown(name, rows, out, title):
                   if task in SUBMODEL_TASKS else ".")]
     every = family_rows(task)
     full = [row for row in every if not row.endswith(SUBMODELS) and row + SUBMODELS not in every]
-    skipped: dict[str, list[str]] = {}
-    for row, why in FAMILY_SKIPPED.get(task, {}).items():
-        skipped.setdefault(why, []).append(row)
-    lines += [f"Not in this table: {', '.join(names)}: {why}." for why, names in skipped.items()]
     if task in SUBMODEL_TASKS:
         lines.append(f"Capacity 1 only: {', '.join(full)} (FedMBO trains the full model; SLDBO and S3LDBO hold the full "
                      "model on every node of the gossip network).")
     else:
         lines.append("Capacity 1 only, every row: on this task x is owned (each client is sent its own example weights "
                      "whatever its capacity) and the linear classifier has no channel group, so the paper's capacities "
-                     "would repeat these runs byte for byte; submodels need `task.classifier: backbone`, beyond the CPU scale.")
+                     "would repeat these runs byte for byte; submodels need `task.classifier: backbone`, beyond the CPU scale. "
+                     "SLDBO's and S3LDBO's nodes each hold their own block of x, which no other node holds (its mixing is "
+                     "the identity), and the whole classifier, mixed with the files' W (a ring).")
     lines.append(
         "Protocol (Table II's): alpha and beta of every row from one grid and one budget, chosen on validation only "
         f"(`{name}-sweep`; v_step, where a method has it, follows beta; FedNest's Neumann step is its file's). Rows run "

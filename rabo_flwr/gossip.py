@@ -24,9 +24,18 @@ be square of size n, nonnegative, with rows and columns summing to 1 (to 1e-9) a
 (its nonzero pattern); symmetric is not required. :func:`mixing_problem` returns the first
 violation as (key, message), which the scenario loader turns into one line naming the file and key.
 
-Traffic (:func:`edge_bytes`): on a peer-to-peer network node j sends what it mixes to each i with
-w_ij != 0, i != j; the bytes of one mixing are the number of such directed edges times the bytes
-of the vectors sent (a ring of n nodes: 2n edges).
+Elements with one holder (:func:`mix` with ``held``): a node mixes an element only with the
+neighbours that hold it, and keeps the weight of a neighbour that does not,
+z_i <- z_i + sum_{j != i, j holds it} w_ij (z_j - z_i). Where every node holds the element this is
+W; where exactly one node holds it (hyper-cleaning's per-example weights, ``Layout.owners``) it is
+the identity: no other node has a copy to agree with. These are the only two cases a decentralised
+method meets (every node trains the full model, and owned index sets are disjoint), and both
+matrices are doubly stochastic, so gradient tracking keeps its invariant element by element.
+
+Traffic (:func:`edge_bytes`): on a peer-to-peer network node j sends each i with w_ij != 0, i != j,
+the elements of what it mixes that i holds too; the bytes of one mixing are those summed over the
+directed edges (a ring of n nodes whose nodes hold the same vectors: 2n edges times their bytes; an
+element with one holder is never sent).
 """
 
 from __future__ import annotations
@@ -157,9 +166,15 @@ def mixing_matrix(scenario: "Scenario") -> torch.Tensor:
     return metropolis(n, edges(n) if edges else erdos_renyi_edges(n, algo.edge_probability, scenario.seed))
 
 
-def mix(W: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """W applied along the leading node dimension: row i is sum_j w_ij stacked[j]."""
-    return torch.tensordot(W.to(stacked.dtype), stacked, dims=1)
+def mix(W: torch.Tensor, stacked: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
+    """W applied along the leading node dimension: row i is sum_j w_ij stacked[j]. ``held`` (bool, the
+    shape of ``stacked``: which node holds which element; None: every node all of them) restricts each
+    element's mixing to its holders (the module docstring); an element a node does not hold keeps its value."""
+    W = W.to(stacked.dtype)
+    if held is None:
+        return torch.tensordot(W, stacked, dims=1)
+    h = held.to(stacked.dtype)
+    return stacked + h * (torch.tensordot(W, h * stacked, dims=1) - torch.tensordot(W, h, dims=1) * stacked)
 
 
 def directed_edges(W: torch.Tensor) -> int:
@@ -169,6 +184,9 @@ def directed_edges(W: torch.Tensor) -> int:
     return int((off != 0).sum())
 
 
-def edge_bytes(W: torch.Tensor, bytes_per_node: int) -> int:
-    """Bytes one mixing sends over a peer-to-peer network: every node's vectors to each of its neighbours."""
-    return directed_edges(W) * bytes_per_node
+def edge_bytes(W: torch.Tensor, shared: int | torch.Tensor) -> int:
+    """Bytes one mixing sends over a peer-to-peer network: on each directed edge j -> i, the bytes of the
+    elements both nodes hold, ``shared`` (one number for every pair, or an n x n tensor of them)."""
+    edges = W != 0
+    edges.fill_diagonal_(False)
+    return int((edges.long() * torch.as_tensor(shared, dtype=torch.long)).sum())

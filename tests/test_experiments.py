@@ -303,8 +303,9 @@ def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_a
     assert next(c for c in sweep if c.label == "simfbo-alpha0.03-beta0.1").scenario().algorithm.v_step == 0  # follows beta
 
     cleaning = experiments.cells_for("family-hyper-cleaning-sweep", "5w1s", None, "cpu", tmp_path / "hc")
-    # full capacity only; the gossip rows are left out (the table says why)
-    assert {c.row for c in cleaning} == set(experiments.FAMILY_ROWS) - {"sldbo", "s3ldbo"} and len(cleaning) == 10 * 16
+    # full capacity only, every row, the gossip rows included (their nodes hold their own blocks of the owned x)
+    assert {c.row for c in cleaning} == set(experiments.FAMILY_ROWS) and len(cleaning) == 12 * 16
+    assert all(c.scenario().clients.capacities == [1.0] for c in cleaning)
     assert {c.scenario().algorithm.alpha for c in cleaning} == {30.0, 100.0, 300.0, 1000.0}  # GRID times 1000
     assert {c.scenario().algorithm.beta for c in cleaning} == set(experiments.GRID)
     assert {c.scenario().task.name for c in cleaning} == {"hyper-cleaning"}

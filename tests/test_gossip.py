@@ -1,7 +1,8 @@
 """The gossip engine (rabo_flwr/gossip.py) and the decentralised methods on it, SLDBO and S3LDBO
 (rabo_flwr/algorithms/sldbo.py): mixing matrices, per-edge traffic, one iteration against a hand computation,
-several against an independent recursion, the reduction to SimFBO under W = (1/n) 11', convergence on the
-quadratic task, checkpoints, and the Flower message path giving the plain engine's records."""
+several against an independent recursion, the reduction to SimFBO under W = (1/n) 11' (on hyper-cleaning too,
+whose x is owned: each node holds, is sent and steps its own block), convergence on the quadratic task,
+checkpoints, and the Flower message path giving the plain engine's records."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rabo_flwr.algorithms.sldbo import project, refreshes
-from rabo_flwr.gossip import connected, directed_edges, edge_bytes, mixing_matrix, torus_shape
+from rabo_flwr.algorithms.sldbo import holdings, project, refreshes, shared_bytes
+from rabo_flwr.gossip import connected, directed_edges, edge_bytes, mix, mixing_matrix, torus_shape
 from rabo_flwr.loop import PlainRunner, TrainingLoop, run_plain
+from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.tasks.quadratic import ClientProblem, QuadraticTask
 from strategies import Decentralised, strategy_for
 from tests.test_family import flwr_run_and_plain
 from tests.test_flower_e2e import home  # noqa: F401 - a fixture
+from tests.test_hyper_cleaning import tiny
 from tests.test_quadratic import last_eval, run, small
 from tests.test_strategy import one_thread, run_flower, stable  # noqa: F401 - one_thread is a fixture
 
@@ -112,6 +115,53 @@ def test_a_ring_sends_two_n_times_the_vectors_of_a_node(tmp_path):
     assert [r["bytes_p2p"] for r in records if r["phase"] == "local"] == [2 * n * per_node] * 2
     # the relay's own traffic: each node is sent x, y and v and replies d^x, d^y and d^v
     assert records[1]["bytes_down"] == records[1]["bytes_up"] == n * per_node // 2
+
+
+def test_an_element_is_mixed_among_its_holders_only_and_sent_only_between_them():
+    """Path 0 - 1 - 2 (PATH_W), three elements: the first held by every node (W itself), the second by node 1
+    alone (the identity: an owned element), the third by nodes 0 and 1 (each keeps the weight of a neighbour that
+    does not hold it: 4 + (8 - 4) / 3 = 16/3 and 8 + (4 - 8) / 3 = 20/3, their sum kept). An element a node does
+    not hold keeps its value. Traffic: edge 0 - 1 carries two elements each way, edge 1 - 2 one: 6 x 4 bytes."""
+    W = torch.tensor(PATH_W, dtype=DT)
+    Z = torch.tensor([[1.0, 10.0, 4.0], [2.0, 20.0, 8.0], [3.0, 30.0, 100.0]], dtype=DT)
+    held = torch.tensor([[True, False, True], [True, True, True], [True, False, False]])
+    expected = [[4 / 3, 10.0, 16 / 3], [2.0, 20.0, 20 / 3], [8 / 3, 30.0, 100.0]]
+    assert torch.allclose(mix(W, Z, held), torch.tensor(expected, dtype=DT), rtol=0, atol=1e-12)
+    assert torch.allclose(mix(W, Z, torch.ones(3, 3, dtype=torch.bool)), mix(W, Z), atol=1e-12)
+    assert edge_bytes(W, shared_bytes({"z": Z.float()}, {"z": held})) == 6 * 4
+    assert edge_bytes(W, shared_bytes({"z": Z.float()}, {"z": None})) == 4 * 3 * 4  # 4 directed edges, 3 elements
+
+
+def test_on_hyper_cleaning_each_node_is_sent_and_steps_its_own_block_of_x_only(tmp_path):
+    """Hyper-cleaning's x has one weight per training example, each node's block its own (``Layout.owners``):
+    a node is sent its block (as a server-based method's client is), its reply is accepted, and its block steps
+    alone, x_i <- x_i - alpha d^x_i (one holder: mixing is the identity, the tracker is the direction), while
+    the rest of its row is never touched. Two iterations: at the first v = 0, so d^x = 0 (f does not read x) and
+    x moves at the second only, by alpha times that iteration's d^x_i. Node 2 fails at the second: its block keeps
+    its value. x never travels between nodes."""
+    path = tiny(tmp_path, algorithm={"name": "sldbo", "topology": "ring", "iterations": 2, "alpha": 100.0},
+                run={"eval_every": 0, "final_test": False,
+                     "faults": [{"partition": 2, "phase": "local", "iterations": [2], "kind": "raise"}]})
+    scenario = load_scenario(path)
+    result = run_plain(scenario, QUIET)
+    first, local = [r for r in result.records if r["phase"] == "local"]
+    assert (first["clients_aggregated"], first["rejected"]) == (4, 0)
+    assert (local["clients_sent"], local["clients_aggregated"], local["failures"], local["rejected"]) == (4, 3, 1, 0)
+    task = cached_task(scenario)
+    owners = next(iter(task.x_layout.owners.values()))
+    (name,) = result.state.x
+    x0 = task.init_tensors(scenario.seed)[0][name]
+    X, D = result.state.nodes["x"][name], result.state.nodes["dx"][name]
+    for i, own in enumerate(owners):
+        elsewhere = torch.ones(len(x0), dtype=torch.bool)
+        elsewhere[own] = False
+        assert torch.equal(X[i][elsewhere], x0[elsewhere]) and not D[i][elsewhere].any()
+        assert torch.allclose(X[i][own], x0[own] - 100.0 * D[i][own], rtol=0, atol=1e-6)
+        assert bool((X[i][own] != x0[own]).any()) == (i != 2)
+        assert torch.equal(result.state.x[name][own], X[i][own])
+    y_bytes = sum(t.numel() * t.element_size() for t in result.state.y.values())
+    assert local["bytes_p2p"] == 2 * 8 * (2 * y_bytes)  # a ring of 4: 8 directed edges; y and v only
+    assert local["bytes_down"] == sum(len(own) * 4 + 2 * y_bytes for own in owners)  # each node its own block
 
 
 def test_projection_keeps_each_nodes_v_in_its_ball():
@@ -241,18 +291,34 @@ def test_several_iterations_with_a_failing_node_match_the_recursion(tmp_path, na
 # ---------------------------------------------------------------- the federated counterpart
 
 
-@pytest.mark.parametrize("mixing", [{"topology": "complete"}, {"topology": "matrix", "mixing": [[0.25] * 4] * 4}])
-def test_with_the_averaging_matrix_sldbo_is_simfbo_with_one_local_step(tmp_path, mixing):
+REDUCTIONS = {  # task -> (its 4-client scenario for the algorithm section given, step sizes and iterations)
+    "quadratic": (lambda tmp_path, algorithm: small(tmp_path, task={"hessian_heterogeneity": 0.3}, algorithm=algorithm),
+                  {"iterations": 15, "alpha": 0.1, "beta": 0.5, "v_step": 0.4}),
+    "hyper-cleaning": (lambda tmp_path, algorithm: tiny(tmp_path, algorithm=algorithm,
+                                                        run={"eval_every": 0, "final_test": False}),
+                       {"iterations": 3, "alpha": 100.0, "beta": 0.1, "v_step": 0.1}),
+}
+
+
+@pytest.mark.parametrize("task,mixing", [("quadratic", {"topology": "complete"}),
+                                         ("quadratic", {"topology": "matrix", "mixing": [[0.25] * 4] * 4}),
+                                         ("hyper-cleaning", {"topology": "complete"})])
+def test_with_the_averaging_matrix_sldbo_is_simfbo_with_one_local_step(tmp_path, task, mixing):
     """W = (1/n) 11': every node holds the average after each mixing, so each iteration is one SOBA step on the
-    mean functions at the common point: SimFBO with one local step and the same alpha, beta and v_step."""
-    common = {"iterations": 15, "alpha": 0.1, "beta": 0.5, "v_step": 0.4, "inner_steps": 1}
-    _, gossip = run(small(tmp_path / "g", task={"hessian_heterogeneity": 0.3}, algorithm={"name": "sldbo", **mixing, **common}))
-    _, simfbo = run(small(tmp_path / "s", task={"hessian_heterogeneity": 0.3}, algorithm={"name": "simfbo", **common}))
+    mean functions at the common point: SimFBO with one local step and the same alpha, beta and v_step. On
+    hyper-cleaning x is owned: each node steps its own block alone (one holder: the identity), SimFBO's
+    coverage-counted step of an element of count 1; every node agrees with SimFBO on what it holds."""
+    scenario, steps = REDUCTIONS[task]
+    common = {**steps, "inner_steps": 1}
+    _, gossip = run(scenario(tmp_path / "g", {"name": "sldbo", **mixing, **common}))
+    _, simfbo = run(scenario(tmp_path / "s", {"name": "simfbo", **common}))
+    held = holdings(gossip, 4)
     for side in ("x", "y", "v"):
-        (name,) = simfbo.tensors[side]
-        assert torch.allclose(gossip.tensors[side][name], simfbo.tensors[side][name], atol=1e-5), side
-        (stacked,) = gossip.nodes[side].values()
-        assert torch.allclose(stacked, simfbo.tensors[side][name].expand_as(stacked), atol=1e-5), side  # every node
+        for name, expected in simfbo.tensors[side].items():
+            assert torch.allclose(gossip.tensors[side][name], expected, atol=1e-5), side
+            stacked, every = gossip.nodes[side][name], expected.expand_as(gossip.nodes[side][name])
+            mask = torch.ones_like(stacked, dtype=torch.bool) if held[side][name] is None else held[side][name]
+            assert torch.allclose(stacked[mask], every[mask], atol=1e-5), side  # every node, on what it holds
 
 
 # ---------------------------------------------------------------- convergence

@@ -26,6 +26,20 @@ CPU = torch.device("cpu")
 TINY = {"task.train_subsample": 0.02, "task.test_subsample": 0.05, "clients.num": 4}  # 1,000 images, 200 a client
 
 
+def tiny(tmp_path: Path, **sections) -> Path:
+    """base.yaml at TINY's size with the given sections' keys set, results under tmp_path; written to tmp_path."""
+    data: dict = {"base": str(BASE), "run": {"results_dir": str(tmp_path / "results")}}
+    for key, value in TINY.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def task():
     return cached_task(load_scenario(BASE, TINY))
@@ -181,9 +195,7 @@ def test_flower_message_path_gives_the_plain_engines_records(tmp_path, one_threa
     clients sampled in one iteration: the Flower path and the plain engine agree, and the weights of
     the clients not sampled keep their initial value."""
     overrides = {**TINY, "algorithm.iterations": 1, "clients.fraction": 0.5}
-    path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump({"base": str(BASE), "run": {"results_dir": str(tmp_path / "flower")}}))
-    flower = run_flower(path, overrides, num_nodes=4)
+    flower = run_flower(tiny(tmp_path / "flower"), overrides, num_nodes=4)
     result = run_plain(load_scenario(BASE, {**overrides, "run.results_dir": str(tmp_path / "plain")}),
                        logging.getLogger("quiet"))
     assert stable(flower) == stable(result.records)

@@ -44,6 +44,21 @@ SOBA step on the mean functions per iteration, which is ``simfbo`` with one loca
 (``inner_steps: 1``) and the same alpha, beta and v_step (without projection). ``sldbo`` is
 therefore compared with SimFBO, its federated counterpart (a test checks x, y and v agree).
 
+Owned elements (``Layout.owners``: hyper-cleaning's x, one weight per training example, each node's
+own block): a node holds the whole model except the owned groups, of which it holds its own index
+set (:func:`node_plan`), the block a server-based method sends the same client. Node i keeps, is
+sent, and steps only its block of x, and W acts on an element among its holders only
+(``gossip.mix`` with ``held``): an owned element has one holder, so its mixing is the identity, its
+tracker is its holder's current direction (s = s + d - d_prev with s and d starting at 0) and the
+block steps x_i <- x_i - alpha d^x_i(x_i, y_i, v_i), while y, v and their trackers are mixed with W
+as above. Why this is right: an element with one holder has no copy elsewhere, so there is no
+consensus to reach and the average over its holders of the directions is the holder's own. Under
+W = (1/n) 11' the reduction above still holds: y_i and v_i are the averages at every node, and the
+owned block steps by alpha d^x_i at (x_i, y_bar, v_bar), which is SimFBO's coverage-counted step of
+an element of count 1 (its holder's reply); a test checks it on hyper-cleaning. That step is n times
+the gradient of F = (1/n) sum_i f_i in those coordinates (F's is (1/n) d^x_i), the same uniform
+scaling the server-based methods take, so alpha means the same in every row of the family.
+
 Rounds: one message round per iteration (``local``): the server sends node i its (x_i, y_i, v_i)
 and receives its (d^x_i, d^y_i, d^v_i); the server holds every node's state and applies W, in the
 plain engine and under Flower alike (the SuperLink relays; the nodes never talk to each other).
@@ -60,9 +75,13 @@ follow the node), and a checkpoint of the server then holds the whole run. State
 directions last absorbed d^x, d^y, d^v (stacked over the nodes), initialised at the first
 iteration from the global x_0, y_0 and v = 0; the global x, y and v (a persistent side) are set to
 the node averages after every iteration, and the evaluation's ``x_error`` is that of the node
-average of x. Each record has ``consensus_x``, ``consensus_y`` (||X - 1 x_bar|| / ||1 x_bar||),
-``bytes_p2p`` and ``directions_reused`` (nodes whose previous directions were used). Clients keep
-nothing. Submodels: none (the full model on every node, capacity 1).
+average of x (for an owned element, its holder's value). A node's row of an owned tensor is
+full-sized; the elements it does not hold stay at their start and are neither sent nor mixed. Each
+record has ``consensus_x``, ``consensus_y`` (||X - 1 x_bar|| / ||1 x_bar|| over the elements each
+node holds: an owned element adds nothing to the spread), ``bytes_p2p`` (on each edge the elements
+both nodes hold: an owned block never travels) and ``directions_reused`` (nodes whose previous
+directions were used). Clients keep nothing. Submodels: none (the full model on every node,
+capacity 1), owned groups aside.
 """
 
 from __future__ import annotations
@@ -74,6 +93,7 @@ import torch
 
 from ..gossip import edge_bytes, mix, mixing_matrix
 from ..protocol import LOCAL
+from ..submodel import Plan, open_index, scatter_into, slice_tensors
 from .base import Algorithm, Phase, Side
 from .simfbo import local_directions, v_step
 
@@ -89,6 +109,41 @@ def refreshes(scenario: "Scenario", iteration: int, partition: int) -> bool:
     """S3LDBO's coin: whether ``partition`` refreshes its snapshot (computes its directions) at ``iteration``."""
     coin = np.random.default_rng([scenario.seed, iteration, partition, 4_242]).random()
     return bool(coin < scenario.algorithm.snapshot_probability)
+
+
+def node_plan(state: "ServerState", partition: int) -> Plan:
+    """What node ``partition`` holds: every tensor whole (the full model) but the groups a layout gives to
+    data partitions (``Layout.owners``), of which its own index set: the plan the loop builds for it at
+    capacity 1, so its replies pass the loop's shape checks."""
+    return {group: owned[partition] for layout in state.layouts.values() for group, owned in layout.owners.items()}
+
+
+def holdings(state: "ServerState", n: int) -> dict[str, dict[str, torch.Tensor | None]]:
+    """Per variable and tensor, which node holds which element ((n, *shape) bool), or None where every
+    node holds the whole tensor (no dimension in an owned group)."""
+    plans = [node_plan(state, i) for i in range(n)]
+    out: dict[str, dict[str, torch.Tensor | None]] = {}
+    for w in VARIABLES:
+        dims = state.layout(w).dims
+        out[w] = {}
+        for name, t in state.tensors[w].items():
+            if not any(group in plans[0] for group in dims[name] if group):
+                out[w][name] = None
+                continue
+            held = torch.zeros(n, *t.shape, dtype=torch.bool)
+            for i, plan in enumerate(plans):
+                held[i][open_index(dims[name], t.shape, plan)] = True
+            out[w][name] = held
+    return out
+
+
+def node_mean(stacked: torch.Tensor, held: torch.Tensor | None, previous: torch.Tensor) -> torch.Tensor:
+    """Each element's average over the nodes that hold it (``previous`` where none does)."""
+    if held is None:
+        return stacked.mean(0)
+    h = held.to(stacked.dtype)
+    count = h.sum(0)
+    return torch.where(count > 0, (h * stacked).sum(0) / count.clamp_min(1), previous)
 
 
 def init_nodes(state: "ServerState", n: int) -> None:
@@ -113,11 +168,30 @@ def project(stacked: Mapping[str, torch.Tensor], radius: float) -> dict[str, tor
     return {name: t * scale.reshape(n, *[1] * (t.dim() - 1)).to(t.dtype) for name, t in stacked.items()}
 
 
-def consensus(stacked: Mapping[str, torch.Tensor]) -> float:
-    """||Z - 1 z_bar|| / ||1 z_bar|| over every tensor (0 when the average is zero and the rows agree)."""
-    spread = sum(float((t - t.mean(0)).double().pow(2).sum()) for t in stacked.values()) ** 0.5
-    size = sum(float(t.mean(0).double().pow(2).sum()) * t.shape[0] for t in stacked.values()) ** 0.5
+def consensus(stacked: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor | None]) -> float:
+    """||Z - 1 z_bar|| / ||1 z_bar|| over every tensor's held elements, z_bar the holders' average (0 when
+    the average is zero and the holders agree)."""
+    spread = size = 0.0
+    for name, t in stacked.items():
+        h = torch.ones_like(t, dtype=torch.float64) if held[name] is None else held[name].double()
+        average = node_mean(t, held[name], t.mean(0)).double()
+        spread += float((h * (t.double() - average).pow(2)).sum())
+        size += float((h * average.pow(2)).sum())
+    spread, size = spread ** 0.5, size ** 0.5
     return spread / size if size else spread
+
+
+def shared_bytes(stacked: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+    """(n, n): bytes of the elements of these tensors that nodes i and j both hold."""
+    n = next(iter(stacked.values())).shape[0]
+    out = torch.zeros(n, n, dtype=torch.long)
+    for name, t in stacked.items():
+        if held[name] is None:
+            out += t[0].numel() * t.element_size()
+        else:
+            h = held[name].reshape(n, -1).double()
+            out += (h @ h.T).round().long() * t.element_size()
+    return out
 
 
 class Gossip(Algorithm):
@@ -137,36 +211,42 @@ class Gossip(Algorithm):
         return (Side("v", "y", persistent=True),)
 
     def arrays(self, phase, state, scenario, partition, iteration):
-        """Node ``partition``'s own x, y and v; None for an S3LDBO node that keeps its snapshot."""
+        """Node ``partition``'s own x, y and v (what it holds: :func:`node_plan`); None for an S3LDBO
+        node that keeps its snapshot."""
         if not state.nodes:
             init_nodes(state, scenario.clients.num)
         computed = int(state.nodes[COMPUTED]["count"][partition])
         if self.snapshot and computed and not refreshes(scenario, iteration, partition):
             return None
-        return {w: {name: t[partition] for name, t in state.nodes[w].items()} for w in VARIABLES}
+        plan = node_plan(state, partition)
+        return {w: slice_tensors({name: t[partition] for name, t in state.nodes[w].items()}, state.layout(w), plan)
+                for w in VARIABLES}
 
     def gather(self, phase, state, scenario, replies):
         """Gradient tracking and mixing of every node's state (the module docstring's iteration k)."""
         algo = scenario.algorithm
-        W, nodes = mixing_matrix(scenario), state.nodes
+        n, W, nodes = scenario.clients.num, mixing_matrix(scenario), state.nodes
+        held = holdings(state, n)
         steps = {"x": algo.alpha, "y": algo.beta, "v": v_step(algo)}
         for partition in replies:
             nodes[COMPUTED]["count"][partition] += 1
         for w in VARIABLES:
+            dims = state.layout(w).dims
             previous = nodes["d" + w]
             current = {k: t.clone() for k, t in previous.items()}
             for partition, update in replies.items():
+                plan = node_plan(state, partition)
                 for k, t in update[w].items():
-                    current[k][partition] = t.to(current[k].dtype)
-            nodes["s" + w] = {k: mix(W, nodes["s" + w][k] + current[k] - previous[k]) for k in current}
+                    current[k][partition] = scatter_into(current[k][partition], t, dims[k], plan)
+            nodes["s" + w] = {k: mix(W, nodes["s" + w][k] + current[k] - previous[k], held[w][k]) for k in current}
             nodes["d" + w] = current
-            nodes[w] = {k: mix(W, nodes[w][k] - steps[w] * nodes["s" + w][k]) for k in current}
+            nodes[w] = {k: mix(W, nodes[w][k] - steps[w] * nodes["s" + w][k], held[w][k]) for k in current}
         nodes["v"] = project(nodes["v"], algo.v_radius)
         for w in VARIABLES:
-            state.tensors[w] = {k: t.mean(0) for k, t in nodes[w].items()}
-        elements = sum(t[0].numel() * t.element_size() for w in VARIABLES for t in nodes[w].values())
-        return {"bytes_p2p": edge_bytes(W, 2 * elements), "consensus_x": consensus(nodes["x"]),
-                "consensus_y": consensus(nodes["y"]), "directions_reused": scenario.clients.num - len(replies)}
+            state.tensors[w] = {k: node_mean(t, held[w][k], state.tensors[w][k]) for k, t in nodes[w].items()}
+        shared = sum(shared_bytes(nodes[w], held[w]) for w in VARIABLES)
+        return {"bytes_p2p": edge_bytes(W, 2 * shared), "consensus_x": consensus(nodes["x"], held["x"]),
+                "consensus_y": consensus(nodes["y"], held["y"]), "directions_reused": n - len(replies)}
 
     def run(self, phase, job):
         if phase != LOCAL:
