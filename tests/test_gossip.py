@@ -291,11 +291,10 @@ def test_several_iterations_with_a_failing_node_match_the_recursion(tmp_path, na
 # ---------------------------------------------------------------- the federated counterpart
 
 
-REDUCTIONS = {  # task -> (its 4-client scenario for the algorithm section given, step sizes and iterations)
-    "quadratic": (lambda tmp_path, algorithm: small(tmp_path, task={"hessian_heterogeneity": 0.3}, algorithm=algorithm),
-                  {"iterations": 15, "alpha": 0.1, "beta": 0.5, "v_step": 0.4}),
-    "hyper-cleaning": (lambda tmp_path, algorithm: tiny(tmp_path, algorithm=algorithm,
-                                                        run={"eval_every": 0, "final_test": False}),
+SCENARIOS = {"quadratic": small, "hyper-cleaning": tiny}  # task -> its shrunk scenario file (4 clients) with sections set
+REDUCTIONS = {  # task -> (sections, the algorithm's step sizes and iterations) of its reduction test
+    "quadratic": ({"task": {"hessian_heterogeneity": 0.3}}, {"iterations": 15, "alpha": 0.1, "beta": 0.5, "v_step": 0.4}),
+    "hyper-cleaning": ({"run": {"eval_every": 0, "final_test": False}},
                        {"iterations": 3, "alpha": 100.0, "beta": 0.1, "v_step": 0.1}),
 }
 
@@ -308,10 +307,10 @@ def test_with_the_averaging_matrix_sldbo_is_simfbo_with_one_local_step(tmp_path,
     mean functions at the common point: SimFBO with one local step and the same alpha, beta and v_step. On
     hyper-cleaning x is owned: each node steps its own block alone (one holder: the identity), SimFBO's
     coverage-counted step of an element of count 1; every node agrees with SimFBO on what it holds."""
-    scenario, steps = REDUCTIONS[task]
+    sections, steps = REDUCTIONS[task]
     common = {**steps, "inner_steps": 1}
-    _, gossip = run(scenario(tmp_path / "g", {"name": "sldbo", **mixing, **common}))
-    _, simfbo = run(scenario(tmp_path / "s", {"name": "simfbo", **common}))
+    _, gossip = run(SCENARIOS[task](tmp_path / "g", **sections, algorithm={"name": "sldbo", **mixing, **common}))
+    _, simfbo = run(SCENARIOS[task](tmp_path / "s", **sections, algorithm={"name": "simfbo", **common}))
     held = holdings(gossip, 4)
     for side in ("x", "y", "v"):
         for name, expected in simfbo.tensors[side].items():
@@ -365,13 +364,14 @@ def test_the_gossip_methods_have_their_own_flower_strategy():
     assert type(strategy_for(scenario)) is Decentralised and strategy_for(scenario).rounds_per_iteration == 1
 
 
+@pytest.mark.parametrize("task", SCENARIOS)
 @pytest.mark.parametrize("name", ["sldbo", "s3ldbo"])
-def test_gossip_through_flower_gives_the_plain_engines_records(tmp_path, one_thread, name):  # noqa: F811
-    """Each node's own x, y and v travel in its message (S3LDBO: only to the nodes that refresh); the server's
-    mixing makes the same node states and records."""
+def test_gossip_through_flower_gives_the_plain_engines_records(tmp_path, one_thread, name, task):  # noqa: F811
+    """Each node's own x, y and v travel in its message (S3LDBO: only to the nodes that refresh; on hyper-cleaning
+    x is the node's own block, of a size per node); the server's mixing makes the same node states and records."""
     sections = {"clients": {"num": 5, "capacities": [1.0]}, "algorithm": {"name": name, "iterations": 3}}
-    flower = run_flower(small(tmp_path / "flower", **sections), num_nodes=5)
-    plain, _ = run(small(tmp_path / "plain", **sections))
+    flower = run_flower(SCENARIOS[task](tmp_path / "flower", **sections), num_nodes=5)
+    plain, _ = run(SCENARIOS[task](tmp_path / "plain", **sections))
     assert stable(flower) == stable(plain)
     if name == "s3ldbo":
         assert [r["clients_sent"] for r in plain if r["phase"] == "local"][1:] != [5, 5]
