@@ -514,7 +514,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "flops_to_kept": sum(r["flops"] for r in to_kept), "examples_to_kept": _examples(to_kept),
         "examples": _examples(phases), "uncounted_replies": sum(r.get("uncounted_replies", 0) for r in phases),
         "x_elements_by_capacity": x_elements_by_capacity(phases),
-        "bytes": sum(r["bytes_down"] + r["bytes_up"] for r in phases),
+        "bytes": sum(traffic(r) for r in phases),
         "wasted_bytes": sum(r["wasted_bytes"] for r in phases),
         "rejected": sum(r["rejected"] for r in phases), "failures": sum(r["failures"] for r in phases),
         "negative_curvature_replies": sum(r["negative_curvature_clients"] for r in phases),
@@ -558,17 +558,25 @@ def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list
     iterations = max(1, last)
     row = {"capacities": scenario.clients.capacities, "alpha": scenario.algorithm.alpha, "beta": scenario.algorithm.beta,
            "rounds_per_iteration": len(phases) / iterations,
-           "bytes_per_iteration": sum(r["bytes_down"] + r["bytes_up"] for r in phases) / iterations}
+           "bytes_per_iteration": sum(traffic(r) for r in phases) / iterations}
     if scenario.task.name == "quadratic":
         reached = next((r["iteration"] for r in evals if r["x_error"] <= TARGET_X_ERROR), None)
         spent = [r for r in phases if reached is not None and r["iteration"] <= reached]
         row |= {"target_x_error": TARGET_X_ERROR, "iterations_to_target": reached,
                 "rounds_to_target": len(spent) if reached is not None else None,
-                "bytes_to_target": sum(r["bytes_down"] + r["bytes_up"] for r in spent) if reached is not None else None,
+                "bytes_to_target": sum(traffic(r) for r in spent) if reached is not None else None,
+                "flops_to_target": sum(r["flops"] for r in spent) if reached is not None else None,
                 "final_x_error": evals[-1]["x_error"], "best_x_error": min(r["x_error"] for r in evals)}
     if scenario.task.name == "hyper-cleaning":
         row |= {k: test[k] if test else math.nan for k in ("flip_precision", "flip_recall", "downweighted")}
     return row
+
+
+def traffic(record: dict[str, Any]) -> int:
+    """A phase's bytes on the network the method is for: sent and received through the server, or, for a
+    decentralised method (``bytes_p2p``), what its peer-to-peer network sends over every edge (Flower relays
+    it through the SuperLink instead; ``bytes_down`` and ``bytes_up`` keep that)."""
+    return record["bytes_p2p"] if "bytes_p2p" in record else record["bytes_down"] + record["bytes_up"]
 
 
 def x_elements_by_capacity(phases: list[dict[str, Any]]) -> dict[float, float]:
@@ -596,7 +604,7 @@ def compact_records(directory: Path) -> list[dict[str, Any]]:
         if r["phase"] in ("eval", "test", "done"):
             spent = [p for p in phases if p["iteration"] <= r["iteration"]]
             out.append(r | {"flops_so_far": sum(p["flops"] for p in spent), "examples_so_far": _examples(spent),
-                            "bytes_so_far": sum(p["bytes_down"] + p["bytes_up"] for p in spent),
+                            "bytes_so_far": sum(traffic(p) for p in spent),
                             "phase_wall_time_so_far": sum(p["wall_time"] for p in spent)})
     return out
 
@@ -769,7 +777,8 @@ def _write_family_markdown(name, rows, out, title):
     if task == "quadratic":
         target = f"{TARGET_X_ERROR:g}"
         header = ["row", "capacities", "alpha, beta", "rounds / it", f"iterations to x_error {target}",
-                  f"rounds to {target}", f"bytes to {target}", "bytes / it", "x_error at the end (iteration)",
+                  f"rounds to {target}", f"bytes to {target}", f"FLOPs to {target}", "bytes / it",
+                  "x_error at the end (iteration)",
                   "x_error kept on F", "FLOPs/it vs FedMBO"]
     else:
         header = ["row", "alpha, beta", f"{rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
@@ -786,7 +795,8 @@ def _write_family_markdown(name, rows, out, title):
             cells = [r["cell"], capacities, steps, f"{r['rounds_per_iteration']:g}",
                      str(r["iterations_to_target"]) if reached else missing,
                      str(r["rounds_to_target"]) if reached else missing,
-                     f"{r['bytes_to_target']:,}" if reached else missing, f"{r['bytes_per_iteration']:,.0f}",
+                     f"{r['bytes_to_target']:,}" if reached else missing,
+                     _sci(r["flops_to_target"]) if reached else missing, f"{r['bytes_per_iteration']:,.0f}",
                      f"{_sci(r['final_x_error'])} ({r['iterations_run']}, {r['status']})", _sci(r["test"]),
                      _ratio(r.get("flops_vs_fedmbo", math.nan))]
         else:
@@ -816,14 +826,16 @@ def _write_family_markdown(name, rows, out, title):
         "Protocol (Table II's): alpha and beta of every row from one grid and one budget, chosen on validation only "
         f"(`{name}-sweep`; v_step, where a method has it, follows beta; FedNest's Neumann step is its file's). Rows run "
         "the same number of iterations (no early stopping); cost columns are over all work sent, per iteration; a "
-        "round is one round of messages between the server and the clients (one phase).")
+        "round is one round of messages between the server and the clients (one phase). Bytes are sent and received "
+        "by all clients through the server, but SLDBO's and S3LDBO's: what their peer-to-peer network sends over its "
+        "edges (`bytes_p2p`; under Flower the SuperLink relays it, and the records' `bytes_down`/`bytes_up` keep that).")
     if task == "quadratic":
         lines.append(
             f"`iterations to x_error {target}`: the first evaluation (every iteration) at or below it, from the "
-            "run's records; rounds and bytes (sent and received, all clients) spent up to and including that "
+            "run's records; the rounds, bytes and FLOPs (all clients) spent up to and including that "
             "iteration. x_error = ||x - x*|| / ||x*|| is the oracle and reported only: validation is F(x) - F(x*), "
             "which ranks runs as the upper objective F(x) does, and `x_error kept on F` is x_error at the "
-            "evaluation of lowest F. SLDBO and S3LDBO count per-edge traffic (what a peer-to-peer network sends).")
+            "evaluation of lowest F.")
     else:
         lines.append(
             "Test accuracy on the clean test set of the model kept on validation (the clients' clean validation "

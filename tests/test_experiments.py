@@ -340,12 +340,12 @@ def test_family_sweep_chooses_on_the_upper_objective_lower_is_better_and_a_diver
 def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_sweep_reads_no_test(tmp_path, monkeypatch):
     monkeypatch.setitem(experiments.SWEEP_BUDGET, "quadratic", TINY_QUADRATIC | {"run.final_test": False})
     monkeypatch.setattr(experiments, "GRID", (0.1, 0.3))
-    monkeypatch.setattr(experiments, "FAMILY_ROWS", ["rabo", "fedmbo"])
+    monkeypatch.setattr(experiments, "FAMILY_ROWS", ["rabo", "fedmbo", "sldbo"])
     monkeypatch.setattr(experiments, "TARGET_X_ERROR", 0.5)  # reached within the tiny budget
     monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path / "step_sizes")
     experiments.main(["family-quadratic-sweep", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "sweep"), "--publish"])
     summary = {r["cell"]: r for r in json.loads((tmp_path / "sweep" / "family-quadratic-sweep.json").read_text())}
-    assert set(summary) == {f"{row}-alpha{a}-beta{b}" for row in ("rabo", "fedmbo", "rabo-submodels")
+    assert set(summary) == {f"{row}-alpha{a}-beta{b}" for row in ("rabo", "fedmbo", "sldbo", "rabo-submodels")
                             for a in (0.1, 0.3) for b in (0.1, 0.3)}
     for label, row in summary.items():
         records = read_metrics(tmp_path / "sweep" / "runs" / label / "metrics.jsonl")
@@ -356,34 +356,40 @@ def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_s
         kept = min(evals, key=lambda r: r["suboptimality"])
         assert (row["validation_metric"], row["kept_iteration"], row["test"]) == ("suboptimality", kept["iteration"], kept["x_error"])
         # "to the target", by hand: the first evaluation at or below it, and every phase up to its iteration
+        # bytes: through the server, but a gossip method's peer-to-peer traffic over the ring's edges
+        sent = (lambda r: r["bytes_p2p"]) if row["row"] == "sldbo" else (lambda r: r["bytes_down"] + r["bytes_up"])
+        assert row["bytes_per_iteration"] == sum(sent(r) for r in phases) / 6 > 0
         first = [r["iteration"] for r in evals if r["x_error"] <= 0.5]
         if first:
             q = first[0]
             assert row["iterations_to_target"] == q
             assert row["rounds_to_target"] == sum(1 for r in phases if r["iteration"] <= q)
-            assert row["bytes_to_target"] == sum(r["bytes_down"] + r["bytes_up"] for r in phases if r["iteration"] <= q)
+            assert row["bytes_to_target"] == sum(sent(r) for r in phases if r["iteration"] <= q)
+            assert row["flops_to_target"] == sum(r["flops"] for r in phases if r["iteration"] <= q) > 0
         else:
             assert row["iterations_to_target"] is row["rounds_to_target"] is row["bytes_to_target"] is None
-        assert row["rounds_per_iteration"] == len(phases) / 6 == 2  # rabo and fedmbo: inner and outer phase
+        # rabo and fedmbo: inner and outer phase; sldbo: one local round
+        assert row["rounds_per_iteration"] == len(phases) / 6 == (1 if row["row"] == "sldbo" else 2)
         assert row["final_x_error"] == evals[-1]["x_error"]
     assert any(r["iterations_to_target"] is not None for r in summary.values())
     chosen = yaml.safe_load((tmp_path / "step_sizes" / "family-quadratic-sweep-cpu.yaml").read_text())
-    for row in ("rabo", "fedmbo", "rabo-submodels"):
+    for row in ("rabo", "fedmbo", "sldbo", "rabo-submodels"):
         best = min((r for r in summary.values() if r["row"] == row), key=lambda r: r["kept_validation"])
         assert chosen["rows"][row] == {"algorithm.alpha": best["scenario"]["algorithm"]["alpha"],
                                        "algorithm.beta": best["scenario"]["algorithm"]["beta"]}
     table = (tmp_path / "sweep" / "family-quadratic-sweep.md").read_text()
-    assert table.count("**chosen**") == 3 and "F(x) - F(x*)" in table
+    assert table.count("**chosen**") == 4 and "F(x) - F(x*)" in table
 
     # the set reads the choices and writes the side-by-side table, with "not reached" where it was not
     monkeypatch.setitem(experiments.SCALES["cpu"], "quadratic", TINY_QUADRATIC)
     monkeypatch.setattr(experiments, "TARGET_X_ERROR", 1e-9)
     experiments.main(["family-quadratic", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "set")])
     rows = list(csv.DictReader(open(tmp_path / "set" / "family-quadratic.csv")))
-    assert {r["cell"] for r in rows} == {"rabo", "fedmbo", "rabo-submodels"}
+    assert {r["cell"] for r in rows} == {"rabo", "fedmbo", "sldbo", "rabo-submodels"}
     assert all(float(r["bytes_vs_fedmbo"]) > 0 for r in rows)
     table = (tmp_path / "set" / "family-quadratic.md").read_text()
-    assert table.count("not reached") == 3 * 3 and "Capacity 1 only: fedmbo (FedMBO" in table
+    # iterations, rounds, bytes and FLOPs to the target, in every row
+    assert table.count("not reached") == 4 * 4 and "Capacity 1 only: fedmbo, sldbo (FedMBO" in table
     assert (tmp_path / "set" / "family-quadratic_accuracy.png").is_file()
 
 
