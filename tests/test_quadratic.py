@@ -197,6 +197,16 @@ def test_partial_capacity_converges_row_by_row_to_the_problem_of_the_clients_hol
     assert last_eval(records)["x_error"] > 0.1
 
 
+def test_partial_capacity_reaches_x_star_when_the_clients_agree(tmp_path):
+    """The bias above is the clients' disagreement, not the submodels: with identical clients every
+    holder's gradient is the federation's, so the default (rolling) masks at capacities 1 and 1/2 reach x*."""
+    path = small(tmp_path, task={"heterogeneity": 0.0}, clients={"num": 4, "capacities": [1.0, 0.5]})
+    records, _ = run(path)
+    assert last_eval(records)["x_error"] < 1e-3
+    path = small(tmp_path / "disagree", clients={"num": 4, "capacities": [1.0, 0.5]})
+    assert last_eval(run(path)[0])["x_error"] > 0.01
+
+
 def test_early_stopping_follows_an_error_downwards(tmp_path):
     """x_error is lower-is-better: patience counts evaluations that fail to go below the best by min_delta,
     so the run goes on while the error falls and stops once it no longer does."""
