@@ -47,11 +47,12 @@ def every_window(n: int, c: int, h: int, w: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("n, c, h, w", [(8, 4, 28, 28), (3, 12, 28, 28), (6, 16, 14, 14), (120, 4, 7, 7),
                                         (12, 64, 7, 7), (95, 64, 3, 3), (4, 1, 65, 65)])
 def test_channels_last_kernel_picks_the_plain_kernels_index_in_every_window(n, c, h, w):
-    """4 channels run the channels-last kernel's scalar loop, 8 and more its vector lanes, 12 both;
-    odd sizes drop a row and a column; C = 1 is both layouts at once."""
+    """1 and 4 channels go through the kernel folded (the batch as channels: n * c vector lanes and
+    a tail), 12 through its vector lanes and its scalar tail, 16 and 64 its vector lanes; odd sizes
+    drop a row and a column."""
     x = every_window(n, c, h, w, seed=c + h)
     want_out, want_idx = F.max_pool2d_with_indices(x, 2)
-    got_out, got_idx = units._channels_last_pool(x)
+    got_out, got_idx = units._channels_last_pool(x, indices=True)
     assert same_bits(got_out, want_out)
     assert torch.equal(got_idx, want_idx)
 
@@ -123,9 +124,9 @@ def test_fewshot_client_is_bit_for_bit_the_plain_pooling(width, monkeypatch):
     seen = []
     route = units._channels_last_pool
 
-    def spy(x):
+    def spy(x, indices):
         seen.append(x.detach().clone())
-        return route(x)
+        return route(x, indices)
 
     monkeypatch.setattr(units, "_channels_last_pool", spy)
     got = client_results(width)
@@ -158,7 +159,7 @@ def test_resnet12_is_bit_for_bit_the_plain_pooling(monkeypatch):
 
     calls = []
     route = units._channels_last_pool
-    monkeypatch.setattr(units, "_channels_last_pool", lambda x: calls.append(1) or route(x))
+    monkeypatch.setattr(units, "_channels_last_pool", lambda x, indices: calls.append(1) or route(x, indices))
     got = run()
     assert len(calls) >= 2
     monkeypatch.setattr(units, "CHANNELS_LAST_POOL_MIN", float("inf"))

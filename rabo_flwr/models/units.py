@@ -45,6 +45,7 @@ def each_batch(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
 # Input elements from which max_pool2 takes the channels-last kernel: below it the two layout
 # copies and the Python autograd node cost more than that kernel saves (measured, see max_pool2).
 CHANNELS_LAST_POOL_MIN = 25_000
+FOLD_BELOW = 8  # channels under which _channels_last_pool folds the batch into the channels
 
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     copies to and from channels-last. Both kernels pick, in each window, the first position (row
     by row) whose value is greater than every earlier one, or the last NaN: the same comparison
     (``val > max || isnan(val)``, max starting at -inf), so the same index for every input,
-    ties (zeros after ReLU) included (tests/test_models.py checks ties, NaN, infinities and
+    ties (zeros after ReLU) included (tests/test_pooling.py checks ties, NaN, infinities and
     signed zeros). The channels-last kernel only computes the output and the indices, which are
     copied back to NCHW; the backward is the NCHW one, ``max_pool2d_with_indices_backward`` with
     those indices, as :func:`F.max_pool2d`'s own autograd node calls it, so the gradient stays
@@ -76,14 +77,28 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.ndim != 4 or x.numel() < CHANNELS_LAST_POOL_MIN or not x.is_contiguous():
         return F.max_pool2d(x, 2)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return _channels_last_pool(x)[0]
+        return _channels_last_pool(x, indices=False)[0]
     return _ChannelsLastMaxPool2.apply(x)
 
 
-def _channels_last_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2x2 max-pooling of NCHW ``x`` by the channels-last kernel: the output and the indices, NCHW."""
-    out, indices = F.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), 2)
-    return _nchw(out), indices
+def _channels_last_pool(x: torch.Tensor, indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """2x2 max-pooling of NCHW ``x`` by the channels-last kernel: the output and (if asked) the
+    indices, NCHW.
+
+    The kernel vectorises over channels, 8 floats at a time (AVX2), and runs fewer than 8 in
+    scalar code, so below :data:`FOLD_BELOW` channels (a capacity-1/16 Conv4 has 4) every
+    (image, channel) plane is made a channel of one image instead: the kernel then vectorises
+    over n * c, 2 to 3 times faster for 95 queries at 4 channels (the indices address a plane's
+    own pixels either way). From 8 channels on, folding was slower than the plain channels-last copy.
+    """
+    n, c, h, w = x.shape
+    if c >= FOLD_BELOW:
+        last = x.contiguous(memory_format=torch.channels_last)
+    else:
+        last = x.reshape(n * c, h * w).t().contiguous().view(1, h, w, n * c).permute(0, 3, 1, 2)
+    out, where = F.max_pool2d_with_indices(last, 2)
+    shape = (n, c, *out.shape[2:])
+    return _nchw(out).view(shape), _nchw(where).view(shape) if indices else None
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -96,8 +111,8 @@ class _ChannelsLastMaxPool2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, indices = _channels_last_pool(x)
-        ctx.save_for_backward(x, _nchw(indices))  # NCHW, as the NCHW backward and its double backward read them
+        out, indices = _channels_last_pool(x, indices=True)
+        ctx.save_for_backward(x, indices)  # NCHW, as the NCHW backward and its double backward read them
         return out
 
     @staticmethod
