@@ -42,39 +42,38 @@ def each_batch(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
     return torch.stack([forward(batch) for batch in images])
 
 
-# Input elements from which max_pool2 takes the channels-last kernel: below it the two layout
-# copies and the Python autograd node cost more than that kernel saves (measured, see max_pool2).
-CHANNELS_LAST_POOL_MIN = 25_000
+# Input elements from which max_pool2 takes the channels-last kernel: below it the layout copies
+# and the Python autograd node cost more than that kernel saves (measured, see max_pool2).
+CHANNELS_LAST_POOL_MIN = 50_000
 FOLD_BELOW = 8  # channels under which _channels_last_pool folds the batch into the channels
 
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)``, the same bits in the output, the gradient and the double backward,
-    faster on a CPU for large inputs.
+    """``F.max_pool2d(x, 2)`` with the same bits in the output, the gradient and the double
+    backward, faster on a CPU for large inputs.
 
-    PyTorch's CPU kernel for NCHW max-pooling walks one window at a time in scalar code (about
-    24 ns per output here: 1.8 ms for 95 Omniglot queries at 4 channels, 28 ms at 64); its
-    channels-last kernel vectorises over channels and is 1.4 to 3.5 times faster including the
-    copies to and from channels-last. Both kernels pick, in each window, the first position (row
-    by row) whose value is greater than every earlier one, or the last NaN: the same comparison
-    (``val > max || isnan(val)``, max starting at -inf), so the same index for every input,
-    ties (zeros after ReLU) included (tests/test_pooling.py checks ties, NaN, infinities and
-    signed zeros). The channels-last kernel only computes the output and the indices, which are
-    copied back to NCHW; the backward is the NCHW one, ``max_pool2d_with_indices_backward`` with
-    those indices, as :func:`F.max_pool2d`'s own autograd node calls it, so the gradient stays
-    NCHW (BatchNorm's backward reduces in the same order) and its double backward is the same
-    operation as before.
+    PyTorch's CPU kernel for NCHW max-pooling walks one window at a time in scalar code; its
+    channels-last kernel vectorises over channels. Both pick, in each window, the first position
+    (row by row) whose value is greater than every earlier one, or the last NaN: the same test
+    (``val > max || isnan(val)``, max starting at -inf), so the same index for every input, ties
+    (ReLU's zeros, the blank background's equal values) included. tests/test_pooling.py checks
+    every 2x2 window over signed zeros, infinities and NaN; a pooling that picked another of tied
+    maxima would change 16 of a Table II client's 39 checked results. Only the output and the
+    indices come from the channels-last kernel (copied back to NCHW); the backward is the NCHW
+    one, ``max_pool2d_with_indices_backward`` with those indices, as ``F.max_pool2d``'s own
+    autograd node calls it, so the gradient is NCHW (BatchNorm's backward reduces in the same
+    order) and its double backward is the same operation as before.
 
-    Below :data:`CHANNELS_LAST_POOL_MIN` input elements (a 5-image support set at 4 channels,
-    the 7x7 and 3x3 stages of small clients) the plain call is kept: there the forward, backward
-    and double backward took 0.14 to 0.23 ms plainly against 0.19 to 0.27 ms through the copies
-    and the Python node (1 thread, this project's 2-core AMD EPYC, AVX2); from 27,000 elements
-    on the channels-last route was faster (0.26 against 0.24 ms at 27,360, 2.2 against 1.6 ms for
-    95 queries at 4 channels and 28x28, 35 against 20 ms at 64 channels). GPU tensors, inputs that
-    are not NCHW-contiguous (the plain kernel would keep their layout) and other shapes take the
-    plain call.
+    On a Table II client's real activations (1 thread, this project's 2-core AMD EPYC with AVX2;
+    benchmarks/README.md, "Max-pooling through the channels-last kernel"), a query-set pooling's
+    forward, backward and double backward take 1.4 to 1.7 times less time from 54,000 elements
+    on (95 queries at 4 channels and 28x28: 1.77 against 1.26 ms; at 64 channels 28 against 24.5
+    ms). Below :data:`CHANNELS_LAST_POOL_MIN` elements (support sets, the 7x7 and 3x3 stages, and
+    27,000 to 31,000 elements, where it lost 10%) the copies and the Python node cost more than
+    the kernel saves, and the plain call is kept; so do GPU tensors, inputs that are not
+    NCHW-contiguous (the plain kernel keeps their layout) and other shapes.
     """
-    if x.device.type != "cpu" or x.ndim != 4 or x.numel() < CHANNELS_LAST_POOL_MIN or not x.is_contiguous():
+    if x.numel() < CHANNELS_LAST_POOL_MIN or x.ndim != 4 or x.device.type != "cpu" or not x.is_contiguous():
         return F.max_pool2d(x, 2)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _channels_last_pool(x, indices=False)[0]
