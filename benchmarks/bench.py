@@ -763,7 +763,8 @@ def pooling_benchmark(cfg: dict[str, Any]) -> dict[str, Any]:
         batch = task.client_batch(0, 2, CPU, 1)
         for images, label in ((batch.lower[0], "support"), (batch.upper[0], "query")):
             for a in _pool_inputs(task, x, images):
-                seed, v = torch.randn(*a.shape[:2], a.shape[2] // 2, a.shape[3] // 2, generator=gen), torch.randn(a.shape, generator=gen)
+                seed = torch.randn(*a.shape[:2], a.shape[2] // 2, a.shape[3] // 2, generator=gen)
+                v = torch.randn(a.shape, generator=gen)
                 times: dict[str, list] = {name: [] for name in routes}
                 identical = True
                 for _ in range(repeats):

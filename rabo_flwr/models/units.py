@@ -58,19 +58,19 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     (``val > max || isnan(val)``, max starting at -inf), so the same index for every input, ties
     (ReLU's zeros, the blank background's equal values) included. tests/test_pooling.py checks
     every 2x2 window over signed zeros, infinities and NaN; a pooling that picked another of tied
-    maxima would change 16 of a Table II client's 39 checked results. Only the output and the
+    maxima would change 16 to 18 of a Table II client's 39 checked results. Only the output and the
     indices come from the channels-last kernel (copied back to NCHW); the backward is the NCHW
     one, ``max_pool2d_with_indices_backward`` with those indices, as ``F.max_pool2d``'s own
     autograd node calls it, so the gradient is NCHW (BatchNorm's backward reduces in the same
     order) and its double backward is the same operation as before.
 
     On a Table II client's real activations (1 thread, this project's 2-core AMD EPYC with AVX2;
-    benchmarks/README.md, "Max-pooling through the channels-last kernel"), a query-set pooling's
-    forward, backward and double backward take 1.4 to 1.7 times less time from 54,000 elements
-    on (95 queries at 4 channels and 28x28: 1.77 against 1.26 ms; at 64 channels 28 against 24.5
-    ms). Below :data:`CHANNELS_LAST_POOL_MIN` elements (support sets, the 7x7 and 3x3 stages, and
-    27,000 to 31,000 elements, where it lost 10%) the copies and the Python node cost more than
-    the kernel saves, and the plain call is kept; so do GPU tensors, inputs that are not
+    benchmarks/README.md, "Item 2, fourth pass"), a pooling call's forward, backward and
+    double backward were 1.03 to 1.8 times faster from 54,000 elements on (95 queries at 4 channels and 28x28: 1.71 against 1.19 ms; at 64 channels 27.9 against
+    22.8 ms, the copies to and from channels-last taking most of the gain at 28x28). Below
+    :data:`CHANNELS_LAST_POOL_MIN` elements (small support sets, the late stages of narrow
+    clients; at 27,000 to 31,000 elements it lost 10%) the copies and the Python node cost more
+    than the kernel saves, and the plain call is kept; so do GPU tensors, inputs that are not
     NCHW-contiguous (the plain kernel keeps their layout) and other shapes.
     """
     if x.numel() < CHANNELS_LAST_POOL_MIN or x.ndim != 4 or x.device.type != "cpu" or not x.is_contiguous():
@@ -87,8 +87,9 @@ def _channels_last_pool(x: torch.Tensor, indices: bool) -> tuple[torch.Tensor, t
     The kernel vectorises over channels, 8 floats at a time (AVX2), and runs fewer than 8 in
     scalar code, so below :data:`FOLD_BELOW` channels (a capacity-1/16 Conv4 has 4) every
     (image, channel) plane is made a channel of one image instead: the kernel then vectorises
-    over n * c, 2 to 3 times faster for 95 queries at 4 channels (the indices address a plane's
-    own pixels either way). From 8 channels on, folding was slower than the plain channels-last copy.
+    over n * c: the forward for 95 queries at 4 channels took half the time of the unfolded
+    route (the indices address a plane's own pixels either way). From 8 channels on, folding
+    was slower than the plain channels-last copy.
     """
     n, c, h, w = x.shape
     if c >= FOLD_BELOW:
