@@ -20,6 +20,11 @@
    outer and inner phase at capacity 1 and 1/16, measured on this tree and on ``--before DIR``
    (a checkout of an earlier commit) alternately, each in a fresh process, with the runs'
    records compared.
+8. Max-pooling (``--parts pooling``, not in the default set): ``F.max_pool2d(x, 2)`` against
+   ``models.units.max_pool2`` (the channels-last kernel above its size threshold) on what a
+   Conv4 client of each capacity's width really pools (a 5-way 1-shot episode: 5 support and
+   95 query images, 28 to 3 pixels): forward, backward with ``create_graph`` and double
+   backward per call, and a client's outer-phase computation with each, thread CPU time.
 
 Every process uses one torch thread (``--threads``): Flower's client actors get one CPU each
 (``client-resources-num-cpus=1``, ``OMP_NUM_THREADS=1``), so the plain loop and the estimator
@@ -35,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import random
 import statistics
 import shutil
 import subprocess
@@ -81,7 +87,8 @@ def settings(quick: bool) -> dict[str, Any]:
                 "scale_iterations": 2, "scale_base": {"model.width": 16}, "scale_flower": [10, 100],
                 "scale_plain": [10, 100],
                 "parallel": {"overrides": {"clients.num": 4, "algorithm.iterations": 2, "model.width": 16}, "rounds": 1},
-                "compute": {"eval_episodes": 20, "rounds": 1, "run": {"algorithm.iterations": 2, **TINY_EVAL}}}
+                "compute": {"eval_episodes": 20, "rounds": 1, "run": {"algorithm.iterations": 2, **TINY_EVAL}},
+                "pooling": {"repeats": 3}}
     return {"flower": {"clients.num": 5, "algorithm.iterations": 10},
             "plain_threads": [1, 2], "repeats": 3, "resnet12_width": 16,
             "neumann_K": [5, 20], "fd_coords": [16, 64, 256, "all"],
@@ -90,7 +97,8 @@ def settings(quick: bool) -> dict[str, Any]:
             "scale_iterations": 6, "scale_base": {}, "scale_flower": [10, 100, 1000],
             "scale_plain": [10, 100, 1000, 10000],
             "parallel": {"overrides": {"clients.num": 10, "algorithm.iterations": 6}, "rounds": 3},
-            "compute": {"eval_episodes": 600, "rounds": 3, "run": {"algorithm.iterations": 4, **TINY_EVAL}}}
+            "compute": {"eval_episodes": 600, "rounds": 3, "run": {"algorithm.iterations": 4, **TINY_EVAL}},
+            "pooling": {"repeats": 31}}
 
 
 def machine() -> dict[str, Any]:
@@ -686,6 +694,121 @@ def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+# ---------------------------------------------------------------- part 8: max-pooling
+
+
+POOL_WIDTHS = (4, 8, 16, 32, 64)  # Conv4 at capacities 1/16 to 1 (a client's slices have these widths)
+
+
+def _pool_inputs(task, x, images) -> list[torch.Tensor]:
+    """What each of the backbone's four poolings reads on ``images`` (real activations: ReLU's zeros,
+    the blank background's equal values; the plain kernel branches less on them than on noise)."""
+    from rabo_flwr.models import units
+
+    seen, hooks = [], [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+                       for m in task.backbone.module.modules() if isinstance(m, units.MaxPool2)]
+    try:
+        with torch.no_grad():
+            task.features(x, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def pooling_benchmark(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Max-pooling on a Table II client at CPU scale (Conv4 of each capacity's width, a real Omniglot
+    episode: 5 support and 95 query images), in thread CPU time, the routes alternating per repetition:
+
+    - per pooling call, on the activations it really reads: forward, backward (``create_graph``, as
+      the hypergradient takes it) and double backward, median ms (the routes in a shuffled order:
+      a large call's time depends on what the one before freed), for ``plain`` (``F.max_pool2d``),
+      ``channels_last`` (forced, whatever the size) and ``max_pool2`` (the route the models take),
+      each route's results checked bit for bit against the plain call's;
+    - the pooling's share of a client's outer-phase computation (the query loss's value without
+      gradient, then the exact hypergradient: query gradient, conjugate gradient, mixed product),
+      with the plain route and with max_pool2, median ms."""
+    from rabo_flwr.models import units
+
+    threshold = units.CHANNELS_LAST_POOL_MIN
+
+    def with_threshold(value, work):
+        units.CHANNELS_LAST_POOL_MIN = value
+        try:
+            return work()
+        finally:
+            units.CHANNELS_LAST_POOL_MIN = threshold
+
+    routes = {"plain": lambda a: torch.nn.functional.max_pool2d(a, 2),
+              "channels_last": lambda a: with_threshold(0, lambda: units.max_pool2(a)), "max_pool2": units.max_pool2}
+
+    def once(pool, a, seed, v):
+        a, seed = a.detach().requires_grad_(True), seed.detach().requires_grad_(True)
+        t0 = time.thread_time()
+        out = pool(a)
+        t1 = time.thread_time()
+        (ga,) = torch.autograd.grad(out, a, seed, create_graph=True)
+        t2 = time.thread_time()
+        (gs,) = torch.autograd.grad(ga, seed, v)
+        t3 = time.thread_time()
+        return (t1 - t0, t2 - t1, t3 - t2), (out.detach(), ga.detach(), gs)
+
+    repeats, gen, order = cfg["pooling"]["repeats"], torch.Generator().manual_seed(0), random.Random(0)
+    rows, phases = [], []
+    for width in POOL_WIDTHS:
+        scenario = load_scenario(TABLE2 / "rabo.yaml", CPU_SCALE | {"model.width": width})
+        task = cached_task(scenario)
+        x, y = task.init_tensors(scenario.seed)
+        y = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in y.items()}
+        batch = task.client_batch(0, 2, CPU, 1)
+        for images, label in ((batch.lower[0], "support"), (batch.upper[0], "query")):
+            for a in _pool_inputs(task, x, images):
+                seed = torch.randn(*a.shape[:2], a.shape[2] // 2, a.shape[3] // 2, generator=gen)
+                v = torch.randn(a.shape, generator=gen)
+                times: dict[str, list] = {name: [] for name in routes}
+                identical = True
+                for _ in range(repeats):
+                    results = {}
+                    for name in order.sample(list(routes), len(routes)):  # no route always after another
+                        t, results[name] = once(routes[name], a, seed, v)
+                        times[name].append(t)
+                    identical &= all(torch.equal(p, q) for name in routes for p, q in zip(results[name], results["plain"]))
+                row = {"width": width, "set": label, "shape": list(a.shape), "elements": a.numel(),
+                       "zeros": float((a == 0).float().mean()), "identical": identical,
+                       "route": "channels_last" if a.numel() >= threshold else "plain"}
+                for name, ts in times.items():
+                    parts = [1e3 * statistics.median(t[i] for t in ts) for i in range(3)]
+                    row[name] = {"forward_ms": parts[0], "backward_ms": parts[1], "double_backward_ms": parts[2],
+                                 "total_ms": sum(parts)}
+                rows.append(row)
+                print(f"  width {width} {label} {tuple(a.shape)}: " + ", ".join(
+                    f"{name} {row[name]['total_ms']:.3f} ms" for name in routes), flush=True)
+        xs, ys, xn, yn = list(x.values()), list(y.values()), list(x), list(y)
+
+        def upper(a, b):
+            return task.upper_loss(dict(zip(xn, a)), dict(zip(yn, b)), batch.upper)
+
+        def lower(a, b):
+            return task.lower_loss(dict(zip(xn, a)), dict(zip(yn, b)), batch.lower)
+
+        def phase():
+            with torch.no_grad():
+                upper(xs, ys)
+            return hypergradient_with_stats(upper, lower, xs, ys, "exact")[0]
+
+        times = {"plain": [], "max_pool2": []}
+        results = {}
+        for _ in range(max(5, repeats // 2)):
+            for name, value in order.sample([("plain", math.inf), ("max_pool2", threshold)], 2):
+                start = time.thread_time()
+                results[name] = with_threshold(value, phase)
+                times[name].append(time.thread_time() - start)
+        phases.append({"width": width, **{f"{name}_ms": 1e3 * statistics.median(ts[1:]) for name, ts in times.items()},
+                       "identical": all(torch.equal(p, q) for p, q in zip(results["plain"], results["max_pool2"]))})
+        print(f"  width {width} outer-phase computation: " + json.dumps(phases[-1]), flush=True)
+    return {"threshold": threshold, "repeats": repeats, "torch": torch.__version__, "rows": rows, "phases": phases}
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -703,6 +826,20 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     parts = []
+    if "pooling" in results:
+        po = results["pooling"]
+        parts.append(table(f"Max-pooling 2x2 on a client's real activations: forward + backward (create_graph) + "
+                           f"double backward, thread CPU time (ms, median of {po['repeats']}); max_pool2 takes the "
+                           f"channels-last route from {po['threshold']} elements",
+                           ["width", "set", "input", "zeros", "plain", "channels-last", "max_pool2",
+                            "plain / max_pool2", "identical"],
+                           [[r["width"], r["set"], "x".join(map(str, r["shape"])), r["zeros"], r["plain"]["total_ms"],
+                             r["channels_last"]["total_ms"], r["max_pool2"]["total_ms"],
+                             r["plain"]["total_ms"] / r["max_pool2"]["total_ms"], r["identical"]] for r in po["rows"]]))
+        parts.append(table("A client's outer-phase computation (query value, exact hypergradient), thread CPU time "
+                           "(ms, median)", ["width", "plain pooling", "max_pool2", "plain / max_pool2", "identical"],
+                           [[p["width"], p["plain_ms"], p["max_pool2_ms"], p["plain_ms"] / p["max_pool2_ms"],
+                             p["identical"]] for p in po["phases"]]))
     if "flower_overhead" in results:
         fo = results["flower_overhead"]
         f = fo["flower"]
@@ -842,7 +979,7 @@ def main() -> None:
                         "benchmarks/results-quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--parts", default="flower,hypergradients,scaling,scale,deployment,parallel",
-                        help="comma-separated subset of these and compute")
+                        help="comma-separated subset of these, compute and pooling")
     parser.add_argument("--before", type=Path, help="compute part: also measure this checkout, alternately")
     parser.add_argument("--compute-jobs", help="compute part: a comma-separated subset of evaluation,rabo,fedmbo "
                         "(default all three)")
@@ -885,6 +1022,9 @@ def main() -> None:
             print("part 6: both cores in one run", flush=True)
             results["parallel"] = parallel(cfg, Path(tmp))
             torch.set_num_threads(args.threads)
+        if "pooling" in parts:
+            print("part 8: max-pooling", flush=True)
+            results["pooling"] = pooling_benchmark(cfg)
         if "compute" in parts:
             print("part 7: compute", flush=True)
             if args.rounds:

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
-from .units import ConvBN, each_batch
+from .units import ConvBN, MaxPool2, each_batch
 
 
 class Conv4(nn.Module):
@@ -32,7 +32,7 @@ class Conv4(nn.Module):
         channels = in_channels
         for _ in range(4):
             blocks.append(
-                nn.Sequential(ConvBN(channels, width, 3), nn.ReLU(), nn.MaxPool2d(2))
+                nn.Sequential(ConvBN(channels, width, 3), nn.ReLU(), MaxPool2())
             )
             channels = width
         self.blocks = nn.Sequential(*blocks)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..submodel import Layout
 from .layout import ModuleLayout
-from .units import ConvBN, each_batch
+from .units import ConvBN, MaxPool2, each_batch
 
 WIDTH_MULTIPLIERS = (1.0, 2.5, 5.0, 10.0)  # 64-160-320-640 at width 64
 
@@ -22,7 +22,7 @@ class ResNet12Block(nn.Module):
         self.unit2 = ConvBN(out_channels, out_channels, 3)
         self.unit3 = ConvBN(out_channels, out_channels, 3)
         self.shortcut = ConvBN(in_channels, out_channels, 1)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.leaky_relu(self.unit1(x), 0.1)
