@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import logging
 import math
@@ -43,8 +44,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -408,10 +410,33 @@ def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
     atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
 
 
+@contextmanager
+def cell_lock(directory: Path) -> Iterator[bool]:
+    """Hold a cell's lock while it runs or is published; yields False where another process holds it.
+    Two invocations naming the same cell (a set and a ``--rows`` rerun of it, say) would otherwise both
+    resume it and write its records twice (it happened, 2026-12-03). The lock goes with its process,
+    so a killed run leaves none behind."""
+    directory.parent.mkdir(parents=True, exist_ok=True)  # beside the cell: a published cell makes no folder here
+    with open(directory.parent / f".{directory.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     """Run one cell (in a worker process; ``argv``: the harness's arguments, for cell.json); its log
     goes to ``run.log`` in its results directory. A cell whose process is stopped resumes from its
-    last checkpoint the next time its set runs."""
+    last checkpoint the next time its set runs; a cell running in another process is left to it."""
+    with cell_lock(cell.scenario().results_path) as ours:
+        if not ours:
+            return f"{cell.label}: running in another process, left to it"
+        return _run_cell(cell, engine, threads, argv)
+
+
+def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     import torch
 
     torch.set_num_threads(threads)
@@ -908,7 +933,8 @@ def publish_cell(cell: Cell, scale: str) -> None:
     published folder, which then counts as finished for the same scenario; a published run of
     another scenario is never overwritten. Nothing happens for a cell with no run here."""
     directory = cell.scenario().results_path
-    row = summarize(cell, scale) if (directory / "metrics.jsonl").is_file() else None
+    with cell_lock(directory) as ours:  # not a run another process is writing
+        row = summarize(cell, scale) if ours and (directory / "metrics.jsonl").is_file() else None
     if row is None or cell.published is None:
         return
     target = cell.published

@@ -9,6 +9,7 @@ import json
 import math
 import shlex
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -114,6 +115,13 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_un
         experiments.run_cell(cell, "plain", threads, ["cx-star"])
     assert experiments.cell_status(cell.scenario()) == "resumable"
     monkeypatch.setattr(TrainingLoop, "_iteration", iteration)
+    # while another process runs it (holds its lock), a second invocation neither resumes nor publishes it
+    published = tmp_path / "published" / "rabo-c2"
+    with experiments.cell_lock(cell.scenario().results_path) as ours:
+        assert ours
+        assert experiments.run_cell(cell, "plain", threads, ["cx-star"]) == "rabo-c2: running in another process, left to it"
+        experiments.publish_cell(replace(cell, published=published), "cpu")
+    assert experiments.cell_status(cell.scenario()) == "resumable" and not published.exists()
     assert experiments.run_cell(cell, "plain", threads, ["cx-star"]) == "rabo-c2: done (resumed)"
 
     resumed = read_metrics(cell.scenario().results_path / "metrics.jsonl")
