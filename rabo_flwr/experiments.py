@@ -9,9 +9,11 @@
     python -m rabo_flwr.experiments family-quadratic                   # the family side by side on quadratic
     python -m rabo_flwr.experiments family-hyper-cleaning-sweep --publish
     python -m rabo_flwr.experiments family-hyper-cleaning
+    python -m rabo_flwr.experiments family-fewshot-sweep --publish
+    python -m rabo_flwr.experiments family-fewshot
 
-A cell is a scenario file under ``scenarios/paper/`` (the family's: ``scenarios/quadratic/`` and
-``scenarios/hyper_cleaning/``) plus overrides (the column, the capacities, the scale, the step sizes
+A cell is a scenario file under ``scenarios/paper/`` (the family's: ``scenarios/quadratic/``,
+``scenarios/hyper_cleaning/`` and ``scenarios/fewshot/``) plus overrides (the column, the capacities, the scale, the step sizes
 chosen by a sweep). ``--scale cpu`` (default) applies :data:`SCALES` ``["cpu"]``: a
 Conv4 backbone instead of ResNet12, a small CNN instead of ResNet18, early stopping on the
 validation split, checkpoints; ``--scale paper`` runs the files as they are (a GPU's work).
@@ -47,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -84,11 +86,13 @@ PAPER_TABLE2 = {  # arXiv 2512.24667, Table II (ResNet12, 10 clients)
 PAPER_COST = {"rabo": 0.267, "rafbo": 0.178}  # FLOPs relative to FedMBO (Fig. 4); bytes: 0.267 for both
 LOSS_TUNING_ROWS = ["ce", "ce-full", "vs-fixed", "fedmbo", "rabo", "rafbo", "rabo-vs-objective"]
 
-# The federated bilevel family side by side (issue 15): every algorithm on the two tasks
-# with checkable answers, one set (and one sweep) per task: ``family-<task>`` and ``family-<task>-sweep``.
-# A row is a file of the task's folder (``rabo-curvature``: RABO with the curvature-aware estimator) at
-# full capacity; ``<row>-submodels`` is the same at the paper's capacities (round-robin over the clients).
-FAMILY_TASKS = {"quadratic": APP_DIR / "scenarios" / "quadratic", "hyper-cleaning": APP_DIR / "scenarios" / "hyper_cleaning"}
+# The federated bilevel family side by side (issue 15): every algorithm on the two tasks with checkable
+# answers and on Table II's 5-way 1-shot few-shot learning, one set (and one sweep) per task: ``family-<task>``
+# and ``family-<task>-sweep``. A row is a file of the task's folder (``rabo-curvature``: RABO with the
+# curvature-aware estimator) at full capacity; ``<row>-submodels`` is the same at the paper's capacities
+# (round-robin over the clients).
+FAMILY_TASKS = {"quadratic": APP_DIR / "scenarios" / "quadratic", "hyper-cleaning": APP_DIR / "scenarios" / "hyper_cleaning",
+                "fewshot": APP_DIR / "scenarios" / "fewshot"}
 FAMILY_ROWS = ["fedmbo", "rabo", "rafbo", "rabo-curvature", "fednest", "lfednest", "simfbo", "shrofbo", "aggitd",
                "memfbo", "sldbo", "s3ldbo"]
 SUBMODELS = "-submodels"
@@ -97,26 +101,34 @@ PAPER_CAPACITIES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 # client is sent its own example weights whatever its capacity) and the linear classifier has no channel
 # group, so a capacity changes nothing there (the same run, byte for byte); its Conv4 classifier, which
 # submodels would slice, costs a hypergradient over every training image per client per iteration.
-SUBMODEL_TASKS = ("quadratic",)
+SUBMODEL_TASKS = ("quadratic", "fewshot")
 TARGET_X_ERROR = 1e-3  # the quadratic table's "to 1e-3" columns
 # What the harness chooses on where it is not the task's main metric: quadratic's main metric, x_error,
 # needs x* (an oracle); a user computes F(x) (the clients' upper losses at y*(x)) without it, and
 # F(x) - F(x*) (``suboptimality``) ranks runs as F(x) does, F(x*) being one constant. Lower is better.
 VALIDATION = {"quadratic": ("suboptimality", False)}
 
-# What each scale changes, per task. "paper" runs the scenario files unchanged.
+# What each scale changes, per set (:func:`scale_key`: the scenario's task for the paper's sets, ``family-<task>``
+# for the family's, so the family's few-shot column has its own size beside Table II's on the same task).
+# "paper" runs the scenario files unchanged.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "fewshot": {"model.backbone": "conv4", "model.width": 64, "algorithm.iterations": 800,
                     "run.eval_every": 40, "run.patience": 3, "run.min_delta": 0.005, "run.checkpoint_every": 20},
         "loss-tuning": {"model.backbone": "conv4", "model.width": 32, "algorithm.iterations": 400,
                         "run.eval_every": 20, "run.patience": 5, "run.min_delta": 0.005, "run.checkpoint_every": 10},
-        # the family (issue 15): no early stopping, so every row runs the same budget; quadratic evaluates at
-        # every iteration (closed forms, no data) so the "to 1e-3" columns are exact
-        "quadratic": {"algorithm.iterations": 150, "run.eval_every": 1, "run.patience": 0},
-        "hyper-cleaning": {"algorithm.iterations": 100, "run.eval_every": 10, "run.patience": 0},
+        # the family (issue 15): quadratic and hyper-cleaning without early stopping, so every row runs the same
+        # budget; quadratic evaluates at every iteration (closed forms, no data) so the "to 1e-3" columns are exact
+        "family-quadratic": {"algorithm.iterations": 150, "run.eval_every": 1, "run.patience": 0},
+        "family-hyper-cleaning": {"algorithm.iterations": 100, "run.eval_every": 10, "run.patience": 0},
+        # few-shot: Table II's task at a size that fits 21 rows x 16 sweep points in about 4 hours on 2 cores
+        # (measured per-iteration times in the README): Conv4 of width 32, 5 clients (one per capacity of the
+        # paper's profile), T = 5; Table II's early stopping rule (3 evaluations without a 0.5-point gain)
+        "family-fewshot": {"model.backbone": "conv4", "model.width": 32, "clients.num": 5, "algorithm.inner_steps": 5,
+                           "algorithm.iterations": 200, "task.val_episodes": 100, "task.eval_episodes": 600,
+                           "run.eval_every": 20, "run.patience": 3, "run.min_delta": 0.005, "run.checkpoint_every": 20},
     },
-    "paper": {"fewshot": {}, "loss-tuning": {}, "quadratic": {}, "hyper-cleaning": {}},
+    "paper": {"fewshot": {}, "loss-tuning": {}, "family-quadratic": {}, "family-hyper-cleaning": {}, "family-fewshot": {}},
 }
 
 # Step-size sweeps: one grid for every step size of every row, one budget, judged on validation
@@ -134,8 +146,9 @@ SWEEP_BUDGET = {
     "loss-tuning": {"algorithm.iterations": 100, "run.eval_every": 20, "run.patience": 0, "run.final_test": False},
     # quadratic: short enough that F stays far above its rounding (RABO at alpha 0.3, beta 0.3: F - F* 3e-7 at
     # iteration 40, measured), so the lowest F within the budget ranks the grid points by speed
-    "quadratic": {"algorithm.iterations": 40, "run.eval_every": 1, "run.patience": 0, "run.final_test": False},
-    "hyper-cleaning": {"algorithm.iterations": 30, "run.eval_every": 10, "run.patience": 0, "run.final_test": False},
+    "family-quadratic": {"algorithm.iterations": 40, "run.eval_every": 1, "run.patience": 0, "run.final_test": False},
+    "family-hyper-cleaning": {"algorithm.iterations": 30, "run.eval_every": 10, "run.patience": 0, "run.final_test": False},
+    "family-fewshot": {"algorithm.iterations": 40, "run.eval_every": 10, "run.patience": 0, "run.final_test": False},
 }
 # The sweep of loss tuning tunes the lower-level step (y's training, the same in every row) on
 # plain cross-entropy, the row whose budget matters most; every loss-tuning row reads it.
@@ -162,6 +175,13 @@ def family_task(name: str) -> str | None:
     """The task of a family set (``family-<task>`` or ``family-<task>-sweep``); None for other sets."""
     task = name.removeprefix("family-").removesuffix("-sweep")
     return task if name.startswith("family-") and task in FAMILY_TASKS else None
+
+
+def scale_key(name: str, task: str) -> str:
+    """A set's entry in :data:`SCALES` and :data:`SWEEP_BUDGET` (``name``: the set, a sweep's included; ``task``:
+    its scenarios' task): ``family-<task>`` for the family's sets, whose few-shot column is Table II's task at its
+    own size, and the task for every other set."""
+    return f"family-{family_task(name)}" if family_task(name) else task
 
 
 def family_rows(task: str) -> list[str]:
@@ -202,6 +222,7 @@ class Cell:
     command: str = ""  # the command that runs exactly this cell
     point: dict[str, float] = field(default_factory=dict)  # a sweep's step sizes for this cell
     published: Path | None = None  # its folder under docs/results/<scale>/<set>/runs/ (None: --fresh)
+    set: str = ""  # the set it belongs to (a family set's rows get the family's columns)
 
     def scenario(self) -> Scenario:
         return load_scenario(self.path, self.overrides)
@@ -294,12 +315,12 @@ def cells_for(name: str, column: str, rows: list[str] | None, scale: str, out: P
     for row, label, path, extra, point in specs:
         if wanted and row not in wanted and label not in wanted:
             continue
-        task = load_scenario(path).task.name
-        sweep = SWEEP_BUDGET[task] if name.endswith("sweep") else {}
-        overrides = WAIT_FOR_EVERY_CLIENT | SCALES[scale][task] | sweep | extra | (extra_overrides or {})
+        key = scale_key(name, load_scenario(path).task.name)
+        sweep = SWEEP_BUDGET[key] if name.endswith("sweep") else {}
+        overrides = WAIT_FOR_EVERY_CLIENT | SCALES[scale][key] | sweep | extra | (extra_overrides or {})
         published = None if fresh else PUBLISHED / scale / set_name(name, column) / "runs" / label
         cells.append(Cell(label, path, overrides | {"run.results_dir": str(out / "runs" / label)}, row,
-                          _command(name, column, scale, label, extra_overrides or {}), point, published))
+                          _command(name, column, scale, label, extra_overrides or {}), point, published, name))
     unknown = wanted - {c.row for c in cells} - {c.label for c in cells}
     if unknown:
         raise SystemExit(f"{name}: no rows or cells named {sorted(unknown)} (rows: {', '.join(set_rows(name, column, scale))})")
@@ -445,8 +466,7 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
         where = cell.published if status == "published" else cell.scenario().results_path
         return f"{cell.label}: already finished in {where}"
     if status == "resumable":
-        cell = Cell(cell.label, cell.path, cell.overrides | {"run.resume": True}, cell.row, cell.command, cell.point,
-                    cell.published)
+        cell = replace(cell, overrides=cell.overrides | {"run.resume": True})
     scenario = cell.scenario()
     scenario.results_path.mkdir(parents=True, exist_ok=True)
     _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started", argv)
@@ -536,7 +556,8 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "C_x*": phases[-1].get("C_x*", 0),  # the run's, over all elements (0 if one was never trained)
         "trained_x": phases[-1]["trained_x"], "trained_y": phases[-1]["trained_y"],
         "flops": sum(r["flops"] for r in phases), "wasted_flops": sum(r["wasted_flops"] for r in phases),
-        "flops_to_kept": sum(r["flops"] for r in to_kept), "examples_to_kept": _examples(to_kept),
+        "flops_to_kept": sum(r["flops"] for r in to_kept), "bytes_to_kept": sum(traffic(r) for r in to_kept),
+        "examples_to_kept": _examples(to_kept),
         "examples": _examples(phases), "uncounted_replies": sum(r.get("uncounted_replies", 0) for r in phases),
         "x_elements_by_capacity": x_elements_by_capacity(phases),
         "bytes": sum(traffic(r) for r in phases),
@@ -554,7 +575,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     }
     if scenario.task.name == "loss-tuning" and test:
         row |= {k: test[k] for k in ("head_accuracy", "tail_accuracy", "per_class_accuracy", "w", "l", "Delta")}
-    if scenario.task.name in FAMILY_TASKS:
+    if family_task(cell.set):
         row |= family_columns(scenario, evals, phases, test, last) | {"higher_is_better": higher}
     return row
 
@@ -678,7 +699,7 @@ def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, 
         _plot_cost(name, rows, out, title)
     if rows[0]["task"] == "loss-tuning" and any("w" in r for r in rows):
         _plot_hyperparameters(name, [r for r in rows if "w" in r], out, title)
-    if rows[0]["task"] in FAMILY_TASKS:
+    if family_task(name):
         _write_family_markdown(name, rows, out, title)
     else:
         _write_markdown(name, rows, out, title, paper_column)
@@ -805,10 +826,13 @@ def _write_family_markdown(name, rows, out, title):
                   f"rounds to {target}", f"bytes to {target}", f"FLOPs to {target}", "bytes / it",
                   "x_error at the end (iteration)",
                   "x_error kept on F", "FLOPs/it vs FedMBO"]
-    else:
-        header = ["row", "alpha, beta", f"{rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
-                  "flip precision", "flip recall", "down-weighted", "FLOPs/it vs FedMBO", "bytes/it vs FedMBO",
-                  "rounds / it", "bytes / it"]
+    else:  # the test number of the model kept on validation, beside what it cost
+        cleaning = task == "hyper-cleaning"
+        header = ["row", *([] if cleaning else ["capacities"]), "alpha, beta",
+                  f"{rows[0]['metric'].replace('_', ' ')} (kept at, validation)",
+                  *(["flip precision", "flip recall", "down-weighted"] if cleaning else
+                    ["iterations run (end)", "FLOPs to kept", "bytes to kept"]),
+                  "FLOPs/it vs FedMBO", "bytes/it vs FedMBO", "rounds / it", "bytes / it"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         capacities = "1" if r["capacities"] == [1.0] else "1, 1/2, 1/4, 1/8, 1/16" if r["capacities"] == PAPER_CAPACITIES \
@@ -825,8 +849,10 @@ def _write_family_markdown(name, rows, out, title):
                      f"{_sci(r['final_x_error'])} ({r['iterations_run']}, {r['status']})", _sci(r["test"]),
                      _ratio(r.get("flops_vs_fedmbo", math.nan))]
         else:
-            cells = [r["cell"], steps, f"{_pct(r['test'])} ({r['kept_iteration']}, {_pct(r['kept_validation'])})",
-                     _ratio(r["flip_precision"]), _ratio(r["flip_recall"]), _ratio(r["downweighted"]),
+            cells = [r["cell"], *([] if cleaning else [capacities]), steps,
+                     f"{_pct(r['test'], r['test_se'])} ({r['kept_iteration']}, {_pct(r['kept_validation'])})",
+                     *([_ratio(r["flip_precision"]), _ratio(r["flip_recall"]), _ratio(r["downweighted"])] if cleaning else
+                       [f"{r['iterations_run']} ({r['status']})", _sci(r["flops_to_kept"]), f"{r['bytes_to_kept']:,}"]),
                      _ratio(r.get("flops_vs_fedmbo", math.nan)), _ratio(r.get("bytes_vs_fedmbo", math.nan)),
                      f"{r['rounds_per_iteration']:g}", f"{r['bytes_per_iteration']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -847,10 +873,14 @@ def _write_family_markdown(name, rows, out, title):
                      "would repeat these runs byte for byte; submodels need `task.classifier: backbone`, beyond the CPU scale. "
                      "SLDBO's and S3LDBO's nodes each hold their own block of x, which no other node holds (its mixing is "
                      "the identity), and the whole classifier, mixed with the files' W (a ring).")
+    stopping = ("Rows stop early on validation (Table II's rule: `run.patience` evaluations without a `run.min_delta` "
+                "gain), so they are compared at the model each kept, with the FLOPs and bytes spent to reach it"
+                if any(r["scenario"]["run"]["patience"] for r in rows) else
+                "Rows run the same number of iterations (no early stopping)")
     lines.append(
         "Protocol (Table II's): alpha and beta of every row from one grid and one budget, chosen on validation only "
-        f"(`{name}-sweep`; v_step, where a method has it, follows beta; FedNest's Neumann step is its file's). Rows run "
-        "the same number of iterations (no early stopping); cost columns are over all work sent, per iteration; a "
+        f"(`{name}-sweep`; v_step, where a method has it, follows beta; FedNest's Neumann step is its file's). {stopping}; "
+        "cost columns are over all work sent, per iteration; a "
         "round is one round of messages between the server and the clients (one phase). Bytes are sent and received "
         "by all clients through the server, but SLDBO's and S3LDBO's: what their peer-to-peer network sends over its "
         "edges (`bytes_p2p`; under Flower the SuperLink relays it, and the records' `bytes_down`/`bytes_up` keep that).")
@@ -861,11 +891,17 @@ def _write_family_markdown(name, rows, out, title):
             "iteration. x_error = ||x - x*|| / ||x*|| is the oracle and reported only: validation is F(x) - F(x*), "
             "which ranks runs as the upper objective F(x) does, and `x_error kept on F` is x_error at the "
             "evaluation of lowest F.")
-    else:
+    elif task == "hyper-cleaning":
         lines.append(
             "Test accuracy on the clean test set of the model kept on validation (the clients' clean validation "
             "splits, pooled); flip precision and recall: of the examples that model's x down-weights (x_j < 0), "
             "against the flipped ones, and the share down-weighted. FLOPs and bytes per iteration relative to FedMBO's.")
+    else:
+        lines.append(
+            "Test accuracy (± SE over the test episodes) on fixed episodes of the evaluation alphabets, of the model kept "
+            "on validation (fixed episodes of the 5 held-out background alphabets; its iteration and validation "
+            "accuracy); `FLOPs to kept` and `bytes to kept`: all work sent up to and including that iteration (the "
+            "comparison at equal FLOPs and at equal bytes). FLOPs and bytes per iteration relative to FedMBO's.")
     short = [r["cell"] for r in rows if r["status"] == "cut short"]
     if short:
         lines.append(f"Cut short (the process ended before the run did): {', '.join(short)}.")
@@ -910,7 +946,7 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
                      f"{value(r['final_validation'])} | {r['iterations_run']} ({r['status']})" if r else "| | not run") +
                      f" | {'**chosen**' if picked else ''} |")
     task = rows[0]["task"]
-    budget = SWEEP_BUDGET[task]
+    budget = SWEEP_BUDGET[scale_key(name, task)]
     scaled = "".join(f"; {k} takes the grid times {f:g}" for k, f in GRID_SCALE.get(task, {}).items())
     lines += ["", f"One grid for every step size ({', '.join(f'{v:g}' for v in GRID)}; a row with two step sizes "
                   f"takes every pair{scaled}) and one budget for every row (`{json.dumps(budget)}`); each point is "
@@ -960,11 +996,13 @@ def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
     return published
 
 
+FAMILY_TITLES = {"fewshot": "5-way 1-shot few-shot learning"}
 SET_TITLES = {"table2": "Table II, {column}", "cx-star": "C_x* study, 5-way 5-shot",
               "loss-tuning": "Loss tuning, long-tail CIFAR-10", "lr-sweep": "Step-size sweep, {column}",
               "loss-tuning-sweep": "Step-size sweep, loss tuning", "scalability": "Scalability (Table III), {column}",
-              **{f"family-{task}": f"The federated bilevel family on {task}" for task in FAMILY_TASKS},
-              **{f"family-{task}-sweep": f"Step-size sweep, the family on {task}" for task in FAMILY_TASKS}}
+              **{f"family-{task}": f"The federated bilevel family on {FAMILY_TITLES.get(task, task)}" for task in FAMILY_TASKS},
+              **{f"family-{task}-sweep": f"Step-size sweep, the family on {FAMILY_TITLES.get(task, task)}"
+                 for task in FAMILY_TASKS}}
 
 
 def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:

@@ -346,7 +346,7 @@ def test_family_sweep_chooses_on_the_upper_objective_lower_is_better_and_a_diver
 
 
 def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_sweep_reads_no_test(tmp_path, monkeypatch):
-    monkeypatch.setitem(experiments.SWEEP_BUDGET, "quadratic", TINY_QUADRATIC | {"run.final_test": False})
+    monkeypatch.setitem(experiments.SWEEP_BUDGET, "family-quadratic", TINY_QUADRATIC | {"run.final_test": False})
     monkeypatch.setattr(experiments, "GRID", (0.1, 0.3))
     monkeypatch.setattr(experiments, "FAMILY_ROWS", ["rabo", "fedmbo", "sldbo"])
     monkeypatch.setattr(experiments, "TARGET_X_ERROR", 0.5)  # reached within the tiny budget
@@ -389,7 +389,7 @@ def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_s
     assert table.count("**chosen**") == 4 and "F(x) - F(x*)" in table
 
     # the set reads the choices and writes the side-by-side table, with "not reached" where it was not
-    monkeypatch.setitem(experiments.SCALES["cpu"], "quadratic", TINY_QUADRATIC)
+    monkeypatch.setitem(experiments.SCALES["cpu"], "family-quadratic", TINY_QUADRATIC)
     monkeypatch.setattr(experiments, "TARGET_X_ERROR", 1e-9)
     experiments.main(["family-quadratic", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "set")])
     rows = list(csv.DictReader(open(tmp_path / "set" / "family-quadratic.csv")))
