@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from rabo_flwr import experiments
-from rabo_flwr.loop import TrainingLoop
+from rabo_flwr.loop import TrainingLoop, run_plain
 from rabo_flwr.results import read_metrics
 
 TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
@@ -319,6 +319,20 @@ def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_a
     assert {c.scenario().task.name for c in cleaning} == {"hyper-cleaning"}
     assert all(c.scenario().run.final_test is False for c in cleaning)
 
+    # few-shot: the quadratic's rows (submodels included) on Table II's 5-way 1-shot task, at the family's own size
+    fewshot = experiments.cells_for("family-fewshot-sweep", "5w1s", None, "cpu", tmp_path / "fs")
+    assert {c.row for c in fewshot} == rows and len(fewshot) == 21 * 16
+    s = next(c for c in fewshot if c.label == "fednest-submodels-alpha0.3-beta0.03").scenario()
+    assert (s.task.name, s.task.n_way, s.task.k_shot, s.algorithm.name, s.algorithm.alpha, s.algorithm.beta) == (
+        "fewshot", 5, 1, "fednest", 0.3, 0.03)
+    assert (s.model.backbone, s.model.width, s.clients.num, s.algorithm.inner_steps, s.task.val_episodes) == ("conv4", 32, 5, 5, 100)
+    assert s.clients.capacities == [1.0, 0.5, 0.25, 0.125, 0.0625] and (s.algorithm.iterations, s.run.patience) == (40, 0)
+    assert all(c.scenario().run.final_test is False for c in fewshot)
+    assert {c.scenario().clients.capacities[0] for c in fewshot if not c.row.endswith("-submodels")} == {1.0}
+    # Table II keeps its own scale on the same task
+    (table2,) = experiments.cells_for("lr-sweep", "5w1s", ["rabo-alpha0.1-beta0.3"], "cpu", tmp_path / "t2")
+    assert (table2.scenario().model.width, table2.scenario().clients.num, table2.scenario().algorithm.inner_steps) == (64, 10, 20)
+
     with pytest.raises(SystemExit, match="family-quadratic-sweep-cpu.yaml: no step sizes for row 'fedmbo'"):
         experiments.cells_for("family-quadratic", "5w1s", None, "cpu", tmp_path / "set")
     fake = [{"cell": c.label, "status": "budget", "kept_validation": 1.0 / (1 + i), "higher_is_better": False}
@@ -399,6 +413,70 @@ def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_s
     # iterations, rounds, bytes and FLOPs to the target, in every row
     assert table.count("not reached") == 4 * 4 and "Capacity 1 only: fedmbo, sldbo (FedMBO" in table
     assert (tmp_path / "set" / "family-quadratic_accuracy.png").is_file()
+
+
+TINY_FEWSHOT = TINY | {"clients.num": 5, "algorithm.iterations": 3, "run.patience": 2}
+
+
+@pytest.mark.parametrize("row", experiments.FAMILY_ROWS)
+def test_every_family_algorithm_runs_on_few_shot_learning_with_every_reply_accepted(row, tmp_path):
+    """No estimator or option of the family's few-shot files works on the quadratic only: two iterations at
+    the paper's capacities (capacity 1 for the full-model rows), every reply accepted."""
+    partial = row + experiments.SUBMODELS
+    path, capacities = experiments._family_row_file("fewshot", partial if partial in experiments.family_rows("fewshot") else row)
+    scenario = experiments.load_scenario(path, TINY_FEWSHOT | capacities | {"algorithm.iterations": 2, "run.results_dir": str(tmp_path)})
+    run_plain(scenario)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    phases = [r for r in records if r["phase"] not in ("eval", "test", "done")]
+    assert sum(r["rejected"] + r["failures"] for r in phases) == 0
+    assert all(r["clients_aggregated"] == r["clients_sent"] > 0 for r in phases)
+    assert [r["iteration"] for r in records if r["phase"] == "eval"] == [0, 1, 2] and records[-1]["phase"] == "done"
+
+
+def test_family_fewshot_sweep_chooses_on_validation_and_the_set_reads_it_once_on_the_test_episodes(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiments.SWEEP_BUDGET, "family-fewshot", TINY_FEWSHOT | {"run.patience": 0, "run.final_test": False})
+    monkeypatch.setitem(experiments.SCALES["cpu"], "family-fewshot", TINY_FEWSHOT)
+    monkeypatch.setattr(experiments, "GRID", (0.1, 1.0))
+    monkeypatch.setattr(experiments, "FAMILY_TUNED", [("algorithm.alpha",)])
+    monkeypatch.setattr(experiments, "FAMILY_ROWS", ["fedmbo", "rabo", "sldbo"])
+    monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path / "step_sizes")
+    experiments.main(["family-fewshot-sweep", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "sweep"), "--publish"])
+    summary = {r["cell"]: r for r in json.loads((tmp_path / "sweep" / "family-fewshot-sweep.json").read_text())}
+    assert set(summary) == {f"{row}-alpha{a}" for row in ("fedmbo", "rabo", "sldbo", "rabo-submodels") for a in (0.1, 1)}
+    for label, row in summary.items():
+        records = read_metrics(tmp_path / "sweep" / "runs" / label / "metrics.jsonl")
+        assert all(r["phase"] != "test" for r in records)  # a sweep never reads the test episodes
+        assert row["validation_metric"] == "val_accuracy" and math.isnan(row["test"])
+    chosen = yaml.safe_load((tmp_path / "step_sizes" / "family-fewshot-sweep-cpu.yaml").read_text())
+    for row in ("fedmbo", "rabo", "sldbo", "rabo-submodels"):
+        low, high = summary[f"{row}-alpha0.1"]["kept_validation"], summary[f"{row}-alpha1"]["kept_validation"]
+        assert chosen["rows"][row] == {"algorithm.alpha": 1.0 if high > low else 0.1}  # the first on a tie
+
+    experiments.main(["family-fewshot", "--jobs", "2", "--threads", "1", "--out", str(tmp_path / "set")])
+    summary = {r["cell"]: r for r in json.loads((tmp_path / "set" / "family-fewshot.json").read_text())}
+    assert set(summary) == {"fedmbo", "rabo", "sldbo", "rabo-submodels"}
+    for label, row in summary.items():
+        assert row["alpha"] == chosen["rows"][label]["algorithm.alpha"] and row["beta"] == 0.3  # beta: the file's
+        records = read_metrics(tmp_path / "set" / "runs" / label / "metrics.jsonl")
+        evals = [r for r in records if r["phase"] == "eval"]
+        phases = [r for r in records if r["phase"] not in ("eval", "test", "done")]
+        (test,) = [r for r in records if r["phase"] == "test"]  # read once, on the model kept on validation
+        kept = max(evals, key=lambda r: r["val_accuracy"])
+        assert (row["test"], row["test_se"], row["kept_iteration"]) == (test["test_accuracy"], test["test_accuracy_se"], kept["iteration"])
+        assert test["iteration"] == kept["iteration"]
+        # the cost of the kept model, by hand; a gossip row's bytes are its peer-to-peer traffic
+        sent = (lambda r: r["bytes_p2p"]) if label == "sldbo" else (lambda r: r["bytes_down"] + r["bytes_up"])
+        spent = [r for r in phases if r["iteration"] <= kept["iteration"]]
+        assert (row["flops_to_kept"], row["bytes_to_kept"]) == (sum(r["flops"] for r in spent), sum(sent(r) for r in spent))
+        assert row["bytes_per_iteration"] == sum(sent(r) for r in phases) / row["iterations_run"]
+        assert row["rounds_per_iteration"] == (1 if label == "sldbo" else 2)
+    assert summary["fedmbo"]["flops_vs_fedmbo"] == 1.0 and summary["rabo-submodels"]["bytes_vs_fedmbo"] < 1
+    table = (tmp_path / "set" / "family-fewshot.md").read_text()
+    assert table.startswith("# The federated bilevel family on 5-way 1-shot few-shot learning (cpu scale)")
+    assert ("| row | capacities | alpha, beta | test accuracy (kept at, validation) | iterations run (end) | FLOPs to kept | "
+            "bytes to kept | FLOPs/it vs FedMBO | bytes/it vs FedMBO | rounds / it | bytes / it |") in table
+    assert "| rabo-submodels | 1, 1/2, 1/4, 1/8, 1/16 |" in table and "Capacity 1 only: fedmbo, sldbo" in table
+    assert "Rows stop early on validation" in table and "scenarios/fewshot/<row>.yaml" in table
 
 
 def test_summaries_read_the_tasks_own_metrics(tmp_path):
