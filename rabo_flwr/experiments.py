@@ -600,7 +600,8 @@ def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list
     """The family table's columns from a run's records. Every task: message rounds (one phase is one round
     of messages) and bytes per iteration. quadratic: the first evaluation with x_error <= TARGET_X_ERROR
     (its iteration, the rounds and bytes spent up to it; None when no evaluation reached it) and x_error at
-    the end. hyper-cleaning: precision and recall of the down-weighted examples of the model kept."""
+    the end. hyper-cleaning: precision and recall of the down-weighted examples of the model kept. fewshot: nothing
+    more (its test accuracy and the FLOPs and bytes to the kept model are every summary's, as Table II's)."""
     iterations = max(1, last)
     row = {"capacities": scenario.clients.capacities, "alpha": scenario.algorithm.alpha, "beta": scenario.algorithm.beta,
            "rounds_per_iteration": len(phases) / iterations,
