@@ -1026,8 +1026,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="cells run at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/experiments/<scale>/<set>")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="scenario keys for every cell, after the scale's (e.g. algorithm.iterations=200)")
+    parser.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="scenario keys for every cell, after the scale's (e.g. algorithm.iterations=200); "
+                             "repeat the flag or list several pairs")
     parser.add_argument("--plot-only", action="store_true", help="only summarise the runs already there")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/ "

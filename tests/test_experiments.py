@@ -279,6 +279,18 @@ def test_cells_wait_for_every_client_and_a_published_run_of_older_code_keeps_its
     assert row["overrides"]["algorithm.iterations"] == TINY["algorithm.iterations"]
 
 
+def test_every_override_flag_reaches_the_cells(tmp_path, monkeypatch):
+    """`--override` may be repeated or list several pairs: each one is applied (a repeated flag once
+    replaced the ones before it)."""
+    ran = []
+    monkeypatch.setattr(experiments, "run_cells", lambda cells, *args, **kwargs: ran.extend(cells))
+    with pytest.raises(SystemExit, match="no finished runs"):
+        experiments.main(["cx-star", "--rows", "rabo-c1", "--out", str(tmp_path), "--override", 'algorithm.mask_x="rolling"',
+                          "--override", 'algorithm.mask_y="rolling"', "algorithm.iterations=40"])
+    (scenario,) = [cell.scenario() for cell in ran]
+    assert (scenario.algorithm.mask_x, scenario.algorithm.mask_y, scenario.algorithm.iterations) == ("rolling", "rolling", 40)
+
+
 def test_a_key_added_since_a_run_at_its_default_is_no_difference():
     new = {"algorithm": {"name": "rabo", "alpha": 0.1, "outer_steps": 1}, "run": {"results_dir": "elsewhere"}}
     assert experiments.scenario_diff({"algorithm": {"name": "rabo", "alpha": 0.1}}, new) == {}
