@@ -43,6 +43,7 @@ class Client:
         self.device = device
         self.algorithm = ALGORITHMS[scenario.algorithm.name]
         self.context = cost_context(scenario)
+        self.injected_delay = 0.0  # seconds the last phase's injected faults held it back
 
     def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]]
             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
@@ -50,7 +51,7 @@ class Client:
         algorithm's own server variables) to its slices (and ``THRESHOLDS`` to the mask's thresholds, when
         the server's policy has them)."""
         faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
-        before_phase(faults)
+        self.injected_delay = before_phase(faults)
         x = _as_tensors(arrays.get("x", {}), self.device)
         y = _as_tensors(arrays.get("y", {}), self.device)
         thresholds = _as_tensors(arrays.get(THRESHOLDS, {}), self.device)

@@ -30,8 +30,11 @@ def matching(faults: Sequence[Fault], partition: int, phase: str, iteration: int
     ]
 
 
-def before_phase(faults: Sequence[Fault]) -> None:
-    """Faults that strike before the work: an exception, a straggler's sleep or its wait for a release file."""
+def before_phase(faults: Sequence[Fault]) -> float:
+    """Faults that strike before the work: an exception, a straggler's sleep or its wait for a release file.
+
+    Returns the seconds the client was held back (the plain engine's lateness is this delay alone)."""
+    start = time.monotonic()
     for fault in faults:
         if fault.kind == "raise":
             raise InjectedFault(f"injected failure ({fault})")
@@ -41,6 +44,7 @@ def before_phase(faults: Sequence[Fault]) -> None:
             deadline = time.monotonic() + fault.seconds
             while not Path(fault.release).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+    return time.monotonic() - start if faults else 0.0
 
 
 def corrupt_updates(faults: Sequence[Fault], updates: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

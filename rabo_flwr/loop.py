@@ -481,8 +481,8 @@ class PlainRunner:
 
     A client is made when it is sampled (nothing is kept per partition, so 1,000 clients cost
     what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is
-    in Flower); one whose phase took longer than ``run.phase_timeout`` is dropped as late, as
-    Flower would stop waiting for it. Clients run with the thread count the process had when the
+    in Flower); one that injected faults held back longer than ``run.phase_timeout`` is dropped as
+    late, as Flower would stop waiting for it (its computation counts as instant: see :func:`call_client`). Clients run with the thread count the process had when the
     runner was made, not the server's. Workers decide both the same way (a worker that dies fails
     the clients it had), and every client computes the same numbers wherever it runs (its data
     and random choices are seeded by iteration and partition), so the records are those of a
@@ -550,14 +550,17 @@ class PlainRunner:
 
 
 def call_client(client, phase: str, iteration: int, arrays: dict[str, Tensors], timeout: float) -> Outcome:
-    """One client's phase as the loop sees it: its reply, or why there is none (it raised, or was late)."""
-    start = time.perf_counter()
+    """One client's phase as the loop sees it: its reply, or why there is none (it raised, or was late).
+
+    Late means held back longer than ``timeout`` by the scenario's injected faults (``run.faults``:
+    a sleep, a wait for a release file); the computation itself counts as instant, so a loaded or
+    paused machine never changes a plain-engine run (under Flower, lateness is the real clock's)."""
     try:
         updates, metrics = client.run(phase, iteration, arrays)
     except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
         return Outcome(client.partition, error=repr(err))
-    if time.perf_counter() - start > timeout:
-        return Outcome(client.partition, error="late: took longer than run.phase_timeout")
+    if client.injected_delay > timeout:
+        return Outcome(client.partition, error="late: held back longer than run.phase_timeout")
     return Outcome(client.partition, updates, metrics)
 
 

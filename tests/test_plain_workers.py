@@ -29,8 +29,8 @@ def test_two_workers_give_the_records_and_model_of_one(tmp_path, one_thread):  #
     with a raising client, a NaN reply and a straggler past the phase timeout handled alike."""
     faults = [{"partition": 0, "phase": "inner", "iterations": [1], "kind": "raise"},
               {"partition": 2, "phase": "outer", "iterations": [1], "kind": "nan"},
-              {"partition": 3, "phase": "outer", "iterations": [2], "kind": "sleep", "seconds": 10.0}]
-    run = {"faults": faults, "eval_every": 1, "phase_timeout": 8.0}
+              {"partition": 3, "phase": "outer", "iterations": [2], "kind": "sleep", "seconds": 1.0}]
+    run = {"faults": faults, "eval_every": 1, "phase_timeout": 0.5}
     results = {}
     for workers in (1, 2):
         path = tiny_scenario(tmp_path / f"workers{workers}", clients={"num": 4}, run=run | {"workers": workers})
@@ -43,6 +43,18 @@ def test_two_workers_give_the_records_and_model_of_one(tmp_path, one_thread):  #
     assert (outer[1]["rejected"], outer[1]["clients_aggregated"]) == (1, 3)
     assert (outer[2]["failures"], outer[2]["clients_aggregated"]) == (1, 3)
     assert inner[2]["clients_aggregated"] == 4 and len(outer[2]["clients"]) == 3
+
+
+def test_lateness_is_the_injected_delay_never_the_machines_speed(tmp_path, one_thread):  # noqa: F811
+    """With a timeout far below any phase's computation (1 ms), only the client a fault holds back is
+    late: the plain engine's numbers do not depend on the machine's load."""
+    faults = [{"partition": 0, "phase": "outer", "iterations": [1], "kind": "sleep", "seconds": 0.05}]
+    path = tiny_scenario(tmp_path, clients={"num": 3}, algorithm={"iterations": 1},
+                         run={"faults": faults, "phase_timeout": 0.001})
+    result = run_plain(load_scenario(path), QUIET)
+    inner, outer = phase_records(result.records, "inner")[1], phase_records(result.records, "outer")[1]
+    assert (inner["failures"], inner["clients_aggregated"]) == (0, 3)
+    assert (outer["failures"], outer["clients_aggregated"]) == (1, 2)
 
 
 def test_a_worker_that_dies_fails_its_clients_and_the_next_phase_gets_a_fresh_pool(tmp_path, one_thread):  # noqa: F811
