@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from clients.faults import before_phase, corrupt_updates, matching
-from rabo_flwr.algorithms import ALGORITHMS, ClientJob
+from rabo_flwr.algorithms import ALGORITHMS, ClientJob, ClientState
 from rabo_flwr.cost import CostMeter
 from rabo_flwr.protocol import THRESHOLDS
 from rabo_flwr.scenario import Scenario
@@ -45,11 +45,14 @@ class Client:
         self.context = cost_context(scenario)
         self.injected_delay = 0.0  # seconds the last phase's injected faults held it back
 
-    def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]]
+    def run(self, phase: str, iteration: int, arrays: Mapping[str, Mapping[str, ArrayLike]],
+            state: ClientState | None = None, submodel: str = ""
             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
         """``(updates, metrics)`` of ``phase`` at ``iteration``; ``arrays`` maps each side sent (x, y, the
         algorithm's own server variables) to its slices (and ``THRESHOLDS`` to the mask's thresholds, when
-        the server's policy has them)."""
+        the server's policy has them). ``state``: what this partition's client kept so far, read as made on
+        ``submodel`` (the digest of the plan that sliced ``arrays``) and updated in place with what the
+        phase keeps (:class:`~rabo_flwr.algorithms.ClientState`)."""
         faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
         self.injected_delay = before_phase(faults)
         x = _as_tensors(arrays.get("x", {}), self.device)
@@ -57,9 +60,13 @@ class Client:
         thresholds = _as_tensors(arrays.get(THRESHOLDS, {}), self.device)
         sides = {side: _as_tensors(a, self.device) for side, a in arrays.items() if side not in ("x", "y", THRESHOLDS)}
         meter = CostMeter(self.device, self.scenario.run.count_flops, self.context)
-        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds, sides)
+        kept = _as_tensors(state.readable(submodel), self.device) if state is not None else {}
+        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds, sides,
+                        kept)
         with meter:
             result = self.algorithm.run(phase, job)
+        if state is not None:
+            state.keep(submodel, result.state)
         metrics = {
             "partition": self.partition,
             "x_elements": sum(t.numel() for t in x.values()),

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import Client
 
-from .protocol import (CAPACITY, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION, PHASE, PHASES,
-                       PROFILE, update_key)
+from .algorithms import ClientState
+from .protocol import (CAPACITY, CLIENT_STATE, CONFIG, ITERATION, METRICS, NODE_CAPACITY, NODE_PARTITION, PARTITION,
+                       PHASE, PHASES, PROFILE, SUBMODEL, update_key)
 from .arrays import from_record, to_record
 from .runtime import project_scenario, run_setup
 from .scenario import Scenario
@@ -33,13 +34,31 @@ def _client_and_arrays(message: Message, context: Context, scenario_of: Scenario
     return client, {side: from_record(record) for side, record in message.content.array_records.items()}
 
 
+def _kept_state(context: Context, partition: int) -> ClientState:
+    """What the client of ``partition`` kept in this node's context (nothing before its first phase here)."""
+    key = f"{CLIENT_STATE}.{partition}"
+    if key not in context.state:
+        return ClientState()
+    return ClientState(str(context.state[f"{key}.submodel"]["submodel"]), from_record(context.state[key]))
+
+
+def _keep_state(context: Context, partition: int, state: ClientState) -> None:
+    if state.tensors:
+        key = f"{CLIENT_STATE}.{partition}"
+        context.state[key] = to_record(state.tensors)
+        context.state[f"{key}.submodel"] = ConfigRecord({"submodel": state.submodel})
+
+
 def _handle(kind: str, message: Message, context: Context, scenario_of: ScenarioOf) -> Message:
     """Run the phase named in the message (of this handler's ``kind``) for the partition named in it
-    (in simulation one node serves several)."""
+    (in simulation one node serves several), with what that partition's client kept in the node's
+    context from its last phase (keyed by partition, so virtual clients sharing a node keep theirs apart)."""
     client, arrays = _client_and_arrays(message, context, scenario_of)
     config = message.content[CONFIG]
     phase = str(config[PHASE]) if PHASE in config else kind
-    updates, metrics = client.run(phase, int(config[ITERATION]), arrays)
+    state = _kept_state(context, client.partition)
+    updates, metrics = client.run(phase, int(config[ITERATION]), arrays, state, str(config.get(SUBMODEL, "")))
+    _keep_state(context, client.partition, state)
     metrics[CAPACITY] = _announced_capacity(context)
     content = RecordDict({update_key(side): to_record(u) for side, u in updates.items()})
     content[METRICS] = MetricRecord(metrics)

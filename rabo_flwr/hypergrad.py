@@ -82,20 +82,22 @@ def norm(x: Sequence[Tensor]) -> Tensor:
 
 
 def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
-                       max_iter: int = 100) -> tuple[Vec, Diagnostics]:
-    """Solve ``A v = b`` by conjugate gradient, truncated at non-positive curvature.
+                       max_iter: int = 100, start: Sequence[Tensor] | None = None) -> tuple[Vec, Diagnostics]:
+    """Solve ``A v = b`` by conjugate gradient from ``start`` (default 0), truncated at non-positive curvature.
 
     Stops once ``||b - A v|| <= tol * ||b||``, after ``max_iter`` products, or at the first
     search direction ``p`` with ``p'Ap <= 0`` (``A`` is not positive definite there): the
-    iterate so far is returned, or ``b`` if that was the first direction (Nocedal & Wright,
-    Alg. 7.1: steepest descent, as if ``A`` were the identity). Diagnostics: ``iterations`` (CG steps taken), ``residual``
+    iterate so far is returned, or ``b`` if that was the first direction from 0 (Nocedal & Wright,
+    Alg. 7.1: steepest descent, as if ``A`` were the identity). A ``start`` (a warm start) costs one
+    product more, for its residual ``b - A start``; the tolerance stays relative to ``||b||``, so a
+    start near the solution saves steps. Diagnostics: ``iterations`` (CG steps taken), ``residual``
     (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
     """
-    v = [torch.zeros_like(t) for t in b]
-    r = list(b)
+    v = [torch.zeros_like(t) for t in b] if start is None else list(start)
+    r = list(b) if start is None else axpy(-1.0, matvec(v), b)
     p = r
     rr = dot(r, r)
-    b_norm = float(rr.sqrt())
+    b_norm = float(rr.sqrt()) if start is None else float(norm(b))
     steps, negative = 0, False
     for _ in range(max_iter):
         if float(rr.sqrt()) <= tol * b_norm:
@@ -104,7 +106,7 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
         curvature = dot(p, ap)
         if not float(curvature) > 0:  # also catches NaN
             negative = True
-            if steps == 0:
+            if steps == 0 and start is None:
                 v, r = list(b), axpy(-1.0, ap, r)
                 rr = dot(r, r)
             break
@@ -298,21 +300,47 @@ def _neumann_inverse(hvp: MatVec, b: Vec, K: int, step: float | None, power_iter
     return v, info | {"lambda_max": math.nan}
 
 
-# --- estimators: (oracle, x, y, **options) -> (hypergradient, diagnostics); options are keyword-only ---
+def _warm_start(memory: dict[str, Vec] | None, warm_start: bool, b: Vec) -> Vec | None:
+    """Where the solve for ``u ~ [H_yy]^-1 grad_y f`` starts: with ``warm_start``, from the previous
+    call's ``u`` kept in ``memory`` (None on the first call: from 0, as without it)."""
+    if not warm_start:
+        return None
+    if memory is None:
+        raise ValueError("warm_start needs a memory that keeps u between calls (hypergradient_with_stats(memory=...))")
+    start = memory.get("u")
+    if start is not None and [t.shape for t in start] != [t.shape for t in b]:
+        raise ValueError(f"warm_start: the kept u has shapes {[tuple(t.shape) for t in start]}, "
+                         f"grad_y f {[tuple(t.shape) for t in b]}")
+    return start
 
 
-def _exact(oracle: _Oracle, x: Vec, y: Vec, *, tol: float = 1e-10, max_iter: int = 100,
-           damping: float = 0.0) -> tuple[Vec, Diagnostics]:
+def _keep(memory: dict[str, Vec] | None, warm_start: bool, start: Vec | None, u: Vec) -> Diagnostics:
+    """Keep ``u`` in ``memory`` for the next call's warm start; the diagnostic ``warm_started``
+    (1: this solve started from a kept u, 0: from 0). Nothing without ``warm_start``."""
+    if not warm_start:
+        return {}
+    memory["u"] = [t.detach() for t in u]
+    return {"warm_started": float(start is not None)}
+
+
+# --- estimators: (oracle, x, y, **options) -> (hypergradient, diagnostics); options are keyword-only; those
+# with a warm_start option take the memory of hypergradient_with_stats as a fourth argument ---
+
+
+def _exact(oracle: _Oracle, x: Vec, y: Vec, memory: dict[str, Vec] | None = None, *, tol: float = 1e-10,
+           max_iter: int = 100, damping: float = 0.0, warm_start: bool = False) -> tuple[Vec, Diagnostics]:
     """Implicit differentiation, ``(H_yy + damping I) v = grad_y f`` by truncated CG: the reference.
 
     On a strongly convex lower level this is the hypergradient to the solver's tolerance; where
     ``H_yy + damping I`` has non-positive curvature CG stops there (see the module docstring).
+    ``warm_start`` (ours, as ``curvature``'s): CG starts from the previous call's solution.
     """
     fx, fy = oracle.grad_xy("upper", x, y)
     hvp_yy, hvp_xy = oracle.second_order(x, y)
     matvec = hvp_yy if damping == 0 else lambda u: axpy(damping, u, hvp_yy(u))  # 0 * u + w is w
-    v, info = conjugate_gradient(matvec, fy, tol, max_iter)
-    return axpy(-1.0, hvp_xy(v), fx), info | {"damping": float(damping)}
+    start = _warm_start(memory, warm_start, fy)
+    v, info = conjugate_gradient(matvec, fy, tol, max_iter, start)
+    return axpy(-1.0, hvp_xy(v), fx), info | {"damping": float(damping)} | _keep(memory, warm_start, start, v)
 
 
 def _neumann(oracle: _Oracle, x: Vec, y: Vec, *, K: int = 10, step: float | None = None,
@@ -402,9 +430,9 @@ def _fd_directional(oracle: _Oracle, x: Vec, y: Vec, *, inverse: str = "neumann"
     return axpy(-1.0, mixed, fx), info
 
 
-def _curvature(oracle: _Oracle, x: Vec, y: Vec, *, solver: str = "cg", tol: float = 1e-10, max_iter: int = 100,
-               K: int = 10, step: float | None = None, power_iters: int = 10, seed: int = 0,
-               line_search: bool = True) -> tuple[Vec, Diagnostics]:
+def _curvature(oracle: _Oracle, x: Vec, y: Vec, memory: dict[str, Vec] | None = None, *, solver: str = "cg",
+               tol: float = 1e-10, max_iter: int = 100, K: int = 10, step: float | None = None, power_iters: int = 10,
+               seed: int = 0, line_search: bool = True, warm_start: bool = False) -> tuple[Vec, Diagnostics]:
     """Curvature-aware hypergradient (Dong, Yang, Yao, Zhang, ICML 2025, arXiv 2505.02101; NBO).
 
     Implicit differentiation and a Newton step on the lower level share one Hessian
@@ -425,10 +453,18 @@ def _curvature(oracle: _Oracle, x: Vec, y: Vec, *, solver: str = "cg", tol: floa
     iteration, once for both systems; truncated where terms grow); ``solver="cg"`` is truncated
     CG (``tol``, ``max_iter``), stopping at non-positive curvature as ``exact`` does.
 
+    Warm start: NBO starts the solve for ``u`` from the previous iteration's ``u`` (the solution
+    moves little from one iteration to the next, so fewer solver steps reach the tolerance).
+    ``warm_start=True`` does so: CG starts from the ``u`` kept in ``memory`` by the previous call
+    (one product more, for the start's residual; the tolerance stays relative to ``||grad_y f||``),
+    GD takes its ``K`` steps from it (``u + `` the ``K``-term series on the residual
+    ``grad_y f - H u``, the same iterates); the first call starts from 0. In a federation the memory
+    is the client's state (``ClientJob.state``): each client starts from the ``u`` of its own last
+    outer phase, kept only while its submodel stays the same. Default off (``u`` from 0 every call).
+
     Not from the paper (reconstructed from its abstract and two summaries; the full text could
-    not be read): the estimator is one call at ``(x, y)`` with ``u`` started from 0, where NBO
-    warm-starts ``u`` from the previous iteration's and sets the lower level's next iterate to
-    ``y - v`` (here ``y`` belongs to the inner phase, and the Newton point is used for the
+    not be read): NBO sets the lower level's next iterate to ``y - v``; here the estimator is one
+    call at ``(x, y)`` (``y`` belongs to the inner phase, and the Newton point is used for the
     estimate only). ``line_search=True`` (ours) halves the Newton step, up to 10 times and then
     none, until ``g(x, y - t v) <= g(x, y)``: where ``H`` is indefinite or the step is too long
     the estimate is not taken at a point that climbed the lower level. On a strongly convex
@@ -439,31 +475,38 @@ def _curvature(oracle: _Oracle, x: Vec, y: Vec, *, solver: str = "cg", tol: floa
     the sign of power iteration's eigenvalue, as in ``neumann``),
     ``newton_iterations`` and ``newton_residual``/``newton_truncated`` (the ``v`` solve),
     ``newton_step`` (``t``), ``newton_norm`` (``t ||v||``, how far the lower level moved: an
-    estimate of ``||y - y*(x)||``) and ``lower_decrease`` (``g(x, y) - g(x, y - t v)``).
+    estimate of ``||y - y*(x)||``) and ``lower_decrease`` (``g(x, y) - g(x, y - t v)``); with
+    ``warm_start``, ``warm_started`` (1 when ``u`` started from a kept one).
     """
     if solver not in ("cg", "gd"):
         raise ValueError(f"solver must be 'cg' or 'gd', got {solver!r}")
     fx, fy = oracle.grad_xy("upper", x, y)
     gy = oracle.grad("lower", x, y, "y")
     hvp_yy, hvp_xy = oracle.second_order(x, y)
+    start = _warm_start(memory, warm_start, fy)
     info: Diagnostics = {}
     if solver == "gd" and step is None:
         measured = safe_neumann_step(hvp_yy, gy, power_iters, seed)
         step, info = measured["step"], measured
     if solver == "cg":
         v, newton = conjugate_gradient(hvp_yy, gy, tol, max_iter)
-        u, solve = conjugate_gradient(hvp_yy, fy, tol, max_iter)
+        u, solve = conjugate_gradient(hvp_yy, fy, tol, max_iter, start)
         solve["converged"] = float(solve["converged"] and newton["converged"])
         info |= solve | {"newton_iterations": newton["iterations"], "newton_residual": newton["residual"],
                          "negative_curvature": float(solve["negative_curvature"] or newton["negative_curvature"])}
     elif step > 0:
         v, newton = neumann_series(hvp_yy, gy, K, step)
-        u, solve = neumann_series(hvp_yy, fy, K, step)
+        if start is None:
+            u, solve = neumann_series(hvp_yy, fy, K, step)
+        else:  # K gradient steps from the start: the start plus the series on its residual
+            correction, solve = neumann_series(hvp_yy, axpy(-1.0, hvp_yy(start), fy), K, step)
+            u = axpy(1.0, correction, start)
         info = {"lambda_max": math.nan, "negative_curvature": 0.0} | info | solve | {
             "newton_iterations": newton["iterations"], "newton_truncated": newton["truncated"]}
     else:  # power iteration measured no curvature: nothing to invert, no Newton step
         v, u = [torch.zeros_like(t) for t in gy], [torch.zeros_like(t) for t in fy]
         info |= {"iterations": 0.0, "truncated": 1.0, "newton_iterations": 0.0, "newton_truncated": 1.0}
+    info |= _keep(memory, warm_start, start, u)
 
     def lower_value(point: Vec) -> float:
         with torch.no_grad():
@@ -502,14 +545,16 @@ def method_options(method: str) -> list[str]:
 
 def hypergradient_with_stats(upper: Loss, lower: Loss, x: Sequence[Tensor], y: Sequence[Tensor],
                              method: str = "exact", meter: CostMeter | None = None,
-                             **options: Any) -> tuple[Vec, dict[str, float]]:
+                             memory: dict[str, Vec] | None = None, **options: Any) -> tuple[Vec, dict[str, float]]:
     """Hypergradient estimate, its cost and the estimator's diagnostics.
 
     Returns ``(grads, info)``: ``grads`` is a detached list shaped like ``x``; ``info`` has
     ``"grad_evals"`` (first-order gradient evaluations), ``"hvp_evals"`` (second-order autograd
     products) and the estimator's diagnostics (see each estimator). ``x`` and ``y`` are only
     read, through detached copies; ``meter`` (optional) counts the FLOPs of every evaluation.
-    Raises ``ValueError`` for an unknown ``method`` or option.
+    ``memory`` (estimators with a ``warm_start`` option): what the estimator keeps from one call to
+    the next (``"u"``), read and updated in place. Raises ``ValueError`` for an unknown ``method``
+    or option.
     """
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; known: {sorted(METHODS)}")
@@ -517,10 +562,12 @@ def hypergradient_with_stats(upper: Loss, lower: Loss, x: Sequence[Tensor], y: S
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: {allowed}")
+    if memory is not None and "warm_start" not in allowed:
+        raise ValueError(f"method {method!r} keeps no memory between calls (it has no warm_start option)")
     x, y = [t.detach() for t in x], [t.detach() for t in y]
     oracle = _Oracle(upper, lower, x, y, meter)
     with torch.enable_grad():  # callers often sit inside torch.no_grad() (e.g. server updates)
-        grads, diagnostics = METHODS[method](oracle, x, y, **options)
+        grads, diagnostics = METHODS[method](oracle, x, y, *([] if memory is None else [memory]), **options)
     return [g.detach() for g in grads], {k: float(v) for k, v in oracle.stats.items()} | diagnostics
 
 

@@ -33,12 +33,13 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from .aggregation import coverage_of
-from .algorithms import ALGORITHMS, Phase
+from .algorithms import ALGORITHMS, ClientState, Phase
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .federation import SIDES, ServerState, Tensors, check_update, divergent, sample_clients, update_rms
 from .masks import scenario_policies
 from .results import ResultsWriter
 from .scenario import Scenario
+from .submodel import plan_key
 from .tasks import BilevelTask
 
 REQUIRED_METRICS = ("flops", "wall_time")
@@ -58,6 +59,7 @@ class Assignment:
     partition: int
     capacity: float
     arrays: dict[str, Tensors]  # side -> slices
+    submodel: str = ""  # the digest of the client's plan (plan_key): its kept state is read on this submodel only
 
 
 @dataclass
@@ -95,6 +97,10 @@ class PhaseRound:
 
 class PhaseRunner(Protocol):
     """How an engine reaches the clients."""
+
+    # What each partition's client keeps between iterations (ClientState), where the engine holds it: the
+    # plain engine does, and the loop checkpoints it; None where it lives on the clients (Flower's ClientApp).
+    client_states: dict[int, ClientState] | None
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         """Partitions that can take part now, with the capacity each one announced (None: the scenario's)."""
@@ -182,6 +188,9 @@ class TrainingLoop:
             self.min_coverage = resumed.state.get("min_coverage", {})
             self.kept = resumed.state["kept"]
             self.state.nodes = resumed.state.get("nodes", {})
+            if self.runner.client_states is not None:
+                self.runner.client_states.update({p: ClientState(**kept) for p, kept in
+                                                  resumed.state.get("client_states", {}).items()})
         self.writer = writer
         first = resumed.iteration + 1 if resumed else 1
         self.logger.info(f"{scenario.name}: {algo.name} on {scenario.task.name}, {scenario.clients.num} clients, "
@@ -222,9 +231,12 @@ class TrainingLoop:
 
     def _loop_state(self) -> dict:
         persistent = {side.name: self.state.tensors[side.name] for side in self.sides if side.persistent}
+        clients = {p: {"submodel": c.submodel, "tensors": c.tensors}
+                   for p, c in (self.runner.client_states or {}).items() if c.tensors}
         return {"trained": self.trained, "flops_by_submodel": self.flops_by_submodel, "min_coverage": self.min_coverage,
                 "kept": self.kept, **({"sides": persistent} if persistent else {}),
-                **({"nodes": self.state.nodes} if self.state.nodes else {})}
+                **({"nodes": self.state.nodes} if self.state.nodes else {}),
+                **({"client_states": clients} if clients else {})}
 
     def _iteration(self, q: int) -> None:
         scenario = self.scenario
@@ -233,14 +245,15 @@ class TrainingLoop:
         eligible = [p for p, r in available.items() if r >= scenario.clients.min_capacity]
         chosen = sample_clients(eligible, scenario.clients.fraction, scenario.seed, q)
         capacities = {p: available[p] for p in chosen}
-        self.state.plan_iteration(q, capacities)
+        submodels = {p: plan_key(plan) for p, plan in self.state.plan_iteration(q, capacities).items()}
         for side in self.sides:
             if not side.persistent:
                 self.state.reset_side(side.name)
         for i, phase in enumerate(self.phases):
             start = time.perf_counter()
             sent = {p: self.algorithm.arrays(phase, self.state, self.scenario, p, q) for p in chosen}
-            assignments = [Assignment(p, capacities[p], arrays) for p, arrays in sent.items() if arrays is not None]
+            assignments = [Assignment(p, capacities[p], arrays, submodels[p])
+                           for p, arrays in sent.items() if arrays is not None]
             phase_round = PhaseRound(phase, q, (q - 1) * len(self.phases) + i + 1, assignments,
                                      partial(self._complete_phase, phase, q, assignments, start))
             self.runner.run_phase(phase_round)
@@ -479,8 +492,10 @@ class PlainRunner:
     """The plain engine: the clients run in this process one after another, or, with
     ``run.workers`` > 1, in a pool of that many worker processes.
 
-    A client is made when it is sampled (nothing is kept per partition, so 1,000 clients cost
-    what the sampled ones cost). A client that raises is a failure (as a ClientApp exception is
+    A client is made when it is sampled (1,000 clients cost what the sampled ones cost); what a
+    client keeps between iterations (:class:`ClientState`) is held here per partition, for the
+    partitions that kept something, handed to the client (in a worker: sent there and back) and
+    checkpointed by the loop. A client that raises is a failure (as a ClientApp exception is
     in Flower); one that injected faults held back longer than ``run.phase_timeout`` is dropped as
     late, as Flower would stop waiting for it (its computation counts as instant: see :func:`call_client`). Clients run with the thread count the process had when the
     runner was made, not the server's. Workers decide both the same way (a worker that dies fails
@@ -499,6 +514,7 @@ class PlainRunner:
         self.client_threads = torch.get_num_threads()
         self.device = device
         self.pool: ProcessPoolExecutor | None = None
+        self.client_states: dict[int, ClientState] = {}
 
     def partitions(self, iteration: int) -> dict[int, float | None]:
         return dict.fromkeys(range(self.scenario.clients.num))
@@ -512,8 +528,16 @@ class PlainRunner:
         phase_round.finish(outcomes)  # the server's work, on the server's threads
 
     def _run_client(self, phase_round: PhaseRound, a: Assignment) -> Outcome:
-        return call_client(self.client(a.partition), phase_round.phase.name, phase_round.iteration, a.arrays,
-                           self.scenario.run.phase_timeout)
+        state = self.client_states.get(a.partition, ClientState())
+        outcome = call_client(self.client(a.partition), phase_round.phase.name, phase_round.iteration, a.arrays,
+                              self.scenario.run.phase_timeout, state, a.submodel)
+        self._hold(a.partition, state)
+        return outcome
+
+    def _hold(self, partition: int, state: ClientState) -> None:
+        """Hold what the client of ``partition`` keeps (partitions that keep nothing cost nothing)."""
+        if state.tensors:
+            self.client_states[partition] = state
 
     def _run_in_workers(self, phase_round: PhaseRound) -> list[Outcome]:
         assignments, workers = phase_round.assignments, self.scenario.run.workers
@@ -523,14 +547,23 @@ class PlainRunner:
                                             initializer=_start_worker, initargs=(self.scenario, self.device, threads))
         try:
             futures = [self.pool.submit(_worker_phase, a.partition, phase_round.phase.name, phase_round.iteration,
-                                        _to_numpy(a.arrays), self.scenario.run.phase_timeout) for a in assignments]
+                                        _to_numpy(a.arrays), self.scenario.run.phase_timeout, a.submodel,
+                                        _state_to_numpy(self.client_states.get(a.partition, ClientState())))
+                       for a in assignments]
             replies = [_reply(f) for f in futures]
         except BrokenProcessPool as err:  # the pool broke before this phase: no client got its work
             replies = [err] * len(assignments)
         if any(isinstance(r, BrokenProcessPool) for r in replies):
             self.close()  # a broken pool serves nothing more; the next phase spawns a fresh one
-        return [Outcome(a.partition, error=f"worker process died: {r!r}") if isinstance(r, BrokenProcessPool) else r
-                for a, r in zip(assignments, replies)]
+        outcomes = []
+        for a, reply in zip(assignments, replies):
+            if isinstance(reply, BrokenProcessPool):
+                outcomes.append(Outcome(a.partition, error=f"worker process died: {reply!r}"))
+            else:
+                outcome, state = reply
+                self._hold(a.partition, state)
+                outcomes.append(outcome)
+        return outcomes
 
     def evaluate_clients(self, iteration: int, x: Tensors, y: Tensors) -> dict[str, float]:
         replies = []
@@ -549,14 +582,16 @@ class PlainRunner:
             self.pool = None
 
 
-def call_client(client, phase: str, iteration: int, arrays: dict[str, Tensors], timeout: float) -> Outcome:
+def call_client(client, phase: str, iteration: int, arrays: dict[str, Tensors], timeout: float,
+                state: ClientState | None = None, submodel: str = "") -> Outcome:
     """One client's phase as the loop sees it: its reply, or why there is none (it raised, or was late).
 
     Late means held back longer than ``timeout`` by the scenario's injected faults (``run.faults``:
     a sleep, a wait for a release file); the computation itself counts as instant, so a loaded or
-    paused machine never changes a plain-engine run (under Flower, lateness is the real clock's)."""
+    paused machine never changes a plain-engine run (under Flower, lateness is the real clock's).
+    ``state`` (the partition's kept state, read on ``submodel``) is updated in place by a completed phase."""
     try:
-        updates, metrics = client.run(phase, iteration, arrays)
+        updates, metrics = client.run(phase, iteration, arrays, state, submodel)
     except Exception as err:  # noqa: BLE001 - a failing client is counted, never fatal
         return Outcome(client.partition, error=repr(err))
     if client.injected_delay > timeout:
@@ -575,16 +610,27 @@ def _to_torch(arrays: dict[str, dict]) -> dict[str, Tensors]:
     return {side: {k: torch.from_numpy(v) for k, v in tensors.items()} for side, tensors in arrays.items()}
 
 
+def _state_to_numpy(state: ClientState) -> tuple[str, dict]:
+    return state.submodel, _to_numpy({"": state.tensors})[""]
+
+
+def _state_to_torch(state: tuple[str, dict]) -> ClientState:
+    return ClientState(state[0], _to_torch({"": state[1]})[""])
+
+
 _WORKER: dict = {}  # in a worker process: the scenario's task, scenario and device, set once by _start_worker
 
 
-def _reply(future: Future) -> Outcome | BrokenProcessPool:
-    """A worker's outcome with torch updates, or the error of a worker that died (killed, out of memory)."""
+def _reply(future: Future) -> tuple[Outcome, ClientState] | BrokenProcessPool:
+    """A worker's outcome with torch updates and the client's state after the phase, or the error of a
+    worker that died (killed, out of memory)."""
     try:
-        outcome = future.result()
+        outcome, state = future.result()
     except BrokenProcessPool as err:
         return err
-    return outcome if outcome.updates is None else Outcome(outcome.partition, _to_torch(outcome.updates), outcome.metrics)
+    if outcome.updates is not None:
+        outcome = Outcome(outcome.partition, _to_torch(outcome.updates), outcome.metrics)
+    return outcome, _state_to_torch(state)
 
 
 def _start_worker(scenario: Scenario, device: torch.device, threads: int) -> None:
@@ -595,12 +641,16 @@ def _start_worker(scenario: Scenario, device: torch.device, threads: int) -> Non
     _WORKER.update(task=cached_task(scenario), scenario=scenario, device=device)
 
 
-def _worker_phase(partition: int, phase: str, iteration: int, arrays: dict[str, dict], timeout: float) -> Outcome:
+def _worker_phase(partition: int, phase: str, iteration: int, arrays: dict[str, dict], timeout: float, submodel: str,
+                  state: tuple[str, dict]) -> tuple[Outcome, tuple[str, dict]]:
     from clients import Client
 
     client = Client(_WORKER["task"], _WORKER["scenario"], partition, _WORKER["device"])
-    outcome = call_client(client, phase, iteration, _to_torch(arrays), timeout)
-    return outcome if outcome.updates is None else Outcome(partition, _to_numpy(outcome.updates), outcome.metrics)
+    kept = _state_to_torch(state)
+    outcome = call_client(client, phase, iteration, _to_torch(arrays), timeout, kept, submodel)
+    if outcome.updates is not None:
+        outcome = Outcome(partition, _to_numpy(outcome.updates), outcome.metrics)
+    return outcome, _state_to_numpy(kept)
 
 
 def run_plain(scenario: Scenario, logger: logging.Logger = LOGGER) -> LoopResult:

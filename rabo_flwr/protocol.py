@@ -22,6 +22,11 @@ ITERATION = "iteration"
 PARTITION = "partition"
 CAPACITY = "capacity"
 PHASE = "phase"
+SUBMODEL = "submodel"  # the digest of the client's plan (submodel.plan_key): its kept state is read on it only
+
+# The ClientApp keeps each partition's ClientState in its context.state under CLIENT_STATE.<partition>
+# (tensors, an ArrayRecord) and CLIENT_STATE.<partition>.submodel (a ConfigRecord).
+CLIENT_STATE = "client_state"
 
 # A reply holds one ArrayRecord per side updated, keyed by update_key(side), and METRICS.
 METRICS = "metrics"

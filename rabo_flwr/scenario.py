@@ -306,6 +306,9 @@ def validate(s: Scenario, source: str) -> Scenario:
         if unknown:
             raise _fail(source, "algorithm.estimator_options",
                         f"{unknown} not options of {estimator} (it takes {method_options(estimator)})")
+        warm_start = s.algorithm.estimator_options.get("warm_start", False)
+        if not isinstance(warm_start, bool):
+            raise _fail(source, "algorithm.estimator_options.warm_start", f"must be true or false, got {warm_start!r}")
     for side in ("x", "y"):
         if getattr(s.algorithm, f"mask_{side}"):
             _check_choice(source, f"algorithm.mask_{side}", getattr(s.algorithm, f"mask_{side}"), tuple(POLICIES))

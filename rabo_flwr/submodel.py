@@ -10,6 +10,7 @@ computes a narrower network, and only those slices travel.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -114,3 +115,14 @@ def scatter_into(target: torch.Tensor, values: torch.Tensor, dim_groups: DimGrou
 def numel_in_plan(tensors: Mapping[str, torch.Tensor], layout: Layout, plan: Plan) -> int:
     """Number of elements a client with this plan holds on this side."""
     return sum(math.prod(sliced_shape(tensors[n].shape, layout.dims[n], plan)) for n in layout.dims)
+
+
+def plan_key(plan: Plan) -> str:
+    """A digest of a plan's kept indices, group by group: equal digests, equal submodels (a client's
+    state is read only on the submodel it was made on, :class:`~rabo_flwr.algorithms.ClientState`)."""
+    digest = hashlib.sha256()
+    for group in sorted(plan):
+        indices = plan[group].detach().cpu().to(torch.int64).contiguous()
+        digest.update(f"{group}:{indices.numel()}:".encode())
+        digest.update(indices.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -43,7 +43,7 @@ from rabo_flwr.exchange import send_and_receive
 from rabo_flwr.federation import SIDES, Tensors
 from rabo_flwr.loop import Outcome, PhaseRound, TrainingLoop, mean_client_metrics
 from rabo_flwr.protocol import (CAPACITY, CONFIG, ITERATION, METRICS, PARTITION, PHASE, PROFILE, PROFILE_QUERY,
-                                UPDATE, phase_kind, train_message)
+                                SUBMODEL, UPDATE, phase_kind, train_message)
 from rabo_flwr.runtime import cached_task, choose_device
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
@@ -106,6 +106,9 @@ class PhaseStrategy(Strategy):
     """
 
     algorithms: ClassVar[tuple[str, ...]] = ()  # the algorithm.name values a family runs
+    # what a client keeps between iterations lives in its ClientApp's context (rabo_flwr/client_app.py), not here:
+    # a run resumed from the server's checkpoint starts the clients' states cold (README: resuming)
+    client_states: ClassVar[None] = None
 
     def __init__(self, scenario: Scenario, task: BilevelTask | None = None, *, virtual_clients: bool | None = None,
                  device: torch.device | None = None) -> None:
@@ -269,7 +272,7 @@ class PhaseStrategy(Strategy):
             The current global x and y; each client is sent its submodel's slices of them, by side
             (records ``"x"`` and/or ``"y"``, as the phase sends).
         config : ConfigRecord
-            Extra config entries for every message (beside ``iteration``, ``partition``, ``capacity``).
+            Extra config entries for every message (beside ``iteration``, ``partition``, ``capacity``, ``submodel``).
         grid : Grid
             The Grid the messages go through.
 
@@ -283,12 +286,13 @@ class PhaseStrategy(Strategy):
         """
         phase_round = self._current(server_round)
         sent: dict[int, Message] = {}
-        for index, a in enumerate(phase_round.assignments):
+        for a in phase_round.assignments:
             content = RecordDict({side: to_record(slices) for side, slices in a.arrays.items()})
             name = phase_round.phase.name
             content[CONFIG] = ConfigRecord({**dict(config), ITERATION: phase_round.iteration, PARTITION: a.partition,
-                                            CAPACITY: a.capacity, **({PHASE: name} if name != phase_kind(name) else {})})
-            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition, index),
+                                            CAPACITY: a.capacity, SUBMODEL: a.submodel,
+                                            **({PHASE: name} if name != phase_kind(name) else {})})
+            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition),
                                         message_type=train_message(phase_round.phase.name),
                                         group_id=str(phase_round.iteration))
         self._sent = sent
@@ -380,9 +384,9 @@ class PhaseStrategy(Strategy):
         content = {"x": to_record(x), "y": to_record(y)}
         return [Message(RecordDict({**content, CONFIG: ConfigRecord({**dict(config), ITERATION: iteration,
                                                                      PARTITION: p})}),
-                        dst_node_id=self.node_of(p, index), message_type=MessageType.EVALUATE,
+                        dst_node_id=self.node_of(p), message_type=MessageType.EVALUATE,
                         group_id=f"eval.{iteration}")
-                for index, p in enumerate(sorted(self.partitions(iteration)))]
+                for p in sorted(self.partitions(iteration))]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The clients' metrics, weighted by their ``examples``; error replies are logged and left out.
@@ -417,11 +421,12 @@ class PhaseStrategy(Strategy):
             return {p: None for p in range(self.clients)}
         return {profile.partition: profile.announced_capacity for profile in self.profiles.values()}
 
-    def node_of(self, partition: int, index: int) -> int:
-        """The node serving ``partition``, the ``index``-th client of a round."""
+    def node_of(self, partition: int) -> int:
+        """The node serving ``partition``: in simulation the (partition mod nodes)-th, always the same one, so
+        that what a virtual client keeps in its node's context (its ClientState) is there at its next phase."""
         if self.virtual_clients:
             nodes = sorted(self.profiles, key=lambda n: self.profiles[n].partition)
-            return nodes[index % len(nodes)]
+            return nodes[partition % len(nodes)]
         return next(n for n, p in self.profiles.items() if p.partition == partition)
 
     def _discover(self) -> None:

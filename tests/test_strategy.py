@@ -223,8 +223,8 @@ def test_nodes_with_impossible_profiles_are_left_out(tmp_path, caplog, node_conf
 
 
 def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, one_thread):
-    """Flower's default simulation has 2 SuperNodes: 5 clients still run, a phase's i-th message on
-    node i mod 2, with the same records as one node per partition."""
+    """Flower's default simulation has 2 SuperNodes: 5 clients still run, partition p always on
+    node p mod 2 (where its ClientState is kept), with the same records as one node per partition."""
     path = tiny_scenario(tmp_path / "virtual", clients={"num": 5})
     scenario = load_scenario(path)
     grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
@@ -247,6 +247,7 @@ def test_a_reply_without_a_flop_count_is_left_out_of_the_sum_and_counted(tmp_pat
 
     class FirstUncounted:
         partitions = plain.partitions
+        client_states = plain.client_states
 
         def run_phase(self, phase_round):
             finish = phase_round.finish

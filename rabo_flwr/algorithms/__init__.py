@@ -14,7 +14,7 @@ Single-level submodel training (one phase), by extraction rule: ``static`` (Hete
 """
 
 from .aggitd import AggITD
-from .base import Algorithm, ClientJob, LocalResult, Phase, Side
+from .base import Algorithm, ClientJob, ClientState, LocalResult, Phase, Side
 from .bilevel import Bilevel, LowerOnly
 from .episodic import Maml, ProtoNet, SingleLevel
 from .fednest import FedNest
@@ -42,4 +42,4 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Maml(),
 )}
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientJob", "LocalResult", "Phase", "Side"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientJob", "ClientState", "LocalResult", "Phase", "Side"]

@@ -17,6 +17,12 @@ to :meth:`Algorithm.gather`, which mixes the node states with the gossip matrix.
 Server variables beyond x and y (:class:`Side`) take the layout and the iteration's submodel of
 the side they follow, so a y-shaped variable is sliced, checked and coverage-averaged exactly as
 y is, under every mask policy.
+
+State that a client keeps between phases and iterations (:class:`ClientState`: a warm start,
+control variates, trackers) never travels: a phase reads it as ``ClientJob.state`` and returns
+what to keep in ``LocalResult.state``. The engine keeps it per partition (the plain engine in its
+process and in the checkpoint, Flower in the ClientApp's context), and the client hands a phase
+only the state made on the submodel it is given now (see :class:`ClientState`).
 """
 
 from __future__ import annotations
@@ -67,6 +73,34 @@ class Side:
 
 
 @dataclass
+class ClientState:
+    """What one partition's client keeps between phases and iterations: named tensors, and the
+    submodel they were made on (``submodel``: the digest of the plan, :func:`~rabo_flwr.submodel.plan_key`).
+
+    Tensors shaped like a slice only mean something on the submodel that sliced them, and the
+    client only ever sees its slices, never the plan's indices (Flower's ClientApp keeps the
+    state on the edge). So a phase reads the state only while the client's submodel is the one
+    it was made on; on another submodel the phase starts without it, and the first state it
+    keeps there replaces the old. Clients not sampled keep theirs; a client keeps what a
+    completed phase returned even when the server then rejected or missed its reply (its
+    ClientApp kept it too); a phase that raised keeps nothing.
+    """
+
+    submodel: str = ""
+    tensors: Tensors = field(default_factory=dict)
+
+    def readable(self, submodel: str) -> Tensors:
+        """The tensors a phase on ``submodel`` may read: all of them on their own submodel, else none."""
+        return self.tensors if submodel == self.submodel else {}
+
+    def keep(self, submodel: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``tensors`` (replacing those of the same names) made on ``submodel``."""
+        if tensors:
+            self.tensors = {**self.readable(submodel), **{k: v.detach().cpu() for k, v in tensors.items()}}
+            self.submodel = submodel
+
+
+@dataclass
 class ClientJob:
     """Everything one client's phase works with (its slices, data source, meter)."""
 
@@ -80,6 +114,7 @@ class ClientJob:
     meter: CostMeter
     thresholds: Tensors = field(default_factory=dict)  # per tensor, the mask's threshold (FIARSE's), if sent
     sides: dict[str, Tensors] = field(default_factory=dict)  # the algorithm's own server variables sent (Side)
+    state: Tensors = field(default_factory=dict)  # what this client kept on this submodel (ClientState)
 
     @property
     def local_steps(self) -> int:
@@ -91,6 +126,7 @@ class ClientJob:
 class LocalResult:
     updates: dict[str, Tensors]  # side -> update slices
     metrics: dict[str, float] = field(default_factory=dict)
+    state: Tensors = field(default_factory=dict)  # what the client keeps for its next phases (ClientState.keep)
 
 
 class Algorithm:

@@ -53,7 +53,11 @@ def inner_phase(job: ClientJob, steps: int, beta: float, round_index: int = 1, r
 
 
 def outer_phase(job: ClientJob, estimator: str, options: Mapping[str, Any], steps: int) -> LocalResult:
-    """The client's hypergradient H_i for its x-submodel at (x_q, y_{q+1}), with the estimator's diagnostics."""
+    """The client's hypergradient H_i for its x-submodel at (x_q, y_{q+1}), with the estimator's diagnostics.
+
+    With ``warm_start`` (``exact``, ``curvature``) the estimator's solve for u starts from the u this
+    client kept at its last outer phase on the same submodel (``ClientJob.state``, entries ``u.<y name>``)
+    and the new u is kept in its place."""
     task, meter = job.task, job.meter
     batch = task.client_batch(job.partition, job.iteration, job.device, steps)
     x_names, y_names = list(job.x), list(job.y)
@@ -66,11 +70,16 @@ def outer_phase(job: ClientJob, estimator: str, options: Mapping[str, Any], step
 
     xs = [job.x[n].detach() for n in x_names]
     ys = [job.y[n].detach() for n in y_names]
-    grads, info = hypergradient_with_stats(upper, lower, xs, ys, estimator, meter=meter, **options)
+    kept = [f"u.{n}" for n in y_names]
+    memory = None
+    if options.get("warm_start"):
+        memory = {"u": [job.state[k] for k in kept]} if all(k in job.state for k in kept) else {}
+    grads, info = hypergradient_with_stats(upper, lower, xs, ys, estimator, meter=meter, memory=memory, **options)
     with torch.no_grad():
         upper_value = meter.unit("upper.value", shapes(xs, ys, batch.upper), lambda: float(upper(xs, ys)))
     return LocalResult({"x": dict(zip(x_names, grads))},
-                       {"upper_loss": upper_value, "examples": batch.examples, **{f"hg_{k}": v for k, v in info.items()}})
+                       {"upper_loss": upper_value, "examples": batch.examples, **{f"hg_{k}": v for k, v in info.items()}},
+                       dict(zip(kept, memory["u"])) if memory else {})
 
 
 def estimator_options(job: ClientJob) -> dict:
