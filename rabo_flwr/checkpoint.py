@@ -3,8 +3,9 @@
 Mask policies, client sampling and episodes are all seeded by (seed, iteration, client), so
 the global x and y, the iteration, the metrics so far and the loop's bookkeeping (which
 elements were ever trained, FLOP estimates for failed clients, an algorithm's persistent server
-variables such as SimFBO's v) are the whole state; the file is written atomically, so a crash
-mid-write leaves the previous checkpoint intact.
+variables such as SimFBO's v, and what the plain engine's clients keep between iterations, their
+``ClientState``) are the whole state; the file is written atomically, so a crash mid-write leaves
+the previous checkpoint intact.
 """
 
 from __future__ import annotations

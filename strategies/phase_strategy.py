@@ -418,8 +418,19 @@ class PhaseStrategy(Strategy):
         """Partitions some node serves, with the capacity that node announced."""
         self._discover()
         if self.virtual_clients:
+            self._check_stateful_simulation()
             return {p: None for p in range(self.clients)}
         return {profile.partition: profile.announced_capacity for profile in self.profiles.values()}
+
+    def _check_stateful_simulation(self) -> None:
+        """Clients that keep state need one SuperNode per partition in simulation: Flower's engine hands a
+        node's messages to parallel workers, each with a copy of the node's context, and writes back whichever
+        finishes last, so of two partitions a node serves in one round one would lose what it kept."""
+        key = ALGORITHMS[self.scenario.algorithm.name].client_state_key(self.scenario)
+        if key and len(self.profiles) < self.clients:
+            raise ValueError(f"{key}: clients keep state between iterations, which Flower's simulation holds per "
+                             f"SuperNode; run one SuperNode per partition (--federation-config "
+                             f"\"num-supernodes={self.clients}\"), not {len(self.profiles)}")
 
     def node_of(self, partition: int) -> int:
         """The node serving ``partition``: in simulation the (partition mod nodes)-th, always the same one, so

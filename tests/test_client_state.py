@@ -21,6 +21,8 @@ from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.results import read_metrics
 from strategies import Rabo
 from tests.inprocess_grid import InProcessGrid
+from tests.test_family import flwr_run_and_plain
+from tests.test_flower_e2e import home  # noqa: F401 - a fixture
 from tests.test_quadratic import small
 from tests.test_strategy import one_thread, stable  # noqa: F401 - one_thread is a fixture
 
@@ -173,18 +175,37 @@ def test_a_resumed_run_gives_the_records_of_an_uninterrupted_one(tmp_path):
 
 
 def test_flower_keeps_each_virtual_clients_state_in_its_nodes_context(tmp_path, one_thread):
-    """Two simulated nodes serve four partitions, two sampled per iteration: partition p always on node
-    p mod 2, its state in that node's context under its own key, and the run gives the plain engine's
-    records (a state read by another partition, or lost, would change the solves)."""
-    path = warm(tmp_path / "flower")
-    scenario = load_scenario(path)
-    grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
-    strategy = Rabo(scenario, virtual_clients=True)
-    strategy.start(grid, strategy.initial_arrays(), num_rounds=2 * scenario.algorithm.iterations)
-    flower = read_metrics(scenario.results_path / "metrics.jsonl")
+    """Four simulated nodes, four partitions, two sampled per iteration: partition p always on node p, its state
+    in that node's context under its own key, and the run gives the plain engine's records (a state read by
+    another partition, or lost, would change the solves). Fewer nodes than partitions stop the run before
+    training: Flower's simulation runs a node's messages in parallel on copies of its context."""
+    def simulate(path, nodes):
+        scenario = load_scenario(path)
+        grid = InProcessGrid({"scenario": str(path)}, num_nodes=nodes)
+        strategy = Rabo(scenario, virtual_clients=True)
+        strategy.start(grid, strategy.initial_arrays(), num_rounds=2 * scenario.algorithm.iterations)
+        return read_metrics(scenario.results_path / "metrics.jsonl"), grid
+
+    flower, grid = simulate(warm(tmp_path / "flower"), 4)
     plain = run_plain(load_scenario(warm(tmp_path / "plain")), QUIET).records
     assert stable(flower) == stable(plain)
     assert sum(c["hg_warm_started"] for _, _, c in outer_clients(flower)) == 8  # all but each partition's first
-    assert sorted(k for context in grid.contexts.values() for k in context.state if not k.endswith("submodel")) == \
-        [f"client_state.{p}" for p in range(4)]
-    assert all(k.endswith((".0", ".2", ".0.submodel", ".2.submodel")) for k in grid.contexts[101].state)
+    assert {node: sorted(context.state) for node, context in grid.contexts.items()} == \
+        {101 + p: [f"client_state.{p}", f"client_state.{p}.submodel"] for p in range(4)}
+    with pytest.raises(ValueError, match=r"algorithm.estimator_options.warm_start: .* \(--federation-config "
+                                         r"\"num-supernodes=4\"\), not 2"):
+        simulate(warm(tmp_path / "shared"), 2)
+
+
+@pytest.mark.e2e
+def test_warm_start_through_flwr_run_keeps_each_partitions_state_on_its_node(home, tmp_path):  # noqa: F811
+    """Flower's simulation engine keeps a node's context between its messages: 3 partitions on 3 SuperNodes,
+    every partition's solves after its first start from its kept u, and the run ends where the plain engine's
+    does (up to the clients' thread count's round-off)."""
+    flower, plain = flwr_run_and_plain(home, tmp_path, {
+        "scenario": "scenarios/quadratic/rabo-curvature-warm.yaml", "algorithm.iterations": 3, "clients.num": 3,
+        "run.eval_every": 1}, supernodes=3)
+    started = lambda records: [(q, p, c["hg_warm_started"]) for q, p, c in outer_clients(records)]  # noqa: E731
+    assert started(flower) == started(plain) == [(q, p, float(q > 1)) for q in (1, 2, 3) for p in range(3)]
+    assert [e["x_error"] for e in flower if e["phase"] == "eval"] == pytest.approx(
+        [e["x_error"] for e in plain if e["phase"] == "eval"], rel=1e-5)

@@ -142,6 +142,11 @@ class Algorithm:
     def phases(self, scenario: "Scenario") -> list[Phase]:
         raise NotImplementedError
 
+    def client_state_key(self, scenario: "Scenario") -> str:
+        """The scenario key that makes this algorithm's clients keep state between iterations (ClientState),
+        "" when they keep none: Flower's simulation then needs one SuperNode per partition (PhaseStrategy)."""
+        return ""
+
     def sides(self, scenario: "Scenario") -> tuple[Side, ...]:
         """Server variables beyond x and y that the phases send, step or assign."""
         return ()

@@ -110,6 +110,9 @@ class Bilevel(Algorithm):
         return [Phase(INNER, ("x", "y"), {"y": algo.beta}, "lower_loss"),
                 Phase(OUTER, ("x", "y"), {"x": algo.alpha}, "upper_loss")]
 
+    def client_state_key(self, scenario):
+        return "algorithm.estimator_options.warm_start" if scenario.algorithm.estimator_options.get("warm_start") else ""
+
     def run(self, phase, job):
         algo = job.scenario.algorithm
         if phase == INNER:
