@@ -17,9 +17,10 @@ import torch
 from clients.faults import before_phase, corrupt_updates, matching
 from rabo_flwr.algorithms import ALGORITHMS, ClientJob, ClientState
 from rabo_flwr.cost import CostMeter
-from rabo_flwr.protocol import THRESHOLDS
+from rabo_flwr.protocol import PLAN, THRESHOLDS
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
+from rabo_flwr.tasks.segment import SegmentTask
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -29,8 +30,10 @@ def _as_tensors(arrays: Mapping[str, ArrayLike], device: torch.device) -> dict[s
 
 
 def cost_context(scenario: Scenario) -> str:
-    """What, besides tensor shapes, decides a computation's FLOPs: the task and model settings."""
-    return json.dumps({"task": dataclasses.asdict(scenario.task), "model": dataclasses.asdict(scenario.model)}, sort_keys=True)
+    """What, besides tensor shapes, decides a computation's FLOPs: the task and model settings, and
+    the submodel kind (a segment client's units run the full model on its held slices' shapes)."""
+    return json.dumps({"task": dataclasses.asdict(scenario.task), "model": dataclasses.asdict(scenario.model),
+                       "submodel": scenario.algorithm.submodel}, sort_keys=True)
 
 
 class Client:
@@ -52,17 +55,22 @@ class Client:
         algorithm's own server variables) to its slices (and ``THRESHOLDS`` to the mask's thresholds, when
         the server's policy has them). ``state``: what this partition's client kept so far, read as made on
         ``submodel`` (the digest of the plan that sliced ``arrays``) and updated in place with what the
-        phase keeps (:class:`~rabo_flwr.algorithms.ClientState`)."""
+        phase keeps (:class:`~rabo_flwr.algorithms.ClientState`). Under segment submodels x and y come whole
+        with the plan (``PLAN``): the client works on their held slices, inside the full model (:class:`SegmentTask`)."""
         faults = matching(self.scenario.run.faults, self.partition, phase, iteration)
         self.injected_delay = before_phase(faults)
         x = _as_tensors(arrays.get("x", {}), self.device)
         y = _as_tensors(arrays.get("y", {}), self.device)
+        task = self.task
+        if self.scenario.algorithm.submodel == "segment":
+            task = SegmentTask(self.task, {"x": x, "y": y}, _as_tensors(arrays[PLAN], self.device))
+            x, y = task.held("x"), task.held("y")
         thresholds = _as_tensors(arrays.get(THRESHOLDS, {}), self.device)
-        sides = {side: _as_tensors(a, self.device) for side, a in arrays.items() if side not in ("x", "y", THRESHOLDS)}
+        sides = {side: _as_tensors(a, self.device) for side, a in arrays.items()
+                 if side not in ("x", "y", THRESHOLDS, PLAN)}
         meter = CostMeter(self.device, self.scenario.run.count_flops, self.context)
         kept = _as_tensors(state.readable(submodel), self.device) if state is not None else {}
-        job = ClientJob(self.task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds, sides,
-                        kept)
+        job = ClientJob(task, self.scenario, self.partition, iteration, self.device, x, y, meter, thresholds, sides, kept)
         with meter:
             result = self.algorithm.run(phase, job)
         if state is not None:

@@ -12,8 +12,8 @@ import torch
 
 from .aggregation import apply_step, coverage_mean
 from .masks import MaskPolicy, begin_round, build_plan
-from .protocol import THRESHOLDS
-from .submodel import Layout, Plan, slice_tensors, sliced_shape
+from .protocol import PLAN, THRESHOLDS
+from .submodel import Layout, Plan, held_layout, slice_tensors, sliced_shape
 
 Tensors = dict[str, torch.Tensor]
 SIDES = ("x", "y")
@@ -28,10 +28,18 @@ def sample_clients(partitions: Sequence[int], fraction: float, seed: int, iterat
 
 
 class ServerState:
-    """Holds the global x and y, plans each iteration's submodels and applies coverage-counted steps."""
+    """Holds the global x and y, plans each iteration's submodels and applies coverage-counted steps.
 
-    def __init__(self, layouts: Mapping[str, Layout], x: Tensors, y: Tensors, policies: Mapping[str, MaskPolicy]):
+    ``submodel`` (``algorithm.submodel``) decides what a client holds of its plan
+    (:func:`~rabo_flwr.submodel.held_layout`): its slices of every side, its expected replies and the
+    coverage counts follow that layout; under ``segment`` a client is also sent x and y whole.
+    """
+
+    def __init__(self, layouts: Mapping[str, Layout], x: Tensors, y: Tensors, policies: Mapping[str, MaskPolicy],
+                 submodel: str = "sliced"):
         self.layouts = dict(layouts)  # x's and y's: what the mask policies plan
+        self.submodel = submodel
+        self.held = {side: held_layout(layout, submodel) for side, layout in layouts.items()}  # what a client holds
         self.tensors = {"x": dict(x), "y": dict(y)}
         self.policies = dict(policies)
         self.plans: dict[int, Plan] = {}
@@ -54,7 +62,8 @@ class ServerState:
         self.tensors[side] = {n: torch.zeros_like(t) for n, t in self.tensors[self.follows[side]].items()}
 
     def layout(self, side: str) -> Layout:
-        return self.layouts[self.follows.get(side, side)]
+        """What a client holds of ``side``: the held layout of x or y, or of the side it follows."""
+        return self.held[self.follows.get(side, side)]
 
     @property
     def x(self) -> Tensors:
@@ -75,12 +84,19 @@ class ServerState:
 
     def slices(self, client: int, sides: Iterable[str] = SIDES) -> dict[str, Tensors]:
         """What a client receives: its slices of the current global tensors of ``sides``, and
-        under ``THRESHOLDS`` the thresholds its mask policies give those tensors (FIARSE's)."""
+        under ``THRESHOLDS`` the thresholds its mask policies give those tensors (FIARSE's).
+
+        Under segment submodels x and y travel whole (the client forwards the full model and takes
+        its held elements out itself) with the plan under ``PLAN``; the algorithm's own sides, which
+        only the held elements' work reads, travel as held slices.
+        """
         plan = self.plans[client]
-        arrays = {side: slice_tensors(self.tensors[side], self.layout(side), plan) for side in sides}
+        segment = self.submodel == "segment"
+        arrays = {side: {n: t.clone() for n, t in self.tensors[side].items()} if segment and side in SIDES
+                  else slice_tensors(self.tensors[side], self.layout(side), plan) for side in sides}
         thresholds = {name: t for side in sides if side in SIDES
                       for name, t in self.policies[side].thresholds(self.layouts[side], plan).items()}
-        return arrays | ({THRESHOLDS: thresholds} if thresholds else {})
+        return arrays | ({THRESHOLDS: thresholds} if thresholds else {}) | ({PLAN: dict(plan)} if segment else {})
 
     def expected_shapes(self, client: int, side: str) -> dict[str, tuple[int, ...]]:
         """Shapes a client's update for ``side`` must have (used to reject malformed replies)."""

@@ -176,7 +176,7 @@ class TrainingLoop:
         self.task.prepare()  # missing or corrupt data stops the run here, before any results are written
         writer = ResultsWriter(scenario.results_path, scenario, history=resumed.metrics if resumed else None)
         x, y = (resumed.x, resumed.y) if resumed else initial or self.task.init_tensors(scenario.seed)
-        self.state = ServerState(self.task.layouts, x, y, scenario_policies(scenario))
+        self.state = ServerState(self.task.layouts, x, y, scenario_policies(scenario), algo.submodel)
         saved_sides = resumed.state.get("sides", {}) if resumed else {}
         for side in self.sides:
             self.state.add_side(side.name, side.follows, saved_sides.get(side.name))

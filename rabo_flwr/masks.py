@@ -111,24 +111,35 @@ class RollingMask(MaskPolicy):
 
 
 class PlacedMask(MaskPolicy):
-    """Client i keeps window ``placement[i] + l * q`` of group l at iteration q: the placement sets the coverage.
+    """Client i keeps window ``placement[i]`` of every group (segment submodels), or window
+    ``placement[i] + l * q`` of group l at iteration q (sliced ones): the placement sets the coverage.
 
     Windows are consecutive blocks of width k = ceil(r * C), window w starting at channel w * k
-    (wrapping). With no placement given, client i starts from window i (staggered). Groups are
-    numbered in layout order (x's, then y's), so a weight between group l - 1 (its inputs) and
-    group l (its outputs) is held by the clients whose input and output windows differ by q:
-    every iteration trains one "diagonal" of each conv's block grid, and with k dividing C into
-    n windows the n diagonals take turns, so all of x is trained within n iterations (for any
-    two connected groups whose numbers differ by a gap coprime to n; in Conv4 the gap is 1),
-    while each iteration's coverage counts are set by the placement alone. With every capacity
+    (wrapping). With no placement given, client i keeps window i (staggered). With every capacity
     r = 1/n, clients holding windows 0..n-1 once each give C* = 1; holding each of them twice
     gives C* = 2: the controlled placement of the paper's C_x* study.
+
+    Segment submodels (``algorithm.submodel: segment``) hold a kept channel's whole filter, so
+    windows that tile each group cover all of x in every iteration without moving: the windows
+    stay fixed (``rotate=False``), each client always trains the same segment, as the paper's
+    study "manually control[s] which segment each client trains".
+
+    Sliced submodels hold a weight only where both its input and output channels are kept, so
+    fixed windows would train only the diagonal blocks of each conv. With ``rotate`` (what the
+    scenarios get under sliced submodels) groups are numbered in layout order (x's, then y's) and
+    group l's window advances l windows an iteration, so a weight between group l - 1 (its
+    inputs) and group l (its outputs) is held by the clients whose input and output windows
+    differ by q: every iteration trains one "diagonal" of each conv's block grid, and with k
+    dividing C into n windows the n diagonals take turns, so all of x is trained within n
+    iterations (for any two connected groups whose numbers differ by a gap coprime to n; in Conv4
+    the gap is 1), while each iteration's coverage counts are set by the placement alone.
     """
 
     name = "placed"
 
-    def __init__(self, placement: list[int] | None = None):
+    def __init__(self, placement: list[int] | None = None, rotate: bool = True):
         self.placement = list(placement or [])
+        self.rotate = rotate
         self._number: dict[str, int] = {}
 
     def begin_round(self, iteration, tensors, layouts, groups):
@@ -137,7 +148,8 @@ class PlacedMask(MaskPolicy):
     def indices(self, group, size, capacity, iteration, client):
         k = kept_count(capacity, size)
         window = self.placement[client % len(self.placement)] if self.placement else client
-        return _window(size, k, ((window + self._number.get(group, 0) * iteration) * k) % size)
+        advance = self._number.get(group, 0) * iteration if self.rotate else 0
+        return _window(size, k, ((window + advance) * k) % size)
 
 
 class RandomMask(MaskPolicy):
@@ -274,7 +286,8 @@ POLICIES = {cls.name: cls for cls in (FullMask, StaticMask, RollingMask, PlacedM
                                       OnlineAdaptiveMask, ImportanceThresholdMask)}
 
 
-def make_policy(name: str, seed: int = 0, rolling_step: int = 1, placement: list[int] | None = None) -> MaskPolicy:
+def make_policy(name: str, seed: int = 0, rolling_step: int = 1, placement: list[int] | None = None,
+                rotate: bool = True) -> MaskPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown mask policy {name!r}; choose one of {sorted(POLICIES)}")
     if name == "random":
@@ -282,14 +295,17 @@ def make_policy(name: str, seed: int = 0, rolling_step: int = 1, placement: list
     if name == "rolling":
         return RollingMask(rolling_step)
     if name == "placed":
-        return PlacedMask(placement)
+        return PlacedMask(placement, rotate)
     return POLICIES[name]()
 
 
 def scenario_policies(scenario) -> dict[str, MaskPolicy]:
-    """The mask policy of each side, as the scenario (or its algorithm) names them."""
+    """The mask policy of each side, as the scenario (or its algorithm) names them; ``placed``
+    windows rotate only under sliced submodels (:class:`PlacedMask`)."""
     algo = scenario.algorithm
-    return {side: make_policy(algo.mask(side), scenario.seed, algo.rolling_step, algo.placement) for side in ("x", "y")}
+    rotate = algo.submodel == "sliced"
+    return {side: make_policy(algo.mask(side), scenario.seed, algo.rolling_step, algo.placement, rotate)
+            for side in ("x", "y")}
 
 
 def build_plan(

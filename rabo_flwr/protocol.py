@@ -15,8 +15,10 @@ PROFILE_QUERY = "query.profile"
 PROFILE = "profile"
 
 # A train message holds one ArrayRecord per side sent, keyed by the side ("x", "y"), and CONFIG;
-# under FIARSE's extraction also THRESHOLDS (per weight tensor, the threshold of its gradient scaling).
+# under FIARSE's extraction also THRESHOLDS (per weight tensor, the threshold of its gradient scaling);
+# under segment submodels (algorithm.submodel) x and y whole and PLAN (per channel group, the kept indices).
 THRESHOLDS = "thresholds"
+PLAN = "plan"
 CONFIG = "config"
 ITERATION = "iteration"
 PARTITION = "partition"

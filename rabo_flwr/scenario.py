@@ -108,6 +108,9 @@ class AlgorithmConfig:
     mask_y: str = ""
     rolling_step: int = 1
     placement: list[int] = field(default_factory=list)  # mask "placed": window index per partition
+    # what a client holds of its kept channels (rabo_flwr/submodel.py, held_layout): "sliced", the sub-network
+    # of those channels; "segment", their filters trained inside the full network, the rest frozen
+    submodel: str = "sliced"
     adapt_steps: int = 3  # dist-maml: adaptation steps on the support set
     adapt_lr: float = 0.1  # dist-maml: adaptation step size
     inner_rounds: int = 1  # fednest, lfednest: T, lower-level rounds (FedInn calls) per iteration; aggitd: N, its rounds
@@ -285,6 +288,7 @@ def validate(s: Scenario, source: str) -> Scenario:
     from .hypergrad import METHODS, method_options
     from .masks import POLICIES
     from .models.backbones import BACKBONES
+    from .submodel import SUBMODELS
 
     if ":" in s.task.name:
         _check_custom_task(s, source)
@@ -314,6 +318,10 @@ def validate(s: Scenario, source: str) -> Scenario:
             _check_choice(source, f"algorithm.mask_{side}", getattr(s.algorithm, f"mask_{side}"), tuple(POLICIES))
     for i, window in enumerate(s.algorithm.placement):
         _check_positive(source, f"algorithm.placement[{i}]", window, allow_zero=True)
+    _check_choice(source, "algorithm.submodel", s.algorithm.submodel, SUBMODELS)
+    if s.algorithm.submodel == "segment" and not algorithm.segments:
+        supported = ", ".join(name for name, a in ALGORITHMS.items() if a.segments)
+        raise _fail(source, "algorithm.submodel", f"{s.algorithm.name} does not train segments (those that do: {supported})")
     if algorithm.episodic and s.task.name != "fewshot":
         raise _fail(source, "algorithm.name", f"{s.algorithm.name} trains on few-shot episodes: task.name must be fewshot")
     _check_choice(source, "model.backbone", s.model.backbone, tuple(BACKBONES))

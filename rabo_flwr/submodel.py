@@ -6,6 +6,11 @@ conv block) and, for every tensor in its state, which group each dimension belon
 and kernel sizes). A submodel is then just a map ``group -> kept indices``; every tensor is
 sliced with ``index_select`` along its grouped dimensions, so a client really holds and
 computes a narrower network, and only those slices travel.
+
+``algorithm.submodel`` says what a plan's kept channels give a client (:func:`held_layout`):
+``sliced`` (the default) the sub-network of those channels, as above; ``segment`` the filters of
+those channels inside the full network, which the client forwards whole, every other element a
+constant at the server's value (``rabo_flwr.tasks.segment``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,29 @@ class Layout:
     groups: Mapping[str, int]
     dims: Mapping[str, DimGroups]
     owners: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
+
+
+SUBMODELS = ("sliced", "segment")  # algorithm.submodel: what a client holds of its plan's channels
+
+
+def held_layout(layout: Layout, submodel: str) -> Layout:
+    """The layout of what a client holds of ``layout``'s tensors under ``algorithm.submodel``.
+
+    ``sliced``: ``layout`` itself, an element is held iff every grouped index of it is kept (a
+    conv between two groups is held on r^2 of its weights, the sub-network of the kept channels).
+    ``segment``: an element is held iff its *output* channel is kept, the first dimension (the
+    order of PyTorch's conv, linear and norm tensors, which ``ModuleLayout`` keeps): a kept
+    filter's weight row, bias and BatchNorm entries, whichever channels it reads. A client of
+    capacity r then trains r of every layer's weights, in the context of the whole network (it
+    forwards the full model), and clients whose kept windows tile a group train all of it in one
+    iteration. Tensors whose first dimension is ungrouped (a head's class outputs) are held whole.
+    """
+    if submodel == "sliced":
+        return layout
+    if submodel != "segment":
+        raise ValueError(f"unknown submodel {submodel!r}; choose one of {SUBMODELS}")
+    dims = {name: groups[:1] + (None,) * (len(groups) - 1) for name, groups in layout.dims.items()}
+    return Layout(groups=layout.groups, dims=dims, owners=layout.owners)
 
 
 def kept_count(capacity: float, size: int) -> int:
@@ -102,7 +130,10 @@ def open_index(dim_groups: DimGroups, shape: torch.Size, plan: Plan) -> tuple[to
 
 
 def scatter_into(target: torch.Tensor, values: torch.Tensor, dim_groups: DimGroups, plan: Plan) -> torch.Tensor:
-    """Write a client's slice back into (a copy of) the global tensor; the rest is unchanged."""
+    """Write a client's slice back into (a copy of) the global tensor; the rest is unchanged.
+
+    Differentiable in ``values`` (to any order): a segment client's losses see its held slices
+    through it (``rabo_flwr.tasks.segment``)."""
     out = target.clone()
     if out.ndim == 0:
         out.copy_(values)

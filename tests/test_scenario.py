@@ -76,6 +76,8 @@ def write(tmp_path, text):
     ("algorithm:\n  name: dist-protonet\nclients:\n  capacities: [1.0]\ntask:\n  name: loss-tuning\n",
      "algorithm.name", "task.name must be fewshot"),
     ("algorithm:\n  placement: [0, -1]\n", "algorithm.placement[1]", ">= 0"),
+    ("algorithm:\n  submodel: frozen\n", "algorithm.submodel", "not one of"),
+    ("algorithm:\n  name: fednest\n  submodel: segment\n", "algorithm.submodel", "fednest does not train segments"),
     ("run:\n  faults:\n  - {kind: block, seconds: 5}\n", "run.faults[0].release", "file that releases it"),
     ("task:\n  upper_objective: accuracy\n", "task.upper_objective", "not one of"),
     ("run:\n  divergence_factor: 0.5\n", "run.divergence_factor", "must be 0 (off) or > 1"),

@@ -138,6 +138,9 @@ class Algorithm:
     full_model: ClassVar[bool] = False  # every client trains the whole model (capacity 1)
     episodic: ClassVar[bool] = False  # trains on few-shot episodes (needs the few-shot task)
     decentralised: ClassVar[bool] = False  # per-node states mixed by a gossip matrix (every node every iteration)
+    # runs on segment submodels (algorithm.submodel: segment): every phase sends x and y, and the client work reads
+    # the task only through client_batch, lower_loss, upper_loss and lower_objective, which tasks.segment restricts
+    segments: ClassVar[bool] = False
 
     def phases(self, scenario: "Scenario") -> list[Phase]:
         raise NotImplementedError

@@ -102,6 +102,8 @@ def estimator_options(job: ClientJob) -> dict:
 class Bilevel(Algorithm):
     """Two phases per global iteration: inner on y, outer on x."""
 
+    segments = True
+
     def __init__(self, name: str, estimator: str, mask: str, full_model: bool = False):
         self.name, self.default_estimator, self.default_mask, self.full_model = name, estimator, mask, full_model
 
@@ -129,6 +131,7 @@ class LowerOnly(Algorithm):
 
     name = "fedavg"
     default_mask = "rolling"
+    segments = True
 
     def phases(self, scenario):
         return [Phase(INNER, ("x", "y"), {"y": scenario.algorithm.beta}, "lower_loss")]
