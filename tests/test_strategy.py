@@ -303,3 +303,23 @@ def test_fiarse_thresholds_travel_in_flower_messages_as_in_the_plain_engine(tmp_
         assert c["bytes_down"] == 4 * (c["x_elements"] + c["y_elements"] + 5)
     a, b = (torch.load(p.parent / "results" / "model.pt") for p in (flower, plain))
     assert all(torch.equal(a[s][n], b[s][n]) for s in a for n in a[s])
+
+
+def test_segments_travel_in_flower_messages_as_in_the_plain_engine(tmp_path, one_thread):
+    """A segment client is sent x and y whole and its plan (int64 indices) and returns its held
+    elements: the Flower message path and the plain engine give the same records and model, and the
+    bytes down are the whole model's plus the plan's."""
+    settings = {"algorithm": {"submodel": "segment", "iterations": 2, "inner_steps": 2}}
+    flower, plain = (tiny_scenario(tmp_path / engine, **settings) for engine in ("flower", "plain"))
+    flower_records = run_flower(flower)
+    plain_records = run_plain(load_scenario(plain), logging.getLogger("quiet")).records
+    assert stable(flower_records) == stable(plain_records)
+    task = cached_task(load_scenario(plain))
+    whole = sum(t.numel() for side in task.init_tensors(0) for t in side.values())
+    outer = phase_records(plain_records, "outer")
+    assert all(r["clients_aggregated"] == 3 and r["rejected"] == 0 for r in outer.values())
+    for c in outer[1]["clients"]:  # float32 tensors, int64 kept indices of the 4 groups of width 8
+        kept = 4 * math.ceil(c["capacity"] * 8)
+        assert c["bytes_down"] == 4 * whole + 8 * kept and c["bytes_up"] == 4 * c["x_elements"]
+    a, b = (torch.load(p.parent / "results" / "model.pt") for p in (flower, plain))
+    assert all(torch.equal(a[s][n], b[s][n]) for s in a for n in a[s])
