@@ -286,13 +286,13 @@ class PhaseStrategy(Strategy):
         """
         phase_round = self._current(server_round)
         sent: dict[int, Message] = {}
-        for a in phase_round.assignments:
+        for index, a in enumerate(phase_round.assignments):
             content = RecordDict({side: to_record(slices) for side, slices in a.arrays.items()})
             name = phase_round.phase.name
             content[CONFIG] = ConfigRecord({**dict(config), ITERATION: phase_round.iteration, PARTITION: a.partition,
                                             CAPACITY: a.capacity, SUBMODEL: a.submodel,
                                             **({PHASE: name} if name != phase_kind(name) else {})})
-            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition),
+            sent[a.partition] = Message(content, dst_node_id=self.node_of(a.partition, index),
                                         message_type=train_message(phase_round.phase.name),
                                         group_id=str(phase_round.iteration))
         self._sent = sent
@@ -384,9 +384,9 @@ class PhaseStrategy(Strategy):
         content = {"x": to_record(x), "y": to_record(y)}
         return [Message(RecordDict({**content, CONFIG: ConfigRecord({**dict(config), ITERATION: iteration,
                                                                      PARTITION: p})}),
-                        dst_node_id=self.node_of(p), message_type=MessageType.EVALUATE,
+                        dst_node_id=self.node_of(p, index), message_type=MessageType.EVALUATE,
                         group_id=f"eval.{iteration}")
-                for p in sorted(self.partitions(iteration))]
+                for index, p in enumerate(sorted(self.partitions(iteration)))]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The clients' metrics, weighted by their ``examples``; error replies are logged and left out.
@@ -422,22 +422,30 @@ class PhaseStrategy(Strategy):
             return {p: None for p in range(self.clients)}
         return {profile.partition: profile.announced_capacity for profile in self.profiles.values()}
 
+    def _stateful(self) -> str:
+        """The scenario key that makes clients keep state between iterations ("" if none does)."""
+        return ALGORITHMS[self.scenario.algorithm.name].client_state_key(self.scenario)
+
     def _check_stateful_simulation(self) -> None:
         """Clients that keep state need one SuperNode per partition in simulation: Flower's engine hands a
         node's messages to parallel workers, each with a copy of the node's context, and writes back whichever
         finishes last, so of two partitions a node serves in one round one would lose what it kept."""
-        key = ALGORITHMS[self.scenario.algorithm.name].client_state_key(self.scenario)
+        key = self._stateful()
         if key and len(self.profiles) < self.clients:
             raise ValueError(f"{key}: clients keep state between iterations, which Flower's simulation holds per "
                              f"SuperNode; run one SuperNode per partition (--federation-config "
                              f"\"num-supernodes={self.clients}\"), not {len(self.profiles)}")
 
-    def node_of(self, partition: int) -> int:
-        """The node serving ``partition``: in simulation the (partition mod nodes)-th, always the same one, so
-        that what a virtual client keeps in its node's context (its ClientState) is there at its next phase."""
+    def node_of(self, partition: int, index: int) -> int:
+        """The node serving ``partition``, the ``index``-th message of a round.
+
+        In simulation, clients that keep state go to the (partition mod nodes)-th node, always the same one,
+        so that what a virtual client keeps in its node's context (its ClientState) is there at its next
+        phase; stateless clients go to the (index mod nodes)-th, spreading a round's messages over the nodes
+        (Flower's simulation takes one message per node per tick, so messages piled on one node wait)."""
         if self.virtual_clients:
             nodes = sorted(self.profiles, key=lambda n: self.profiles[n].partition)
-            return nodes[partition % len(nodes)]
+            return nodes[(partition if self._stateful() else index) % len(nodes)]
         return next(n for n, p in self.profiles.items() if p.partition == partition)
 
     def _discover(self) -> None:

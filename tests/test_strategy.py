@@ -223,8 +223,8 @@ def test_nodes_with_impossible_profiles_are_left_out(tmp_path, caplog, node_conf
 
 
 def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, one_thread):
-    """Flower's default simulation has 2 SuperNodes: 5 clients still run, partition p always on
-    node p mod 2 (where its ClientState is kept), with the same records as one node per partition."""
+    """Flower's default simulation has 2 SuperNodes: 5 clients still run, a round's messages spread over
+    the nodes, with the same records as one node per partition."""
     path = tiny_scenario(tmp_path / "virtual", clients={"num": 5})
     scenario = load_scenario(path)
     grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
@@ -236,6 +236,27 @@ def test_simulation_nodes_serve_every_partition_whatever_their_number(tmp_path, 
         [(0, 101), (1, 102), (2, 101), (3, 102), (4, 101)]
     direct = run_flower(tiny_scenario(tmp_path / "direct", clients={"num": 5}), num_nodes=5)
     assert stable(records) == stable(direct)
+
+
+def test_a_sampled_round_is_spread_over_the_nodes_when_clients_keep_no_state(tmp_path, one_thread):
+    """Flower's simulation takes one message per node per tick: 4 sampled clients of 8 on 2 nodes go 2 and
+    2 in every round, even where the sampled partitions are not half odd (partition mod nodes would pile
+    them up; that rule is kept for clients that keep state, which need a node per partition)."""
+    path = tiny_scenario(tmp_path, clients={"num": 8, "fraction": 0.5}, algorithm={"iterations": 4, "inner_steps": 2})
+    scenario = load_scenario(path)
+    grid = InProcessGrid({"scenario": str(path)}, num_nodes=2)
+    strategy = Rabo(scenario, virtual_clients=True)
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=2 * scenario.algorithm.iterations)
+    rounds: dict[str, list] = {}
+    for m in grid.sent:
+        if m.metadata.message_type.startswith("train."):
+            rounds.setdefault(f"{m.metadata.message_type} {m.metadata.group_id}", []).append(m)
+    assert len(rounds) == 2 * scenario.algorithm.iterations
+    for messages in rounds.values():
+        nodes = [m.metadata.dst_node_id for m in messages]
+        assert len(messages) == 4 and sorted(nodes) == [101, 101, 102, 102]
+    parities = [sorted(m.content[CONFIG][PARTITION] % 2 for m in messages) for messages in rounds.values()]
+    assert any(p != [0, 0, 1, 1] for p in parities)  # some round would have piled up under partition mod nodes
 
 
 def test_a_reply_without_a_flop_count_is_left_out_of_the_sum_and_counted(tmp_path, caplog):
