@@ -28,26 +28,29 @@ class Coverage:
 
 
 def coverage_mean(
-    shapes: Mapping[str, torch.Size],
+    like: Mapping[str, torch.Tensor],
     layout: Layout,
     contributions: Iterable[tuple[Plan, Mapping[str, torch.Tensor]]],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Average each element over the clients covering it; return (mean, count).
 
+    ``like``: the global tensors; the mean has their shapes and is summed in their floating dtype
+    (float32 for the rest), so a float64 model's server step is as exact as its clients'.
     ``mean`` is zero where ``count`` is zero, so ``x - lr * mean`` leaves uncovered elements alone.
     """
-    sums = {n: torch.zeros(shapes[n]) for n in layout.dims}
-    counts = {n: torch.zeros(shapes[n]) for n in layout.dims}
+    sums = {n: torch.zeros(like[n].shape, dtype=like[n].dtype if like[n].is_floating_point() else torch.float32)
+            for n in layout.dims}
+    counts = {n: torch.zeros(like[n].shape) for n in layout.dims}
     for plan, values in contributions:
         for name, dim_groups in layout.dims.items():
-            value = values[name].detach().to(torch.float32).cpu()
+            value = values[name].detach().to(sums[name].dtype).cpu()
             if sums[name].ndim == 0:
                 sums[name] += value
                 counts[name] += 1
                 continue
-            index = open_index(dim_groups, shapes[name], plan)
+            index = open_index(dim_groups, like[name].shape, plan)
             sums[name].index_put_(index, value, accumulate=True)
-            counts[name].index_put_(index, torch.ones_like(value), accumulate=True)
+            counts[name].index_put_(index, torch.ones(value.shape), accumulate=True)
     means = {n: sums[n] / counts[n].clamp(min=1) for n in layout.dims}
     return means, counts
 

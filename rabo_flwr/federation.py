@@ -122,8 +122,7 @@ class ServerState:
         return counts
 
     def _coverage_mean(self, side: str, replies: Mapping[int, Mapping[str, torch.Tensor]]):
-        shapes = {n: t.shape for n, t in self.tensors[side].items()}
-        return coverage_mean(shapes, self.layout(side), ((self.plans[c], replies[c]) for c in sorted(replies)))
+        return coverage_mean(self.tensors[side], self.layout(side), ((self.plans[c], replies[c]) for c in sorted(replies)))
 
 
 def check_update(update: Mapping[str, torch.Tensor] | None, expected: Mapping[str, tuple[int, ...]]) -> str | None:

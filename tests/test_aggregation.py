@@ -39,7 +39,7 @@ def test_coverage_mean_matches_brute_force_with_uncovered_elements():
         sliced = slice_tensors(x, layouts["x"], plan)
         contributions.append((plan, {n: torch.randn_like(t) for n, t in sliced.items()}))
     shapes = {n: t.shape for n, t in x.items()}
-    mean, counts = coverage_mean(shapes, layouts["x"], contributions)
+    mean, counts = coverage_mean(x, layouts["x"], contributions)
     uncovered = 0
     for name, dims in layouts["x"].dims.items():
         expected_mean, expected_count = brute_force(shapes[name], dims, contributions, name)
@@ -69,7 +69,24 @@ def test_coverage_counts_nested_capacities():
     for client, r in enumerate([1.0, 0.5, 0.25]):
         plan = build_plan(layouts, {"x": StaticMask()}, r, 0, client)
         contributions.append((plan, {n: torch.ones_like(t) for n, t in slice_tensors(x, layouts["x"], plan).items()}))
-    _, counts = coverage_mean({n: t.shape for n, t in x.items()}, layouts["x"], contributions)
+    _, counts = coverage_mean(x, layouts["x"], contributions)
     conv = counts["blocks.1.0.conv.weight"]
     assert conv[0, 0, 0, 0] == 3 and conv[5, 5, 0, 0] == 2 and conv[15, 15, 0, 0] == 1 and conv[15, 0, 0, 0] == 1
     assert coverage_of(counts).min_covered == 1 and coverage_of(counts).uncovered_fraction == 0.0
+
+
+def test_a_float64_model_is_averaged_in_float64():
+    """Two clients' float64 updates 1 + 1e-12 and 1 + 3e-12 average to 1 + 2e-12 (float32 would round all
+    three to 1), and the step keeps the model's dtype."""
+    backbone = Conv4(1, 4)
+    layouts = {"x": backbone.layout()}
+    x = {n: t.double() for n, t in init_module_tensors(backbone, layouts["x"]).items()}
+    plan = build_plan(layouts, {"x": RandomMask(0)}, 1.0, iteration=1, client=0)
+    contributions = [(plan, {n: torch.full_like(t, 1 + e) for n, t in slice_tensors(x, layouts["x"], plan).items()})
+                     for e in (1e-12, 3e-12)]
+    mean, counts = coverage_mean(x, layouts["x"], contributions)
+    for name in x:
+        assert mean[name].dtype == torch.float64 and torch.all(counts[name] == 2)
+        assert torch.all(mean[name] == ((1 + 1e-12) + (1 + 3e-12)) / 2) and torch.all(mean[name] > 1 + 1e-12)
+    stepped = apply_step(x, mean, lr=1.0)
+    assert all(stepped[n].dtype == torch.float64 and torch.equal(stepped[n], x[n] - mean[n]) for n in x)
