@@ -589,7 +589,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         row |= {k: test[k] for k in ("head_accuracy", "tail_accuracy", "per_class_accuracy", "w", "l", "Delta")}
     if family_task(cell.set):
         row |= family_columns(scenario, evals, phases, test, last) | {"higher_is_better": higher}
-    return row
+    return missing_as_nan(row)
 
 
 # The summary's columns whose "no value" is None in memory (quadratic's target not reached); every other
@@ -597,12 +597,17 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
 TARGET_COLUMNS = ("iterations_to_target", "rounds_to_target", "bytes_to_target", "flops_to_target")
 
 
+def missing_as_nan(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary with each missing number NaN but in :data:`TARGET_COLUMNS`: the JSON files write it as null
+    (strict JSON, :func:`~rabo_flwr.results.to_json`; a run's records too, so a diverged validation value is null),
+    and a summary read from its run or from its published file is then the same row, table for table."""
+    return {k: math.nan if v is None and k not in TARGET_COLUMNS else v for k, v in row.items()}
+
+
 def read_summary(path: Path) -> dict[str, Any]:
-    """A published summary as :func:`summarize` makes it: its file is strict JSON (null for a missing number,
-    :func:`~rabo_flwr.results.to_json`), so a null at the top level is NaN again but in :data:`TARGET_COLUMNS`;
-    every table and plot of the summary is then the same, byte for byte, as the one of the run it was made from."""
-    summary = json.loads(Path(path).read_text())
-    return {k: math.nan if v is None and k not in TARGET_COLUMNS else v for k, v in summary.items()}
+    """A published summary as :func:`summarize` makes it (:func:`missing_as_nan`): every table and plot of it is
+    the same, byte for byte, as the one of the run it was made from."""
+    return missing_as_nan(json.loads(Path(path).read_text()))
 
 
 def validation_metric(scenario: Scenario) -> tuple[str, bool, str]:

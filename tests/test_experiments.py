@@ -579,3 +579,20 @@ def test_published_json_is_strict_and_its_tables_are_the_runs_byte_for_byte(tmp_
         name = f"family-quadratic-sweep{suffix}"
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
     assert ",nan," in (tmp_path / "first" / "family-quadratic-sweep.csv").read_text()  # test_se, as before
+
+
+def test_a_null_in_a_runs_records_is_the_nan_its_published_summary_reads_back(tmp_path, monkeypatch):
+    """A diverged evaluation's value is null in metrics.jsonl (strict JSON); the row summarised from the run has
+    NaN there, as the row read back from its published summary does, so both make the same tables."""
+    cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
+    experiments.run_cell(cell, "plain", 1, ["family-quadratic-sweep"])
+    metrics = cell.scenario().results_path / "metrics.jsonl"
+    records = read_metrics(metrics)
+    last = max(i for i, r in enumerate(records) if r["phase"] == "eval")
+    records[last]["suboptimality"] = None
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = experiments.summarize(cell, "cpu")
+    assert math.isnan(row["final_validation"]) and row["iterations_to_target"] is None
+    experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
+    again = experiments.read_summary(tmp_path / "published" / cell.label / "summary.json")
+    assert list(again) == list(row) and math.isnan(again["final_validation"])
