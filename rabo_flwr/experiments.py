@@ -62,7 +62,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .checkpoint import CHECKPOINT  # noqa: E402
 from .files import atomic_write  # noqa: E402
-from .results import read_metrics  # noqa: E402
+from .results import read_metrics, to_json  # noqa: E402
 from .scenario import APP_DIR, Scenario, load_scenario  # noqa: E402
 
 PAPER = APP_DIR / "scenarios" / "paper"
@@ -397,9 +397,9 @@ def cell_status(scenario: Scenario, published: Path | None = None) -> str:
             return "published"
         return "new"
     _same_scenario(directory, scenario, "move it away, or give this run another --out")
-    try:
+    try:  # a malformed line stops the set (read_metrics names it): restarting would overwrite the run
         records = read_metrics(directory / "metrics.jsonl")
-    except (OSError, ValueError):
+    except FileNotFoundError:
         records = []
     if records and records[-1]["phase"] == "done":
         return "finished"
@@ -425,7 +425,7 @@ def _record_invocation(cell: Cell, action: str, argv: list[str]) -> None:
     info["invocations"].append({"argv": shlex.join(["python", "-m", "rabo_flwr.experiments", *argv]),
                                 "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "code": code_version()})
-    atomic_write(path, lambda f: json.dump(info, f, indent=1), "w")
+    atomic_write(path, lambda f: f.write(to_json(info, indent=1)), "w")
 
 
 @contextmanager
@@ -531,16 +531,18 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     The reported number is the test metric of the model kept on validation (the run's ``test``
     record); curves are validation. A run without its ``done`` record (the process was stopped)
     is summarised up to its last evaluation and marked ``cut short``, with no test number; None
-    when there is no evaluation after iteration 0. A cell with no run here reads its published summary."""
+    when there is no evaluation after iteration 0. A cell with no run here reads its published summary,
+    else is None (no run yet); a run this code cannot read (its resolved scenario, a malformed record)
+    is an error naming the file and the key or line, never a cell left out of a table without a word.
+    It may be read while another process writes it (:func:`~rabo_flwr.results.read_metrics`)."""
     directory = cell.scenario().results_path
     if not (directory / "metrics.jsonl").is_file() and _published_finished(cell.published):
-        return json.loads((cell.published / "summary.json").read_text())
-    try:
-        saved = yaml.safe_load((directory / "scenario.yaml").read_text())
-        scenario = load_scenario(directory / "scenario.yaml")
-        records = read_metrics(directory / "metrics.jsonl")
-    except (OSError, ValueError):
+        return read_summary(cell.published / "summary.json")
+    if not ((directory / "metrics.jsonl").is_file() and (directory / "scenario.yaml").is_file()):
         return None
+    scenario = load_scenario(directory / "scenario.yaml")
+    saved = yaml.safe_load((directory / "scenario.yaml").read_text())
+    records = read_metrics(directory / "metrics.jsonl")
     evals = [r for r in records if r["phase"] == "eval"]
     if len(evals) < 2:
         return None
@@ -587,7 +589,25 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         row |= {k: test[k] for k in ("head_accuracy", "tail_accuracy", "per_class_accuracy", "w", "l", "Delta")}
     if family_task(cell.set):
         row |= family_columns(scenario, evals, phases, test, last) | {"higher_is_better": higher}
-    return row
+    return missing_as_nan(row)
+
+
+# The summary's columns whose "no value" is None in memory (quadratic's target not reached); every other
+# missing number of a summary is NaN in memory, as the tables render it ("nan" in the CSV, an empty Markdown cell).
+TARGET_COLUMNS = ("iterations_to_target", "rounds_to_target", "bytes_to_target", "flops_to_target")
+
+
+def missing_as_nan(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary with each missing number NaN but in :data:`TARGET_COLUMNS`: the JSON files write it as null
+    (strict JSON, :func:`~rabo_flwr.results.to_json`; a run's records too, so a diverged validation value is null),
+    and a summary read from its run or from its published file is then the same row, table for table."""
+    return {k: math.nan if v is None and k not in TARGET_COLUMNS else v for k, v in row.items()}
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A published summary as :func:`summarize` makes it (:func:`missing_as_nan`): every table and plot of it is
+    the same, byte for byte, as the one of the run it was made from."""
+    return missing_as_nan(json.loads(Path(path).read_text()))
 
 
 def validation_metric(scenario: Scenario) -> tuple[str, bool, str]:
@@ -619,10 +639,9 @@ def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list
     if scenario.task.name == "quadratic":
         reached = next((r["iteration"] for r in evals if r["x_error"] <= TARGET_X_ERROR), None)
         spent = [r for r in phases if reached is not None and r["iteration"] <= reached]
-        row |= {"target_x_error": TARGET_X_ERROR, "iterations_to_target": reached,
-                "rounds_to_target": len(spent) if reached is not None else None,
-                "bytes_to_target": sum(traffic(r) for r in spent) if reached is not None else None,
-                "flops_to_target": sum(r["flops"] for r in spent) if reached is not None else None,
+        to_target = (reached, len(spent), sum(traffic(r) for r in spent), sum(r["flops"] for r in spent))
+        row |= {"target_x_error": TARGET_X_ERROR, **dict(zip(TARGET_COLUMNS, to_target if reached is not None else
+                                                             (None,) * len(TARGET_COLUMNS))),
                 "final_x_error": evals[-1]["x_error"], "best_x_error": min(r["x_error"] for r in evals)}
     if scenario.task.name == "hyper-cleaning":
         row |= {k: test[k] if test else math.nan for k in ("flip_precision", "flip_recall", "downweighted")}
@@ -704,7 +723,7 @@ def write_outputs(name: str, rows: list[dict[str, Any]], out: Path, title: str, 
         writer.writerow(["cell", "iteration", rows[0]["validation_metric"], "se"])
         for r in rows:
             writer.writerows([r["cell"], *point] for point in r["curve"])
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.json").write_text(to_json(rows, indent=1))
     _plot_curves(name, rows, out, title)
     if any(r["algorithm"] == "fedmbo" for r in rows):
         _plot_cost(name, rows, out, title)
@@ -989,8 +1008,8 @@ def publish_cell(cell: Cell, scale: str) -> None:
         _same_scenario(target, cell.scenario(), "remove that folder to publish this run")
     target.mkdir(parents=True, exist_ok=True)
     records = compact_records(directory)
-    atomic_write(target / "records.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in records), "w")
-    atomic_write(target / "summary.json", lambda f: json.dump(row, f, indent=1), "w")
+    atomic_write(target / "records.jsonl", lambda f: f.writelines(to_json(r) + "\n" for r in records), "w")
+    atomic_write(target / "summary.json", lambda f: f.write(to_json(row, indent=1)), "w")
     for file in ("scenario.yaml", "cell.json"):
         shutil.copy2(directory / file, target / file)
 

@@ -121,6 +121,11 @@ class ServerState:
         self.tensors[side] = {n: torch.where(counts[n] > 0, mean[n].to(t.dtype), t) for n, t in self.tensors[side].items()}
         return counts
 
+    def coverage(self, side: str, replies: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The coverage counts of replies the server neither steps nor assigns (a gathered side): how many
+        clients' replies hold each element, as :meth:`step` returns them."""
+        return self._coverage_mean(side, replies)[1]
+
     def _coverage_mean(self, side: str, replies: Mapping[int, Mapping[str, torch.Tensor]]):
         return coverage_mean(self.tensors[side], self.layout(side), ((self.plans[c], replies[c]) for c in sorted(replies)))
 

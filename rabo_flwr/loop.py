@@ -156,7 +156,9 @@ class TrainingLoop:
         self.sides = self.algorithm.sides(scenario)
         self.trained: dict[str, dict[str, torch.Tensor]] = {}  # side -> name -> element ever stepped
         self.min_coverage: dict[str, int] = {}  # side -> fewest clients that stepped an element in any phase
-        self.stepped_sides = [side for side in ("x", "y") if any(side in phase.steps for phase in self.phases)]
+        # sides some phase trains: steps, or gathers (the algorithm steps with the replies: the gossip engine)
+        self.stepped_sides = [side for side in ("x", "y") if any(side in phase.steps or side in phase.gathers
+                                                                 for phase in self.phases)]
         self.flops_by_submodel: dict[str, float] = {}  # "phase x_elements y_elements" -> FLOPs of one reply
 
     # ------------------------------------------------------------------ the run
@@ -302,12 +304,12 @@ class TrainingLoop:
 
         aggregation_start = time.perf_counter()
         coverage = {}
-        for side in (*phase.steps, *phase.assigns):
+        for side in phase.replies:
             replies = {p: o.updates[side] for p, (_, o) in accepted.items()}
             counts = self.state.step(side, replies, phase.steps[side]) if side in phase.steps else \
-                self.state.assign(side, replies)
+                self.state.assign(side, replies) if side in phase.assigns else self.state.coverage(side, replies)
             coverage.update(coverage_of(counts).as_metrics(side))
-            if side in phase.steps and side in self.trained:
+            if side not in phase.assigns and side in self.trained:  # stepped here, or by the algorithm's gather
                 for name, count in counts.items():
                     self.trained[side][name] |= count > 0
                 stepped = coverage_of(counts)

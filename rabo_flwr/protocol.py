@@ -36,7 +36,6 @@ METRICS = "metrics"
 # The node config keys a SuperNode is started with (--node-config).
 NODE_PARTITION = "partition-id"
 NODE_CAPACITY = "capacity"
-PHASE = "phase"
 
 
 def phase_kind(phase: str) -> str:

@@ -1,7 +1,8 @@
 """The results directory of a run: metrics.jsonl, the resolved scenario, the final model.
 
 Every file is written atomically (temporary file, then rename), so an interrupted run never
-leaves a half-written model or scenario behind; metrics are appended line by line.
+leaves a half-written model or scenario behind; metrics are appended line by line. JSON is strict
+(:func:`to_json`: a non-finite number is null), in every result file the project writes.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ from .files import atomic_write
 from .scenario import Scenario
 
 
-def _jsonable(value: Any) -> Any:
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity) replaced by None, inside dicts, lists and tuples."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep the fact visible
+        return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [finite_or_null(v) for v in value]
     return value
+
+
+def to_json(value: Any, **options: Any) -> str:
+    """Strict JSON, what every result file of the project is written with: JSON has no NaN or infinity (Python's
+    ``json`` writes a bare ``NaN``, which strict parsers reject), so a non-finite number, a value that does not
+    exist (a cut-short run's test number, a diverged loss), is written as null. ``options``: ``json.dumps``'s."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **options)
 
 
 class ResultsWriter:
@@ -42,10 +51,12 @@ class ResultsWriter:
             self.log(record)
 
     def log(self, record: dict[str, Any]) -> None:
-        record = _jsonable(record)
+        """Append one record: its line and newline in one write, so a reader never takes a partial line for a
+        record (:func:`read_metrics`)."""
+        record = finite_or_null(record)
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
 
     def save_model(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], name: str = "model.pt") -> Path:
         path = self.directory / name
@@ -54,4 +65,17 @@ class ResultsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl (or a published records.jsonl), also while another process appends to it:
+    a last line without its newline is a record still being written and is left out. Any other line that is not
+    JSON is an error naming the file and the line (a run that cannot be read is never taken for a shorter one)."""
+    path = Path(path)
+    *lines, _partial = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number}: not a JSON record ({err})") from None
+    return records

@@ -307,9 +307,9 @@ def validate(s: Scenario, source: str) -> Scenario:
         raise _fail(source, "algorithm.estimator_options", f"{s.algorithm.name} computes no hypergradient")
     if estimator:
         unknown = sorted(set(s.algorithm.estimator_options) - set(method_options(estimator)))
-        if unknown:
-            raise _fail(source, "algorithm.estimator_options",
-                        f"{unknown} not options of {estimator} (it takes {method_options(estimator)})")
+        if unknown:  # named by its dotted key, which a run config or --override sets one option at a time
+            raise _fail(source, f"algorithm.estimator_options.{unknown[0]}",
+                        f"not an option of {estimator} (it takes {', '.join(method_options(estimator))})")
         warm_start = s.algorithm.estimator_options.get("warm_start", False)
         if not isinstance(warm_start, bool):
             raise _fail(source, "algorithm.estimator_options.warm_start", f"must be true or false, got {warm_start!r}")
@@ -487,7 +487,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None) -> Scenario:
-    """Read (with ``base`` files), merge overrides (dotted keys, empty string = unset), validate."""
+    """Read (with ``base`` files), merge overrides (dotted keys, empty string = unset), validate.
+
+    A dotted key reaches inside a mapping too (``algorithm.estimator_options.warm_start``), so an option
+    of a mapping-valued field is set alone and the file's other options stay."""
     path = Path(path)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
@@ -499,7 +502,8 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None, 
     try:
         return validate(_build(Scenario, data, source), source)
     except ScenarioError as err:
-        if getattr(err, "key", "").split("[")[0] in applied:
+        key = getattr(err, "key", "").split("[")[0]
+        if any(key == k or key.startswith(k + ".") for k in applied):  # a value set, or one inside a mapping set
             raise _fail(f"{source} (run config override)", err.key, err.reason) from None
         raise
 

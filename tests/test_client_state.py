@@ -92,7 +92,7 @@ def test_warm_start_errors_say_what_is_missing(tmp_path):
     path = warm(tmp_path)
     with pytest.raises(ScenarioError, match="algorithm.estimator_options.warm_start: must be true or false"):
         load_scenario(path, {"algorithm.estimator_options": {"warm_start": "yes"}})
-    with pytest.raises(ScenarioError, match=r"\['warm_start'\] not options of neumann"):
+    with pytest.raises(ScenarioError, match=r"algorithm.estimator_options.warm_start: not an option of neumann"):
         load_scenario(path, {"algorithm.estimator": "neumann"})
 
 

@@ -18,6 +18,7 @@ import yaml
 from rabo_flwr import experiments
 from rabo_flwr.loop import TrainingLoop, run_plain
 from rabo_flwr.results import read_metrics
+from rabo_flwr.scenario import ScenarioError
 
 TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
         "task.n_query": 2, "task.eval_episodes": 4, "task.val_episodes": 4, "task.eval_steps": 2, "run.eval_every": 1,
@@ -457,7 +458,7 @@ def test_family_fewshot_sweep_chooses_on_validation_and_the_set_reads_it_once_on
     for label, row in summary.items():
         records = read_metrics(tmp_path / "sweep" / "runs" / label / "metrics.jsonl")
         assert all(r["phase"] != "test" for r in records)  # a sweep never reads the test episodes
-        assert row["validation_metric"] == "val_accuracy" and math.isnan(row["test"])
+        assert row["validation_metric"] == "val_accuracy" and row["test"] is None  # strict JSON: no NaN
     chosen = yaml.safe_load((tmp_path / "step_sizes" / "family-fewshot-sweep-cpu.yaml").read_text())
     for row in ("fedmbo", "rabo", "sldbo", "rabo-submodels"):
         low, high = summary[f"{row}-alpha0.1"]["kept_validation"], summary[f"{row}-alpha1"]["kept_validation"]
@@ -508,3 +509,90 @@ def test_family_hyper_cleaning_columns_read_the_cleaning_scores_of_the_kept_mode
     assert (row["flip_precision"], row["flip_recall"], row["downweighted"]) == (0.6, 0.5, 0.45)
     assert "iterations_to_target" not in row and row["capacities"] == [1.0] and row["alpha"] == 100.0
     assert math.isnan(experiments.family_columns(scenario, [], phases, None, 2)["flip_recall"])  # cut short: no test
+
+
+# ---------------------------------------------------------------- reading runs, strict JSON
+
+
+def strict_loads(text: str):
+    """JSON as a strict parser reads it: a bare NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_are_read_while_written_and_a_malformed_line_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"phase": "eval", "iteration": 0}\n{"phase": "inner", "iter')  # the writer is mid-record
+    assert read_metrics(path) == [{"phase": "eval", "iteration": 0}]
+    path.write_text('{"phase": "eval", "iteration": 0}\n{"phase": "inner"}')  # complete JSON, its newline not yet
+    assert read_metrics(path) == [{"phase": "eval", "iteration": 0}]
+    path.write_text('{"phase": "eval", "iteration": 0}\n\n{"phase": "inn\n{"phase": "done"}\n')
+    with pytest.raises(ValueError, match=rf"^{path}: line 3: not a JSON record"):
+        read_metrics(path)
+
+
+def quadratic_sweep_cell(tmp_path, monkeypatch, out):
+    monkeypatch.setitem(experiments.SWEEP_BUDGET, "family-quadratic", TINY_QUADRATIC | {"run.final_test": False})
+    monkeypatch.setattr(experiments, "TARGET_X_ERROR", 1e-12)  # not reached: the "to target" columns are None
+    (cell,) = experiments.cells_for("family-quadratic-sweep", "5w1s", ["rabo-alpha0.1-beta0.1"], "cpu", out)
+    return cell
+
+
+def test_a_run_this_code_cannot_read_is_an_error_naming_the_file_and_key_not_a_missing_cell(tmp_path, monkeypatch):
+    cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
+    assert experiments.summarize(cell, "cpu") is None  # no run here yet
+    experiments.run_cell(cell, "plain", 1, ["family-quadratic-sweep"])
+    assert experiments.summarize(cell, "cpu")["status"] == "budget"
+    saved = cell.scenario().results_path / "scenario.yaml"
+    scenario = yaml.safe_load(saved.read_text())
+    scenario["algorithm"]["retired_key"] = 1  # a run of a version whose schema this code does not know
+    saved.write_text(yaml.safe_dump(scenario))
+    with pytest.raises(ScenarioError, match=rf"^{saved}: algorithm.retired_key: unknown key"):
+        experiments.summarize(cell, "cpu")
+    with pytest.raises(ScenarioError, match="algorithm.retired_key"):
+        experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
+    assert not (tmp_path / "published" / cell.label).exists()
+
+
+def test_published_json_is_strict_and_its_tables_are_the_runs_byte_for_byte(tmp_path, monkeypatch):
+    """A sweep cell has no test number's SE (NaN in memory) and never reaches the target (None): its published
+    summary and the set's JSON are strict (null for both), and the tables rebuilt from the published cell alone
+    (another --out: no run there) are the tables of the run itself, byte for byte."""
+    cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "first")
+    args = ["family-quadratic-sweep", "--rows", cell.label, "--jobs", "1", "--threads", "1"]
+    experiments.main(args + ["--out", str(tmp_path / "first"), "--publish"])
+    published = tmp_path / "published" / "cpu" / "family-quadratic-sweep"
+    summary = strict_loads((published / "runs" / cell.label / "summary.json").read_text())
+    assert summary["test_se"] is None and summary["iterations_to_target"] is None
+    strict_loads((tmp_path / "first" / "family-quadratic-sweep.json").read_text())
+    for line in (published / "runs" / cell.label / "records.jsonl").read_text().splitlines():
+        strict_loads(line)
+    row = experiments.summarize(cell, "cpu")
+    assert math.isnan(row["test_se"]) and row["iterations_to_target"] is None
+    again = experiments.read_summary(published / "runs" / cell.label / "summary.json")
+    assert math.isnan(again["test_se"]) and again["iterations_to_target"] is None
+
+    experiments.main(args + ["--out", str(tmp_path / "second"), "--plot-only"])
+    assert not (tmp_path / "second" / "runs" / cell.label).exists()  # the published cell was read
+    for suffix in (".md", ".csv", "_curves.csv", ".json", "_accuracy.png"):
+        name = f"family-quadratic-sweep{suffix}"
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
+    assert ",nan," in (tmp_path / "first" / "family-quadratic-sweep.csv").read_text()  # test_se, as before
+
+
+def test_a_null_in_a_runs_records_is_the_nan_its_published_summary_reads_back(tmp_path, monkeypatch):
+    """A diverged evaluation's value is null in metrics.jsonl (strict JSON); the row summarised from the run has
+    NaN there, as the row read back from its published summary does, so both make the same tables."""
+    cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
+    experiments.run_cell(cell, "plain", 1, ["family-quadratic-sweep"])
+    metrics = cell.scenario().results_path / "metrics.jsonl"
+    records = read_metrics(metrics)
+    last = max(i for i, r in enumerate(records) if r["phase"] == "eval")
+    records[last]["suboptimality"] = None
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = experiments.summarize(cell, "cpu")
+    assert math.isnan(row["final_validation"]) and row["iterations_to_target"] is None
+    experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
+    again = experiments.read_summary(tmp_path / "published" / cell.label / "summary.json")
+    assert list(again) == list(row) and math.isnan(again["final_validation"])

@@ -239,6 +239,34 @@ def test_s3ldbo_second_iteration_matches_the_hand_computation(tmp_path):
         assert nodes(state, name) == pytest.approx(values, abs=1e-6), name
 
 
+def test_gossip_records_the_coverage_of_the_nodes_that_computed(tmp_path):
+    """An element is stepped by the nodes whose directions for it were received (the other methods' definition,
+    :meth:`TrainingLoop._covering_number`): S3LDBO's three nodes at iteration 1, node 0 alone at iteration 2, so
+    x and y are wholly trained from iteration 1 and C* is 3, then min(3, 1) = 1 (they were recorded as 0)."""
+    records, _ = hand_run(tmp_path, "s3ldbo", 2)
+    for side in ("x", "y"):
+        assert [r[f"min_coverage_{side}"] for r in records] == [3, 1]
+        assert [r[f"C_{side}*"] for r in records] == [3, 1]
+        assert [r[f"trained_{side}"] for r in records] == [1.0, 1.0]
+        assert [r[f"uncovered_{side}"] for r in records] == [0.0, 0.0]
+
+
+def test_an_owned_element_of_a_gossip_node_is_covered_by_its_holder_alone(tmp_path):
+    """Hyper-cleaning's per-example weights: each node computes directions for its own block only, so every
+    element of x has coverage 1 (C_x* = 1), and the block of a node that failed is uncovered in that phase;
+    y, on every node, is covered by the nodes that replied (4, then 3)."""
+    path = tiny(tmp_path, algorithm={"name": "sldbo", "topology": "ring", "iterations": 2},
+                run={"eval_every": 0, "final_test": False,
+                     "faults": [{"partition": 2, "phase": "local", "iterations": [2], "kind": "raise"}]})
+    scenario = load_scenario(path)
+    records = [r for r in run_plain(scenario, QUIET).records if r["phase"] == "local"]
+    owners = next(iter(cached_task(scenario).x_layout.owners.values()))
+    total = sum(len(own) for own in owners)
+    assert [(r["trained_x"], r["C_x*"], r["min_coverage_x"]) for r in records] == [(1.0, 1, 1), (1.0, 1, 1)]
+    assert [r["uncovered_x"] for r in records] == pytest.approx([0.0, len(owners[2]) / total])
+    assert [(r["trained_y"], r["C_y*"], r["min_coverage_y"]) for r in records] == [(1.0, 4, 4), (1.0, 3, 3)]
+
+
 # ---------------------------------------------------------------- against an independent recursion
 
 

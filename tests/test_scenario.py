@@ -47,12 +47,50 @@ def test_an_algorithm_brings_its_own_estimator_and_masks(name, estimator, mask_x
 
 
 def test_pyproject_offers_every_scalar_scenario_key():
+    """Flower accepts only the run-config keys the app's pyproject lists: every scalar key, and every option of
+    every estimator (``algorithm.estimator_options.<option>``; a user's own task's options are its app's to list)."""
+    from rabo_flwr.hypergrad import METHODS, method_options
+
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     flat = set(config)
     expected = {k for k in scenario_keys() if k not in ("clients.capacities", "clients.schedule", "clients.local_steps",
                                                          "algorithm.estimator_options", "run.faults", "task.options",
                                                          "algorithm.placement", "algorithm.mixing")}
-    assert flat - {"scenario"} == expected
+    options = {f"algorithm.estimator_options.{option}" for method in METHODS for option in method_options(method)}
+    assert flat - {"scenario"} == expected | options
+
+
+OPTIONS = "scenarios/paper/losstuning/rabo.yaml"  # estimator exact, estimator_options {max_iter: 10, damping: 5.0}
+
+
+def test_an_estimator_option_is_set_alone_through_flowers_run_config():
+    """``flwr run --run-config algorithm.estimator_options.warm_start=true``, as Flower parses it, checks it against
+    the app's keys (the SuperLink refuses a key the pyproject does not list) and fuses it, then the ServerApp's
+    scenario: the option is set and the file's other options stay."""
+    from flwr.common.config import flatten_dict, fuse_dicts, get_project_config, parse_config_args
+
+    overrides = parse_config_args([f'scenario="{OPTIONS}" algorithm.estimator_options.warm_start=true'])
+    defaults = flatten_dict(get_project_config(REPO)["tool"]["flwr"]["app"]["config"])
+    run_config = fuse_dicts(defaults, overrides, check_keys=True)
+    options = scenario_from_run_config(run_config).algorithm.estimator_options
+    assert options == {"max_iter": 10, "damping": 5.0, "warm_start": True}
+
+
+def test_an_estimator_option_is_set_alone_through_the_harness_override(tmp_path):
+    """``python -m rabo_flwr.experiments ... --override algorithm.estimator_options.warm_start=true``: every cell's
+    scenario takes it; an option the estimator does not take is one line naming the override and the key."""
+    import argparse
+
+    from rabo_flwr import experiments
+
+    parser = argparse.ArgumentParser()
+    overrides = experiments.parse_overrides(parser, ["algorithm.estimator_options.warm_start=true"])
+    cells = experiments.cells_for("family-quadratic-sweep", "5w1s", ["rabo-curvature"], "cpu", tmp_path, overrides)
+    assert cells and all(c.scenario().algorithm.estimator_options["warm_start"] is True for c in cells)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(REPO / OPTIONS, experiments.parse_overrides(parser, ["algorithm.estimator_options.warm=true"]))
+    assert str(err.value) == (f"{REPO / OPTIONS} (run config override): algorithm.estimator_options.warm: "
+                              "not an option of exact (it takes tol, max_iter, damping, warm_start)")
 
 
 def write(tmp_path, text):
@@ -84,7 +122,7 @@ def write(tmp_path, text):
     ("run:\n  faults:\n  - kind: explode\n", "run.faults[0].kind", "not one of"),
     ("run:\n  faults:\n  - phase: local\n", "run.faults[0].phase", "not one of"),
     ("task: 3\n", "task", "mapping"),
-    ("algorithm:\n  name: rabo\n  estimator_options: {K: 5}\n", "algorithm.estimator_options", "not options of exact"),
+    ("algorithm:\n  name: rabo\n  estimator_options: {K: 5}\n", "algorithm.estimator_options.K", "not an option of exact"),
 ])
 def test_bad_scenarios_name_file_and_key(tmp_path, text, key, fragment):
     path = write(tmp_path, text)

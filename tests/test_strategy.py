@@ -344,3 +344,16 @@ def test_segments_travel_in_flower_messages_as_in_the_plain_engine(tmp_path, one
         assert c["bytes_down"] == 4 * whole + 8 * kept and c["bytes_up"] == 4 * c["x_elements"]
     a, b = (torch.load(p.parent / "results" / "model.pt") for p in (flower, plain))
     assert all(torch.equal(a[s][n], b[s][n]) for s in a for n in a[s])
+
+
+def test_the_message_contract_names_each_key_once():
+    """protocol.py is the one place for each record key: a name assigned twice (PHASE was) could drift apart."""
+    import ast
+    import collections
+
+    from rabo_flwr import protocol
+
+    tree = ast.parse(Path(protocol.__file__).read_text())
+    names = [target.id for node in tree.body if isinstance(node, ast.Assign) for target in ast.walk(node)
+             if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store)]
+    assert [n for n, count in collections.Counter(names).items() if count > 1] == []

@@ -51,7 +51,9 @@ class Phase:
     steps: Mapping[str, float]  # side -> server step size; the reply holds one update per side
     loss: str  # the client metric the phase's record averages ("": none)
     assigns: tuple[str, ...] = ()  # sides the server sets to the coverage-mean of the replies
-    gathers: tuple[str, ...] = ()  # sides whose replies go to Algorithm.gather per client, unaveraged
+    # sides whose replies go to Algorithm.gather per client, unaveraged; gather trains x and y with them, so
+    # they count for the records' coverage (trained_x, C_x*) as a stepped side's replies do
+    gathers: tuple[str, ...] = ()
 
     @property
     def replies(self) -> tuple[str, ...]:
