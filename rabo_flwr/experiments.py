@@ -1067,15 +1067,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="run cells again even where a finished run of the same scenario is published "
                              "(to reproduce a published number)")
     args = parser.parse_args(argv)
+    if args.fresh and args.publish:  # a fresh run's table holds only what ran here: it would replace the published one
+        parser.error("--fresh reruns published cells to reproduce their numbers and cannot --publish: to publish "
+                     "a new run of a cell, remove its folder under docs/results/<scale>/<set>/runs/ first")
     argv = list(sys.argv[1:] if argv is None else argv)
     name = set_name(args.set, args.column)
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
-    cells = cells_for(args.set, args.column, args.rows, args.scale, out, parse_overrides(parser, args.override), args.fresh)
+    overrides = parse_overrides(parser, args.override)
+    cells = cells_for(args.set, args.column, args.rows, args.scale, out, overrides, args.fresh)
     if not args.plot_only:
         run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv,
                   (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
     if args.rows:  # the table shows the whole set, whatever this call ran
-        cells = cells_for(args.set, args.column, None, args.scale, out, fresh=args.fresh)
+        cells = cells_for(args.set, args.column, None, args.scale, out, overrides, args.fresh)
     rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]
     if not rows:
         sys.exit(f"no finished runs under {out / 'runs'}")

@@ -291,6 +291,23 @@ def test_every_override_flag_reaches_the_cells(tmp_path, monkeypatch):
     assert (scenario.algorithm.mask_x, scenario.algorithm.mask_y, scenario.algorithm.iterations) == ("rolling", "rolling", 40)
 
 
+def test_fresh_never_publishes_and_a_rows_call_tables_the_whole_set_under_its_overrides(tmp_path, monkeypatch):
+    """--fresh --publish would replace the published table by one of the reproduced rows alone: refused before
+    anything runs. After --rows, the table lists the whole set with the same --override (the cells it ran)."""
+    ran = []
+    monkeypatch.setattr(experiments, "run_cells", lambda cells, *args, **kwargs: ran.extend(cells))
+    with pytest.raises(SystemExit):
+        experiments.main(["cx-star", "--rows", "rabo-c1", "--out", str(tmp_path), "--fresh", "--publish"])
+    assert ran == []
+    tabled = []
+    monkeypatch.setattr(experiments, "summarize", lambda cell, scale: tabled.append(cell))
+    with pytest.raises(SystemExit, match="no finished runs"):
+        experiments.main(["cx-star", "--rows", "rabo-c1", "--out", str(tmp_path), "--override", "algorithm.iterations=40"])
+    assert [c.label for c in ran] == ["rabo-c1"] and len(tabled) == 4
+    assert {c.scenario().algorithm.iterations for c in tabled} == {40}
+    assert next(c for c in tabled if c.label == "rabo-c1").scenario().results_path == ran[0].scenario().results_path
+
+
 def test_a_key_added_since_a_run_at_its_default_is_no_difference():
     new = {"algorithm": {"name": "rabo", "alpha": 0.1, "outer_steps": 1}, "run": {"results_dir": "elsewhere"}}
     assert experiments.scenario_diff({"algorithm": {"name": "rabo", "alpha": 0.1}}, new) == {}
