@@ -415,8 +415,8 @@ class TrainingLoop:
         if self.scenario.run.federated_eval:
             metrics |= {f"client_{k}": v for k, v in self.runner.evaluate_clients(q, self.state.x, self.state.y).items()}
         self.writer.log({"iteration": q, "phase": "eval", **metrics, "eval_time": time.perf_counter() - start})
-        key, sign = self.task.main_metric, 1.0 if self.task.higher_is_better else -1.0
-        if self.kept is None or sign * metrics[key] > sign * self.kept[1]:
+        key = self.task.main_metric
+        if self.kept is None or self._score(metrics[key]) > self._score(self.kept[1]):
             copy = lambda tensors: {k: v.detach().clone() for k, v in tensors.items()}  # noqa: E731
             self.kept = (q, metrics[key], copy(self.state.x), copy(self.state.y))
 
@@ -433,17 +433,21 @@ class TrainingLoop:
     def _evaluations(self) -> list[dict]:
         return [r for r in self.writer.records if r["phase"] == "eval"]
 
+    def _score(self, value: float) -> float:
+        """A validation value on a scale where larger is better; NaN (a diverged evaluation) is the worst, so it
+        is never the model kept and counts as no progress."""
+        return -math.inf if math.isnan(value) else value if self.task.higher_is_better else -value
+
     def _patience_exhausted(self) -> bool:
         """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``
         (beat: exceed, or for a task whose main metric is an error, fall below)."""
         run, key = self.scenario.run, self.task.main_metric
         if not run.patience:
             return False
-        sign = 1.0 if self.task.higher_is_better else -1.0
         best, since = -math.inf, 0
         for record in self._evaluations():
-            if sign * record[key] > best + run.min_delta:
-                best, since = sign * record[key], 0
+            if self._score(record[key]) > best + run.min_delta:
+                best, since = self._score(record[key]), 0
             else:
                 since += 1
         return since >= run.patience

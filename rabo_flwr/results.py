@@ -52,8 +52,8 @@ class ResultsWriter:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record: its line and newline in one write, so a reader never takes a partial line for a
-        record (:func:`read_metrics`)."""
-        record = finite_or_null(record)
+        record (:func:`read_metrics`). In memory the record stays as given (a diverged value is NaN, which the
+        loop compares as a number); the file has null there."""
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(to_json(record) + "\n")

@@ -15,6 +15,7 @@ from rabo_flwr.cost import CostMeter
 from rabo_flwr.federation import ServerState
 from rabo_flwr.loop import run_plain
 from rabo_flwr.masks import scenario_policies
+from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.submodel import kept_count
@@ -214,6 +215,28 @@ def test_early_stopping_follows_an_error_downwards(tmp_path):
     done = records[-1]
     assert done["stopped_early"] and 10 < done["iteration"] < 300
     assert last_eval(records)["x_error"] < 1e-4
+
+
+def test_a_diverged_evaluation_is_the_worst_one_never_kept_and_no_progress(tmp_path, monkeypatch):
+    """Validation NaN at iterations 0, 4 and 6 (a diverged model): the run goes on, keeps the best finite
+    evaluation (2), counts the NaNs as no progress (patience 2 stops it at 6) and writes null for them."""
+    path = small(tmp_path, algorithm={"iterations": 40}, run={"eval_every": 2, "patience": 2, "min_delta": 1e-6})
+    task = cached_task(load_scenario(path))
+    evaluate, calls = type(task).evaluate, []
+
+    def diverging(self, x, y, device, split):
+        metrics = evaluate(self, x, y, device, split)
+        calls.append(split)
+        return {k: float("nan") for k in metrics} if split == "val" and len(calls) in (1, 3, 4) else metrics
+
+    monkeypatch.setattr(type(task), "evaluate", diverging)
+    records, _ = run(path)
+    evals = {r["iteration"]: r["x_error"] for r in records if r["phase"] == "eval"}
+    assert list(evals) == [0, 2, 4, 6] and [v != v for v in evals.values()] == [True, False, True, True]
+    test, done = [r for r in records if r["phase"] in ("test", "done")]
+    assert test["iteration"] == 2 and test["x_error"] == evals[2] and done["stopped_early"] and done["iteration"] == 6
+    written = read_metrics(load_scenario(path).results_path / "metrics.jsonl")
+    assert [r["x_error"] for r in written if r["phase"] == "eval"][2] is None
 
 
 def test_flower_message_path_gives_the_plain_engines_records(tmp_path, one_thread):  # noqa: F811
