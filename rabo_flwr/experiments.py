@@ -580,7 +580,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
         "wall_time": sum(r["wall_time"] for r in phases) + sum(r.get("eval_time", 0.0) for r in evals),
         # what the run used, read from its own resolved scenario (not from the calling command)
         "overrides": {k: used for k, (used, _) in scenario_diff(saved, file_scenario).items()},
-        "curve": [(r["iteration"], r[val_key], r.get(f"{val_key}_se", 0.0)) for r in evals],
+        "curve": [(r["iteration"], number(r[val_key]), number(r.get(f"{val_key}_se", 0.0))) for r in evals],
         "command": _cell_info(directory).get("command", cell.command),
         "invocations": _cell_info(directory).get("invocations", []),
         "scenario": saved,
@@ -597,11 +597,20 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
 TARGET_COLUMNS = ("iterations_to_target", "rounds_to_target", "bytes_to_target", "flops_to_target")
 
 
+def number(value: float | None) -> float:
+    """A number read from a record: NaN for null, what strict JSON writes for a non-finite one (a diverged value)."""
+    return math.nan if value is None else value
+
+
 def missing_as_nan(row: dict[str, Any]) -> dict[str, Any]:
-    """A summary with each missing number NaN but in :data:`TARGET_COLUMNS`: the JSON files write it as null
-    (strict JSON, :func:`~rabo_flwr.results.to_json`; a run's records too, so a diverged validation value is null),
-    and a summary read from its run or from its published file is then the same row, table for table."""
-    return {k: math.nan if v is None and k not in TARGET_COLUMNS else v for k, v in row.items()}
+    """A summary with each missing number NaN but in :data:`TARGET_COLUMNS`, the curve's points included: the JSON
+    files write it as null (strict JSON, :func:`~rabo_flwr.results.to_json`; a run's records too, so a diverged
+    validation value is null), and a summary read from its run or from its published file is then the same row,
+    table for table."""
+    row = {k: math.nan if v is None and k not in TARGET_COLUMNS else v for k, v in row.items()}
+    if "curve" in row:
+        row["curve"] = [type(point)(number(v) for v in point) for point in row["curve"]]
+    return row
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -637,12 +646,13 @@ def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list
            "rounds_per_iteration": len(phases) / iterations,
            "bytes_per_iteration": sum(traffic(r) for r in phases) / iterations}
     if scenario.task.name == "quadratic":
-        reached = next((r["iteration"] for r in evals if r["x_error"] <= TARGET_X_ERROR), None)
+        errors = [number(r["x_error"]) for r in evals]  # NaN where it diverged (null in the records)
+        reached = next((r["iteration"] for r, e in zip(evals, errors) if e <= TARGET_X_ERROR), None)
         spent = [r for r in phases if reached is not None and r["iteration"] <= reached]
         to_target = (reached, len(spent), sum(traffic(r) for r in spent), sum(r["flops"] for r in spent))
         row |= {"target_x_error": TARGET_X_ERROR, **dict(zip(TARGET_COLUMNS, to_target if reached is not None else
                                                              (None,) * len(TARGET_COLUMNS))),
-                "final_x_error": evals[-1]["x_error"], "best_x_error": min(r["x_error"] for r in evals)}
+                "final_x_error": errors[-1], "best_x_error": min((e for e in errors if not math.isnan(e)), default=math.nan)}
     if scenario.task.name == "hyper-cleaning":
         row |= {k: test[k] if test else math.nan for k in ("flip_precision", "flip_recall", "downweighted")}
     return row

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shlex
 import subprocess
@@ -386,6 +387,29 @@ def test_family_sweep_chooses_on_the_upper_objective_lower_is_better_and_a_diver
             {"cell": "rabo-2", "status": "budget", "kept_validation": 3e-6, "higher_is_better": False}]
     chosen = experiments.choose_step_sizes(rows, cells, "family-quadratic-sweep", "5w1s", "cpu")
     assert chosen["rows"]["rabo"] == {"algorithm.alpha": 0.1}
+
+
+def test_a_diverged_quadratic_run_is_summarised_and_tabled_from_its_records_and_from_its_published_summary(tmp_path):
+    """Step sizes of 1e3 overflow x_error to infinity by iteration 15, which the records write as null (strict JSON):
+    the summary reads it as NaN (the target never reached, the best x_error the finite one, the curve NaN there),
+    and the tables and plots are written, from the run and from its published summary alike (they crashed)."""
+    cell = experiments.Cell("rabo-diverged", experiments.FAMILY_TASKS["quadratic"] / "rabo.yaml",
+                            TINY_QUADRATIC | {"algorithm.iterations": 15, "run.eval_every": 5, "run.final_test": False,
+                                              "algorithm.alpha": 1e3, "algorithm.beta": 1e3,
+                                              "run.results_dir": str(tmp_path / "run")}, "rabo", set="family-quadratic-sweep")
+    run_plain(cell.scenario(), logging.getLogger("quiet"))
+    written = [r["x_error"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "eval"]
+    assert written[-1] is None and all(v is not None for v in written[:2])  # the overflow, null in the file
+    row = experiments.summarize(cell, "cpu")
+    assert math.isnan(row["final_x_error"]) and row["best_x_error"] == min(written[:2])
+    assert row["iterations_to_target"] is None and math.isnan(row["curve"][-1][1])
+    published = tmp_path / "summary.json"
+    published.write_text(experiments.to_json(row, indent=1))
+    for name, summary in (("run", row), ("published", experiments.read_summary(published))):
+        experiments.write_outputs("diverged", [summary], tmp_path / name, "t", None)
+    for suffix in (".csv", "_curves.csv", ".json", ".md"):
+        assert (tmp_path / "run" / f"diverged{suffix}").read_text() == \
+            (tmp_path / "published" / f"diverged{suffix}").read_text()
 
 
 def test_family_quadratic_columns_count_to_the_target_from_the_records_and_the_sweep_reads_no_test(tmp_path, monkeypatch):
