@@ -1007,21 +1007,23 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
 def publish_cell(cell: Cell, scale: str) -> None:
     """Copy a cell's run (compact records, its summary row, resolved scenario, cell.json) to its
     published folder, which then counts as finished for the same scenario; a published run of
-    another scenario is never overwritten. Nothing happens for a cell with no run here."""
+    another scenario is never overwritten. Nothing happens for a cell with no run here, or one that another
+    process runs; the cell's lock is held from its summary to the last file copied, so no process resumes it
+    (rewriting its records and cell.json) in between: the published files are of one run, at one moment."""
     directory = cell.scenario().results_path
     with cell_lock(directory) as ours:  # not a run another process is writing
         row = summarize(cell, scale) if ours and (directory / "metrics.jsonl").is_file() else None
-    if row is None or cell.published is None:
-        return
-    target = cell.published
-    if (target / "scenario.yaml").is_file():
-        _same_scenario(target, cell.scenario(), "remove that folder to publish this run")
-    target.mkdir(parents=True, exist_ok=True)
-    records = compact_records(directory)
-    atomic_write(target / "records.jsonl", lambda f: f.writelines(to_json(r) + "\n" for r in records), "w")
-    atomic_write(target / "summary.json", lambda f: f.write(to_json(row, indent=1)), "w")
-    for file in ("scenario.yaml", "cell.json"):
-        shutil.copy2(directory / file, target / file)
+        if row is None or cell.published is None:
+            return
+        target = cell.published
+        if (target / "scenario.yaml").is_file():
+            _same_scenario(target, cell.scenario(), "remove that folder to publish this run")
+        target.mkdir(parents=True, exist_ok=True)
+        records = compact_records(directory)
+        atomic_write(target / "records.jsonl", lambda f: f.writelines(to_json(r) + "\n" for r in records), "w")
+        atomic_write(target / "summary.json", lambda f: f.write(to_json(row, indent=1)), "w")
+        for file in ("scenario.yaml", "cell.json"):
+            shutil.copy2(directory / file, target / file)
 
 
 def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:

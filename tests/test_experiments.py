@@ -580,6 +580,25 @@ def quadratic_sweep_cell(tmp_path, monkeypatch, out):
     return cell
 
 
+def test_publishing_holds_the_cells_lock_until_its_files_are_copied(tmp_path, monkeypatch):
+    """publish_cell summarises a run, then copies its records, scenario and cell.json: another process that resumed
+    the cell in between (a stopped cell, published cut short) would rewrite metrics.jsonl and cell.json under it,
+    and the published records would not be the published summary's. Its lock is held to the last copy."""
+    cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
+    experiments.run_cell(cell, "plain", 1, ["family-quadratic-sweep"])
+    compact, copy, free = experiments.compact_records, experiments.shutil.copy2, []
+
+    def another_process_may_start(directory):
+        with experiments.cell_lock(cell.scenario().results_path) as ours:
+            free.append(ours)
+
+    monkeypatch.setattr(experiments, "compact_records", lambda d: another_process_may_start(d) or compact(d))
+    monkeypatch.setattr(experiments.shutil, "copy2", lambda a, b: another_process_may_start(a) or copy(a, b))
+    experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
+    assert free == [False, False, False]  # records, scenario.yaml, cell.json
+    assert (tmp_path / "published" / cell.label / "records.jsonl").is_file()
+
+
 def test_a_run_this_code_cannot_read_is_an_error_naming_the_file_and_key_not_a_missing_cell(tmp_path, monkeypatch):
     cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
     assert experiments.summarize(cell, "cpu") is None  # no run here yet
