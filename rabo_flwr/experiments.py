@@ -343,10 +343,13 @@ def _command(name: str, column: str, scale: str, label: str, overrides: dict[str
 # ---------------------------------------------------------------------------- running cells
 
 
-# How and where a run was started, not what it computes. The phase timeout changes a number only when
-# injected faults hold a client back (the plain engine's lateness: loop.call_client), and no cell has faults;
-# cells published before that rule waited a day for every reply (run.phase_timeout 86400).
+# How and where a run was started, not what it computes. Under the plain engine the phase timeout changes a
+# number only when injected faults hold a client back (its lateness rule: loop.call_client), and no cell has
+# faults; cells published before that rule waited a day for every reply (run.phase_timeout 86400).
 IGNORED_KEYS = ("run.resume", "run.results_dir", "run.phase_timeout")
+# Under Flower a client is late by the real clock, so a loaded or paused machine would drop clients and change a
+# cell's numbers: a cell run with --engine flower waits a day for every reply.
+WAIT_FOR_EVERY_CLIENT = {"run.phase_timeout": 86400.0}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -487,7 +490,7 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     from .flower_run import FlowerHome, RunFailed
 
     with FlowerHome(scenario.results_path / "_flower", {"OMP_NUM_THREADS": str(threads)}) as home:
-        outcome = home.run(APP_DIR, run_config={"scenario": str(cell.path), **cell.overrides},
+        outcome = home.run(APP_DIR, run_config={"scenario": str(cell.path), **cell.overrides, **WAIT_FOR_EVERY_CLIENT},
                            federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1})
     with open(scenario.results_path / "run.log", "a") as log:
         log.write(outcome.log)
