@@ -491,7 +491,8 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
 
     with FlowerHome(scenario.results_path / "_flower", {"OMP_NUM_THREADS": str(threads)}) as home:
         outcome = home.run(APP_DIR, run_config={"scenario": str(cell.path), **cell.overrides, **WAIT_FOR_EVERY_CLIENT},
-                           federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1})
+                           federation_config={"num-supernodes": scenario.clients.num, "client-resources-num-cpus": 1},
+                           timeout=None)  # a cell runs for hours (FlowerHome.run's default stops it at 30 minutes)
     with open(scenario.results_path / "run.log", "a") as log:
         log.write(outcome.log)
     if outcome.status != "finished:completed":

@@ -599,14 +599,14 @@ def test_publishing_holds_the_cells_lock_until_its_files_are_copied(tmp_path, mo
     assert (tmp_path / "published" / cell.label / "records.jsonl").is_file()
 
 
-def test_a_flower_cell_waits_for_every_client(tmp_path, monkeypatch):
+def test_a_flower_cell_waits_for_every_client_and_runs_to_its_end(tmp_path, monkeypatch):
     """Under ``--engine flower`` a client is late by the real clock (the plain engine's rule is for injected faults
     only), so the cell waits a day for every reply, as published cells did: the machine's load never drops a
     client (README: "same loop, same numbers"); the phase timeout is no scenario difference (IGNORED_KEYS)."""
     from rabo_flwr import flower_run
 
     cell = quadratic_sweep_cell(tmp_path, monkeypatch, tmp_path / "out")
-    configs = []
+    configs, timeouts = [], []
 
     class Home:
         def __init__(self, *args):
@@ -620,12 +620,14 @@ def test_a_flower_cell_waits_for_every_client(tmp_path, monkeypatch):
 
         def run(self, app_dir, run_config=None, federation_config=None, **options):
             configs.append(run_config)
+            timeouts.append(options.get("timeout", "FlowerHome.run's default"))
             return flower_run.RunOutcome("1", "finished:completed", {}, "")
 
     monkeypatch.setattr(flower_run, "FlowerHome", Home)
     assert experiments.run_cell(cell, "flower", 1, ["family-quadratic-sweep"]) == f"{cell.label}: done"
     assert configs[0]["run.phase_timeout"] == experiments.WAIT_FOR_EVERY_CLIENT["run.phase_timeout"] >= 86400
     assert "run.phase_timeout" in experiments.IGNORED_KEYS
+    assert timeouts == [None]  # flwr run itself is never stopped by a clock either (it was at 30 minutes)
 
 
 def test_a_run_this_code_cannot_read_is_an_error_naming_the_file_and_key_not_a_missing_cell(tmp_path, monkeypatch):
