@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -445,6 +445,17 @@ def cell_lock(directory: Path) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+@contextmanager
+def set_lock(path: Path) -> Iterator[None]:
+    """Wait for, then hold, the lock of a set's tables at ``path``: two invocations of one set (``--rows`` of it
+    in two processes, say) summarise, write and publish its tables one after the other, never into each other's
+    half-written files. The lock goes with its process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 FINISHED = ("finished", "published")
@@ -1096,6 +1107,13 @@ def main(argv: list[str] | None = None) -> None:
                   (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
     if args.rows:  # the table shows the whole set, whatever this call ran
         cells = cells_for(args.set, args.column, None, args.scale, out, overrides, args.fresh)
+    with set_lock(out / f".{name}.lock"), \
+            set_lock(PUBLISHED / args.scale / f".{name}.lock") if args.publish else nullcontext():
+        tables(args, name, out, cells)
+
+
+def tables(args: argparse.Namespace, name: str, out: Path, cells: list[Cell]) -> None:
+    """The set's tables and plots from its cells' runs (and, with ``--publish``, their publication)."""
     rows = [row for row in (summarize(cell, args.scale) for cell in cells) if row]
     if not rows:
         sys.exit(f"no finished runs under {out / 'runs'}")

@@ -309,6 +309,42 @@ def test_fresh_never_publishes_and_a_rows_call_tables_the_whole_set_under_its_ov
     assert next(c for c in tabled if c.label == "rabo-c1").scenario().results_path == ran[0].scenario().results_path
 
 
+def test_two_invocations_of_a_set_write_and_publish_its_tables_one_after_the_other(tmp_path, monkeypatch):
+    """Two processes running rows of one set (``--rows`` each) both table the whole set when their rows end: the
+    set's tables, here and under docs/results, are written and copied under the set's locks, so neither copies the
+    other's half-written files (the writes are plain, and the two ends can meet)."""
+    import fcntl
+
+    def held(path):
+        if not path.is_file():
+            return False
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    out, published = tmp_path / "out", experiments.PUBLISHED / "cpu"
+    locks = [out / ".cx-star.lock", published / ".cx-star.lock"]
+    seen = []
+    row = {"task": "fewshot", "algorithm": "rabo", "flops": 1, "bytes": 1, "iterations_run": 1}
+    monkeypatch.setattr(experiments, "run_cells", lambda *args, **kwargs: None)
+    monkeypatch.setattr(experiments, "summarize", lambda cell, scale: row | {"cell": cell.label})
+
+    def write_outputs(name, rows, directory, *args):
+        seen.append(("write", [held(lock) for lock in locks]))
+        (directory / f"{name}.md").write_text("table\n")
+
+    monkeypatch.setattr(experiments, "write_outputs", write_outputs)
+    monkeypatch.setattr(experiments, "publish", lambda *args: seen.append(("publish", [held(lock) for lock in locks])))
+    out.mkdir()
+    experiments.main(["cx-star", "--rows", "rabo-c1", "--out", str(out), "--publish"])
+    assert seen == [("write", [True, True]), ("publish", [True, True])]
+    assert not any(held(lock) for lock in locks)  # released with the invocation
+
+
 def test_a_key_added_since_a_run_at_its_default_is_no_difference():
     new = {"algorithm": {"name": "rabo", "alpha": 0.1, "outer_steps": 1}, "run": {"results_dir": "elsewhere"}}
     assert experiments.scenario_diff({"algorithm": {"name": "rabo", "alpha": 0.1}}, new) == {}
