@@ -90,14 +90,17 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
     iterate so far is returned, or ``b`` if that was the first direction from 0 (Nocedal & Wright,
     Alg. 7.1: steepest descent, as if ``A`` were the identity). A ``start`` (a warm start) costs one
     product more, for its residual ``b - A start``; the tolerance stays relative to ``||b||``, so a
-    start near the solution saves steps. Diagnostics: ``iterations`` (CG steps taken), ``residual``
-    (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
+    start near the solution saves steps; ``b = 0`` gives ``v = 0`` at once, from any start (a relative
+    tolerance of 0 would ask a start's residual to vanish exactly). Diagnostics: ``iterations`` (CG steps
+    taken), ``residual`` (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
     """
+    b_norm = float(norm(b))
+    if b_norm == 0 and start is not None:
+        start = None
     v = [torch.zeros_like(t) for t in b] if start is None else list(start)
     r = list(b) if start is None else axpy(-1.0, matvec(v), b)
     p = r
     rr = dot(r, r)
-    b_norm = float(rr.sqrt()) if start is None else float(norm(b))
     steps, negative = 0, False
     for _ in range(max_iter):
         if float(rr.sqrt()) <= tol * b_norm:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rabo_flwr.algorithms import bilevel
-from rabo_flwr.hypergrad import hypergradient_with_stats
+from rabo_flwr.hypergrad import conjugate_gradient, hypergradient_with_stats
 from rabo_flwr.loop import run_plain
 from rabo_flwr.scenario import ScenarioError, load_scenario
 from rabo_flwr.results import read_metrics
@@ -64,6 +64,24 @@ def test_the_first_warm_solve_is_the_cold_one_and_the_next_starts_from_the_kept_
     assert cold_info["iterations"] == 3
     assert (info["iterations"], info["warm_started"], info["hvp_evals"]) == (0.0, 1.0, cold_info["hvp_evals"] - 2)
     assert all(torch.allclose(a, c, atol=1e-12) for a, c in zip(again, cold))
+
+
+def test_a_warm_solve_of_a_zero_right_hand_side_is_zero_at_no_cost():
+    """grad_y f = 0 (y at the upper level's optimum in y): u = H^-1 0 = 0, which a cold CG returns at once. From a
+    kept u the tolerance tol * ||b|| = 0 asks for an exact zero residual: CG ran 41 steps (42 products) toward
+    0 and recorded residual 0 and converged. Now the solve is 0 at once, warm or cold, as the record says."""
+    products = []
+
+    def matvec(v):
+        products.append(1)
+        return [H @ v[0]]
+
+    zero = [torch.zeros(3, dtype=DT)]
+    for start in (None, [torch.tensor([1.0, -2.0, 3.0], dtype=DT)]):
+        products.clear()
+        v, info = conjugate_gradient(matvec, zero, 1e-10, 100, start)
+        assert torch.equal(v[0], zero[0]) and products == []
+        assert info == {"iterations": 0.0, "residual": 0.0, "negative_curvature": 0.0, "converged": 1.0}
 
 
 def test_gd_takes_its_k_steps_from_the_kept_u():
