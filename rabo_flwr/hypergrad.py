@@ -305,7 +305,8 @@ def _neumann_inverse(hvp: MatVec, b: Vec, K: int, step: float | None, power_iter
 
 def _warm_start(memory: dict[str, Vec] | None, warm_start: bool, b: Vec) -> Vec | None:
     """Where the solve for ``u ~ [H_yy]^-1 grad_y f`` starts: with ``warm_start``, from the previous
-    call's ``u`` kept in ``memory`` (None on the first call: from 0, as without it)."""
+    call's ``u`` kept in ``memory`` (None on the first call: from 0, as without it). A kept ``u`` that is
+    not finite (a solve that diverged) is no start: from it every later solve would return NaN."""
     if not warm_start:
         return None
     if memory is None:
@@ -314,7 +315,7 @@ def _warm_start(memory: dict[str, Vec] | None, warm_start: bool, b: Vec) -> Vec 
     if start is not None and [t.shape for t in start] != [t.shape for t in b]:
         raise ValueError(f"warm_start: the kept u has shapes {[tuple(t.shape) for t in start]}, "
                          f"grad_y f {[tuple(t.shape) for t in b]}")
-    return start
+    return start if start is not None and all(bool(torch.isfinite(t).all()) for t in start) else None
 
 
 def _keep(memory: dict[str, Vec] | None, warm_start: bool, start: Vec | None, u: Vec) -> Diagnostics:

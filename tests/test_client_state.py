@@ -84,6 +84,19 @@ def test_a_warm_solve_of_a_zero_right_hand_side_is_zero_at_no_cost():
         assert info == {"iterations": 0.0, "residual": 0.0, "negative_curvature": 0.0, "converged": 1.0}
 
 
+@pytest.mark.parametrize("method", ["exact", "curvature"])
+def test_a_kept_u_that_is_not_finite_is_no_start(method):
+    """A solve that diverged once (a NaN or infinite u, kept by the client) would start every later solve on the
+    same submodel: CG from it stops at its NaN curvature and returns it, so the client replied NaN for good, however
+    the model recovered. A non-finite kept u is no start: the solve is the cold one, and its u is kept instead."""
+    y = torch.tensor([0.5, 0.1, -0.4], dtype=DT)
+    cold, cold_info = estimate(method, y)
+    memory = {"u": [torch.tensor([float("nan"), 1.0, float("inf")], dtype=DT)]}
+    warm, info = estimate(method, y, memory, warm_start=True)
+    assert all(torch.equal(c, w) for c, w in zip(cold, warm)) and info == cold_info | {"warm_started": 0.0}
+    assert torch.isfinite(memory["u"][0]).all()
+
+
 def test_gd_takes_its_k_steps_from_the_kept_u():
     """NBO-GD from u0: u_K = u* + (I - s H)^K (u0 - u*); from 0 that is the K-term Neumann series."""
     y, K, s = torch.tensor([0.5, 0.1, -0.4], dtype=DT), 3, 0.2
