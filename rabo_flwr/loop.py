@@ -369,12 +369,17 @@ class TrainingLoop:
         (``run.count_flops: false``): the phase's FLOPs are those of the replies that have a count,
         and ``uncounted_replies`` says how many had none. A client that failed or timed out sends
         nothing, so its work is estimated from the last counted reply for a submodel of the same
-        size in the same phase (``unestimated_failures`` counts those with no such reply yet).
+        size in the same phase (``unestimated_failures`` counts those with no such reply yet). The size
+        is what the client holds of each side sent (its slices; under segment submodels, which send
+        x and y whole, its held elements).
         """
+        def held(a: Assignment, side: str) -> int:
+            shapes = self.state.expected_shapes(a.partition, side).values() if side in a.arrays else ()
+            return sum(math.prod(shape) for shape in shapes)
+
         def size(a: Assignment) -> str:
             steps = f" steps {self.scenario.local_steps(a.partition)}" if self.scenario.clients.local_steps else ""
-            elements = " ".join(str(sum(t.numel() for t in a.arrays.get(s, {}).values())) for s in ("x", "y"))
-            return f"{phase.name} {elements}{steps}"
+            return f"{phase.name} {held(a, 'x')} {held(a, 'y')}{steps}"
 
         def counted(replies):
             return [(a, float(o.metrics["flops"])) for a, o in replies if o.metrics.get("flops", -1) >= 0]

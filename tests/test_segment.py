@@ -179,3 +179,23 @@ def test_the_placements_train_all_of_x_every_iteration_with_the_designed_coverag
         coverage = coverage_of(state.step("x", zeros, 0.1))
         assert coverage.uncovered_fraction == 0.0 and coverage.min_covered == designed
     assert held[0] == held[1]
+
+
+def test_a_failed_segment_clients_flops_are_estimated_from_a_reply_of_its_own_size(tmp_path):
+    """A failed client's work is estimated from the last counted reply for a submodel of its size. Segment clients
+    are all sent the whole model, so the size must be what each holds: RAFBO's capacity-1/4 client, failing at
+    iteration 2, had been estimated at its capacity-1 peer's FLOPs (4 times its coordinates: 3.9 times its own)."""
+    import logging
+
+    from rabo_flwr.loop import run_plain
+    from tests.test_strategy import tiny_scenario
+
+    path = tiny_scenario(tmp_path, clients={"num": 2, "capacities": [1.0, 0.25]},
+                         algorithm={"name": "rafbo", "submodel": "segment", "iterations": 2, "inner_steps": 2},
+                         run={"eval_every": 0, "final_test": False,
+                              "faults": [{"partition": 1, "phase": "outer", "iterations": [2], "kind": "raise"}]})
+    records = [r for r in run_plain(load_scenario(path), logging.getLogger("quiet")).records if r["phase"] == "outer"]
+    own = {c["partition"]: c["flops"] for c in records[0]["clients"]}
+    assert own[0] > 3 * own[1]  # the sizes' FLOPs differ
+    assert records[1]["failures"] == 1 and records[1]["unestimated_failures"] == 0
+    assert records[1]["wasted_flops"] == own[1]
