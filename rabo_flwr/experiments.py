@@ -667,7 +667,8 @@ def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list
         to_target = (reached, len(spent), sum(traffic(r) for r in spent), sum(r["flops"] for r in spent))
         row |= {"target_x_error": TARGET_X_ERROR, **dict(zip(TARGET_COLUMNS, to_target if reached is not None else
                                                              (None,) * len(TARGET_COLUMNS))),
-                "final_x_error": errors[-1], "best_x_error": min((e for e in errors if not math.isnan(e)), default=math.nan)}
+                "final_x_error": errors[-1],
+                "best_x_error": min((e for e in errors if not math.isnan(e)), default=math.nan)}
     if scenario.task.name == "hyper-cleaning":
         row |= {k: test[k] if test else math.nan for k in ("flip_precision", "flip_recall", "downweighted")}
     return row

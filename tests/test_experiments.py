@@ -432,7 +432,8 @@ def test_a_diverged_quadratic_run_is_summarised_and_tabled_from_its_records_and_
     cell = experiments.Cell("rabo-diverged", experiments.FAMILY_TASKS["quadratic"] / "rabo.yaml",
                             TINY_QUADRATIC | {"algorithm.iterations": 15, "run.eval_every": 5, "run.final_test": False,
                                               "algorithm.alpha": 1e3, "algorithm.beta": 1e3,
-                                              "run.results_dir": str(tmp_path / "run")}, "rabo", set="family-quadratic-sweep")
+                                              "run.results_dir": str(tmp_path / "run")},
+                            "rabo", set="family-quadratic-sweep")
     run_plain(cell.scenario(), logging.getLogger("quiet"))
     written = [r["x_error"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "eval"]
     assert written[-1] is None and all(v is not None for v in written[:2])  # the overflow, null in the file
