@@ -34,12 +34,13 @@ def coverage_mean(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Average each element over the clients covering it; return (mean, count).
 
-    ``like``: the global tensors; the mean has their shapes and is summed in their floating dtype
-    (float32 for the rest), so a float64 model's server step is as exact as its clients'.
+    ``like``: the global tensors; the mean has their shapes and is summed in their floating dtype, at least
+    float32 (so a float64 model's server step is as exact as its clients', a half-precision one's no worse
+    than float32's).
     ``mean`` is zero where ``count`` is zero, so ``x - lr * mean`` leaves uncovered elements alone.
     """
-    sums = {n: torch.zeros(like[n].shape, dtype=like[n].dtype if like[n].is_floating_point() else torch.float32)
-            for n in layout.dims}
+    sums = {n: torch.zeros(like[n].shape, dtype=torch.promote_types(like[n].dtype, torch.float32)
+                           if like[n].is_floating_point() else torch.float32) for n in layout.dims}
     counts = {n: torch.zeros(like[n].shape) for n in layout.dims}
     for plan, values in contributions:
         for name, dim_groups in layout.dims.items():

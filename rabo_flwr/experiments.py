@@ -553,8 +553,10 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     directory = cell.scenario().results_path
     if not (directory / "metrics.jsonl").is_file() and _published_finished(cell.published):
         return read_summary(cell.published / "summary.json")
-    if not ((directory / "metrics.jsonl").is_file() and (directory / "scenario.yaml").is_file()):
+    if not (directory / "metrics.jsonl").is_file():
         return None
+    if not (directory / "scenario.yaml").is_file():  # written before the first record: the run was tampered with
+        raise FileNotFoundError(f"{directory / 'scenario.yaml'}: missing beside the run's metrics.jsonl")
     scenario = load_scenario(directory / "scenario.yaml")
     saved = yaml.safe_load((directory / "scenario.yaml").read_text())
     records = read_metrics(directory / "metrics.jsonl")

@@ -46,9 +46,9 @@ class ResultsWriter:
         self.records: list[dict[str, Any]] = []
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / "scenario.yaml", lambda f: yaml.safe_dump(scenario.to_dict(), f, sort_keys=False), "w")
-        atomic_write(self.metrics_path, lambda f: None, "w")
-        for record in history or []:
-            self.log(record)
+        # the history in one atomic write: a reader never sees a resumed run shorter than it was
+        self.records = list(history or [])
+        atomic_write(self.metrics_path, lambda f: f.writelines(to_json(r) + "\n" for r in self.records), "w")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record: its line and newline in one write, so a reader never takes a partial line for a

@@ -90,3 +90,15 @@ def test_a_float64_model_is_averaged_in_float64():
         assert torch.all(mean[name] == ((1 + 1e-12) + (1 + 3e-12)) / 2) and torch.all(mean[name] > 1 + 1e-12)
     stepped = apply_step(x, mean, lr=1.0)
     assert all(stepped[n].dtype == torch.float64 and torch.equal(stepped[n], x[n] - mean[n]) for n in x)
+
+
+def test_a_half_precision_model_is_averaged_in_float32():
+    """bfloat16 updates 1 and 1 + 2^-7 average to 1 + 2^-8 in float32, which bfloat16 sums could not hold."""
+    backbone = Conv4(1, 4)
+    layouts = {"x": backbone.layout()}
+    x = {n: t.bfloat16() for n, t in init_module_tensors(backbone, layouts["x"]).items()}
+    plan = build_plan(layouts, {"x": RandomMask(0)}, 1.0, iteration=1, client=0)
+    contributions = [(plan, {n: torch.full_like(t, v) for n, t in slice_tensors(x, layouts["x"], plan).items()})
+                     for v in (1.0, 1 + 2 ** -7)]
+    mean, _ = coverage_mean(x, layouts["x"], contributions)
+    assert all(m.dtype == torch.float32 and torch.all(m == 1 + 2 ** -8) for m in mean.values())

@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from rabo_flwr import experiments
+from rabo_flwr import experiments, results
 from rabo_flwr.loop import TrainingLoop, run_plain
 from rabo_flwr.results import read_metrics
-from rabo_flwr.scenario import ScenarioError
+from rabo_flwr.scenario import ScenarioError, load_scenario
 
 TINY = {"model.backbone": "conv4", "model.width": 8, "algorithm.iterations": 2, "algorithm.inner_steps": 2,
         "task.n_query": 2, "task.eval_episodes": 4, "task.val_episodes": 4, "task.eval_steps": 2, "run.eval_every": 1,
@@ -610,6 +610,19 @@ def test_metrics_are_read_while_written_and_a_malformed_line_is_named(tmp_path):
         read_metrics(path)
 
 
+def test_a_resumed_writer_rewrites_its_history_in_one_write(tmp_path, monkeypatch):
+    """On resume the history is the file's whole content from its first write (a reader never sees the run
+    shorter than it was), NaN written as null and kept as NaN in memory."""
+    history = [{"iteration": 0, "phase": "eval", "x_error": 1.0}, {"iteration": 1, "phase": "eval", "x_error": math.nan}]
+    writes = []
+    real = results.atomic_write
+    monkeypatch.setattr(results, "atomic_write", lambda path, write, *a: writes.append(path) or real(path, write, *a))
+    writer = results.ResultsWriter(tmp_path, load_scenario(experiments.APP_DIR / "scenarios" / "quickstart.yaml"), history=history)
+    assert writes == [tmp_path / "scenario.yaml", tmp_path / "metrics.jsonl"]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [history[0], history[1] | {"x_error": None}]
+    assert writer.records[0] == history[0] and math.isnan(writer.records[1]["x_error"])
+
+
 def quadratic_sweep_cell(tmp_path, monkeypatch, out):
     monkeypatch.setitem(experiments.SWEEP_BUDGET, "family-quadratic", TINY_QUADRATIC | {"run.final_test": False})
     monkeypatch.setattr(experiments, "TARGET_X_ERROR", 1e-12)  # not reached: the "to target" columns are None
@@ -681,6 +694,9 @@ def test_a_run_this_code_cannot_read_is_an_error_naming_the_file_and_key_not_a_m
     with pytest.raises(ScenarioError, match="algorithm.retired_key"):
         experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
     assert not (tmp_path / "published" / cell.label).exists()
+    saved.unlink()  # records without the scenario they ran: an error, not "no run yet"
+    with pytest.raises(FileNotFoundError, match=rf"^{saved}: missing beside the run's metrics.jsonl"):
+        experiments.summarize(cell, "cpu")
 
 
 def test_published_json_is_strict_and_its_tables_are_the_runs_byte_for_byte(tmp_path, monkeypatch):

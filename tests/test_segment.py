@@ -95,7 +95,7 @@ def test_segment_inner_step_and_hypergradient_are_the_restricted_problems_closed
     assert updates["y"]["v"].shape == (2, 2)
     torch.testing.assert_close(updates["y"]["v"].reshape(-1), G, rtol=1e-12, atol=1e-12)
     state.step("y", {0: updates["y"]}, scenario.algorithm.beta)
-    # rows 0, 1 unchanged; rows 2, 3 at y_T (the server averages in float32)
+    # rows 0, 1 unchanged; rows 2, 3 at y_T (the model, and so the server's step, is float32)
     torch.testing.assert_close(state.y["v"].reshape(-1), v, rtol=1e-6, atol=1e-6)
     assert torch.equal(state.y["v"][:2], y["v"][:2])
 
