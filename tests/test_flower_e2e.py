@@ -48,9 +48,18 @@ def test_bare_flwr_run_with_flowers_default_federation_matches_the_plain_engine(
     for f, p in zip(phases(flower), phases(plain)):
         assert (f["clients_aggregated"], f["failures"], f["rejected"]) == (5, 0, 0)
         assert sorted(c["partition"] for c in f["clients"]) == [0, 1, 2, 3, 4]
-        # the same submodels, messages and work; losses equal up to the thread count's round-off
-        for key in ("C_x*", "C_y*", "bytes_down", "bytes_up", "flops"):
+        # the same submodels, messages and work; losses equal up to the thread count's round-off (Flower's
+        # actors run one torch thread, the plain engine here the process's), and so is the number of CG steps
+        # of a hypergradient (its tolerance is below float32's reach): a client's FLOPs are equal where its
+        # Hessian-vector products are as many, the phase's where every client's are
+        for key in ("C_x*", "C_y*", "bytes_down", "bytes_up"):
             assert f[key] == p[key], key
+        work = {side: {c["partition"]: (c.get("hg_hvp_evals"), c["flops"]) for c in r["clients"]} for side, r in (("f", f), ("p", p))}
+        for partition, (products, flops) in work["f"].items():
+            if products == work["p"][partition][0]:
+                assert flops == work["p"][partition][1], (f["phase"], partition)
+        if work["f"] == work["p"]:
+            assert f["flops"] == p["flops"]
         loss = "lower_loss" if f["phase"] == "inner" else "upper_loss"
         assert f[loss] == pytest.approx(p[loss], rel=1e-4)
     evals = [r for r in flower if r["phase"] == "eval"]
