@@ -62,7 +62,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .checkpoint import CHECKPOINT  # noqa: E402
 from .files import atomic_write  # noqa: E402
-from .results import read_metrics, to_json  # noqa: E402
+from .results import read_metrics, to_json, validation_score  # noqa: E402
 from .scenario import APP_DIR, Scenario, load_scenario  # noqa: E402
 
 PAPER = APP_DIR / "scenarios" / "paper"
@@ -569,7 +569,7 @@ def summarize(cell: Cell, scale: str) -> dict[str, Any] | None:
     phases = [r for r in records if r["phase"] not in ("eval", "test", "done") and r["iteration"] <= last]
     status = ("stopped early" if done["stopped_early"] else "budget") if done else "cut short"
     val_key, higher, key = validation_metric(scenario)
-    kept = max(evals, key=lambda r: _score(r[val_key], higher))  # the first best, as the loop keeps it
+    kept = max(evals, key=lambda r: validation_score(r[val_key], higher))  # the first best, as the loop keeps it
     if scenario.task.name in VALIDATION:  # the loop kept its model by another metric: report the kept evaluation's
         test = kept if done else None  # (the metric reads no data: "val" and "test" are one computation)
     to_kept = [r for r in phases if r["iteration"] <= kept["iteration"]]
@@ -644,11 +644,6 @@ def validation_metric(scenario: Scenario) -> tuple[str, bool, str]:
     task = build_task(scenario)  # cheap: the tasks load their data when first asked for it
     val_key, higher = VALIDATION.get(scenario.task.name, (task.main_metric, task.higher_is_better))
     return val_key, higher, task.test_metric
-
-
-def _score(value: float, higher: bool) -> float:
-    """A validation value on one scale where larger is better; NaN (a diverged run) is the worst."""
-    return -math.inf if value is None or math.isnan(value) else (value if higher else -value)
 
 
 def family_columns(scenario: Scenario, evals: list[dict[str, Any]], phases: list[dict[str, Any]],
@@ -981,7 +976,8 @@ def choose_step_sizes(rows: list[dict[str, Any]], cells: list[Cell], name: str, 
     for cell in cells:
         row = by_label[cell.label]
         value, higher = row["kept_validation"], row.get("higher_is_better", True)
-        if cell.row not in chosen["rows"] or _score(value, higher) > _score(chosen["validation"][cell.row], higher):
+        best = chosen["validation"].get(cell.row)
+        if cell.row not in chosen["rows"] or validation_score(value, higher) > validation_score(best, higher):
             chosen["rows"][cell.row], chosen["validation"][cell.row] = cell.point, value
     if name == "lr-sweep":
         chosen["best_single_level"] = max(SINGLE_LEVEL_ROWS, key=lambda row: chosen["validation"][row])

@@ -94,13 +94,15 @@ def conjugate_gradient(matvec: MatVec, b: Sequence[Tensor], tol: float = 1e-10,
     tolerance of 0 would ask a start's residual to vanish exactly). Diagnostics: ``iterations`` (CG steps
     taken), ``residual`` (``||b - A v|| / ||b||``), ``negative_curvature`` (1 if truncated by it), ``converged``.
     """
-    b_norm = float(norm(b))
-    if b_norm == 0 and start is not None:
+    b_norm = None if start is None else float(norm(b))
+    if b_norm == 0:
         start = None
     v = [torch.zeros_like(t) for t in b] if start is None else list(start)
     r = list(b) if start is None else axpy(-1.0, matvec(v), b)
     p = r
     rr = dot(r, r)
+    if start is None:  # r = b: its norm is ||b|| (one dot product less on the cold path, every client's solve)
+        b_norm = float(rr.sqrt())
     steps, negative = 0, False
     for _ in range(max_iter):
         if float(rr.sqrt()) <= tol * b_norm:

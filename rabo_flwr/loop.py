@@ -37,7 +37,7 @@ from .algorithms import ALGORITHMS, ClientState, Phase
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .federation import SIDES, ServerState, Tensors, check_update, divergent, sample_clients, update_rms
 from .masks import scenario_policies
-from .results import ResultsWriter
+from .results import ResultsWriter, validation_score
 from .scenario import Scenario
 from .submodel import plan_key
 from .tasks import BilevelTask
@@ -439,9 +439,7 @@ class TrainingLoop:
         return [r for r in self.writer.records if r["phase"] == "eval"]
 
     def _score(self, value: float) -> float:
-        """A validation value on a scale where larger is better; NaN (a diverged evaluation) is the worst, so it
-        is never the model kept and counts as no progress."""
-        return -math.inf if math.isnan(value) else value if self.task.higher_is_better else -value
+        return validation_score(value, self.task.higher_is_better)
 
     def _patience_exhausted(self) -> bool:
         """True once ``run.patience`` evaluations in a row failed to beat the best by ``run.min_delta``

@@ -37,6 +37,14 @@ def to_json(value: Any, **options: Any) -> str:
     return json.dumps(finite_or_null(value), allow_nan=False, **options)
 
 
+def validation_score(value: float | None, higher_is_better: bool) -> float:
+    """A validation value on a scale where larger is better; a diverged one (NaN in memory, null in a file) is the
+    worst, so it is never the model kept, never a step size chosen, and no progress for early stopping."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    return value if higher_is_better else -value
+
+
 class ResultsWriter:
     """Writes one run's results; ``history`` (from a checkpoint) restarts metrics.jsonl from there."""
 
