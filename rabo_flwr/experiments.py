@@ -29,7 +29,9 @@ records the command that makes exactly it and every invocation that ran it. With
 each cell is published (compact records, summary, resolved scenario, cell.json under
 ``docs/results/<scale>/<set>/runs/<cell>/``) as soon as it finishes, and a published cell of the
 same resolved scenario counts as finished: a set spread over several machines continues from
-what was committed (``--fresh`` runs such cells again, to reproduce their numbers).
+what was committed (``--fresh`` runs such cells again, to reproduce their numbers), and ``--carry``
+copies each unfinished cell's last checkpoint beside them (:func:`carry_cell`), from which the next
+machine resumes it.
 """
 
 from __future__ import annotations
@@ -389,15 +391,27 @@ def _published_finished(published: Path | None) -> bool:
     return bool(path and path.is_file() and json.loads(path.read_text())["status"] != "cut short")
 
 
+def carried_path(published: Path | None) -> Path | None:
+    """Where ``--carry`` leaves an unfinished cell's last checkpoint, beside the published runs
+    (``docs/results/<scale>/<set>/checkpoints/<cell>/``), so that a set continues on another machine
+    (this project's sessions each get a new one) from where the last one stopped."""
+    return published.parent.parent / "checkpoints" / published.name if published else None
+
+
 def cell_status(scenario: Scenario, published: Path | None = None) -> str:
     """``new``, ``finished``, ``resumable`` (a checkpoint of this scenario), ``restart`` (an unfinished
-    run of this scenario without a checkpoint) or ``published`` (no run here, a finished one of this
-    scenario in ``published``); raises CellConflict for a run of another scenario, here or published."""
+    run of this scenario without a checkpoint), ``published`` (no run here, a finished one of this
+    scenario in ``published``) or ``carried`` (no run here, a carried checkpoint of this scenario:
+    :func:`carried_path`); raises CellConflict for a run of another scenario, here, published or carried."""
     directory = scenario.results_path
     if not (directory / "scenario.yaml").is_file():
         if _published_finished(published):
             _same_scenario(published, scenario, "remove that folder to run the cell again")
             return "published"
+        carried = carried_path(published)
+        if carried and (carried / CHECKPOINT).is_file():
+            _same_scenario(carried, scenario, "remove that folder to start the cell again")
+            return "carried"
         return "new"
     _same_scenario(directory, scenario, "move it away, or give this run another --out")
     try:  # a malformed line stops the set (read_metrics names it): restarting would overwrite the run
@@ -483,11 +497,17 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     status = cell_status(cell.scenario(), cell.published)
     if status in FINISHED:
         return _already_finished(cell, status)
+    action = {"resumable": "resumed from its checkpoint", "carried": "resumed from its carried checkpoint"}.get(status)
+    if status == "carried":  # the run as it was where it stopped: its checkpoint (records included) and files
+        cell.scenario().results_path.mkdir(parents=True, exist_ok=True)
+        for file in (CHECKPOINT, "scenario.yaml", "cell.json"):
+            shutil.copy2(carried_path(cell.published) / file, cell.scenario().results_path / file)
+        status = "resumable"
     if status == "resumable":
         cell = replace(cell, overrides=cell.overrides | {"run.resume": True})
     scenario = cell.scenario()
     scenario.results_path.mkdir(parents=True, exist_ok=True)
-    _record_invocation(cell, "resumed from its checkpoint" if status == "resumable" else "started", argv)
+    _record_invocation(cell, action or "started", argv)
     logger = logging.getLogger(f"rabo_flwr.experiments.{cell.label}")
     logger.setLevel(logging.INFO)
     handler = logging.FileHandler(scenario.results_path / "run.log", mode="a" if status == "resumable" else "w")
@@ -1038,6 +1058,22 @@ def publish_cell(cell: Cell, scale: str) -> None:
         atomic_write(target / "summary.json", lambda f: f.write(to_json(row, indent=1)), "w")
         for file in ("scenario.yaml", "cell.json"):
             shutil.copy2(directory / file, target / file)
+        if row["status"] != "cut short":  # finished: its carried checkpoint has served
+            shutil.rmtree(carried_path(target), ignore_errors=True)
+
+
+def carry_cell(cell: Cell) -> bool:
+    """Copy an unfinished cell's last checkpoint (its records are in it), resolved scenario and cell.json to
+    :func:`carried_path`, where a later machine resumes it from (``--carry``; commit the folder). The cell
+    may be running: its checkpoint is written atomically and copied as it was at one moment. False where
+    there is nothing to carry (no checkpoint, a finished run, or ``--fresh``)."""
+    directory, target = cell.scenario().results_path, carried_path(cell.published)
+    if target is None or not (directory / CHECKPOINT).is_file() or cell_status(cell.scenario(), cell.published) != "resumable":
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for file in ("scenario.yaml", "cell.json", CHECKPOINT):  # the checkpoint last: it makes the folder count
+        atomic_write(target / file, lambda f, file=file: f.write((directory / file).read_bytes()))
+    return True
 
 
 def publish(name: str, out: Path, cells: list[Cell], scale: str) -> Path:
@@ -1089,6 +1125,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also copy the set's tables, plots and each run's compact records to docs/results/<scale>/ "
                              "(each cell as soon as it finishes); a finished sweep also writes the chosen step sizes "
                              "that the sets it tunes read")
+    parser.add_argument("--carry", action="store_true",
+                        help="run nothing: copy the last checkpoint of every unfinished cell here (running or not) "
+                             "to docs/results/<scale>/<set>/checkpoints/<cell>/, from which a later machine resumes "
+                             "it (commit that folder); a finished, published cell's folder is removed")
     parser.add_argument("--fresh", action="store_true",
                         help="run cells again even where a finished run of the same scenario is published "
                              "(to reproduce a published number)")
@@ -1101,6 +1141,10 @@ def main(argv: list[str] | None = None) -> None:
     out = (args.out or Path("results") / "experiments" / args.scale / name).resolve()
     overrides = parse_overrides(parser, args.override)
     cells = cells_for(args.set, args.column, args.rows, args.scale, out, overrides, args.fresh)
+    if args.carry:
+        carried = [cell.label for cell in cells if carry_cell(cell)]
+        print(f"{name}: carried the checkpoints of {len(carried)} unfinished cells: {' '.join(carried) or '-'}")
+        return
     if not args.plot_only:
         run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv,
                   (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)

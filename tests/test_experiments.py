@@ -137,6 +137,50 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_un
     assert (a["test"], a["kept_iteration"], a["flops"], a["examples"]) == (b["test"], b["kept_iteration"], b["flops"], b["examples"])
 
 
+def test_a_cell_cut_short_on_one_machine_resumes_on_another_from_its_carried_checkpoint(tmp_path, monkeypatch):
+    """--carry copies an unfinished cell's checkpoint beside the published runs; a new machine (no results
+    directory) resumes it from there to the numbers of an uninterrupted run, and publishing it removes the carry."""
+    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY | {"algorithm.iterations": 3})
+    threads = torch.get_num_threads()
+    (whole,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c1"], "cpu", tmp_path / "whole", fresh=True)
+    experiments.run_cell(whole, "plain", threads, ["cx-star"])
+    args = ["cx-star", "--rows", "rabo-c1", "--jobs", "1", "--out", str(tmp_path / "first")]
+    (cell,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c1"], "cpu", tmp_path / "first")
+    carried = experiments.carried_path(cell.published)
+    assert carried == experiments.PUBLISHED / "cpu" / "cx-star" / "checkpoints" / "rabo-c1"
+
+    iteration = TrainingLoop._iteration
+
+    def stop_at_3(loop, q):
+        if q == 3:
+            raise KeyboardInterrupt("the session ended")
+        iteration(loop, q)
+
+    monkeypatch.setattr(TrainingLoop, "_iteration", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_cell(cell, "plain", threads, ["cx-star"])
+    monkeypatch.setattr(TrainingLoop, "_iteration", iteration)
+    experiments.main(args + ["--carry"])
+    assert sorted(p.name for p in carried.iterdir()) == ["cell.json", "checkpoint.pt", "scenario.yaml"]
+
+    # a new machine: no results here, the carried folder committed; a changed scenario never takes it over
+    (moved,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c1"], "cpu", tmp_path / "second")
+    assert experiments.cell_status(moved.scenario(), moved.published) == "carried"
+    (other,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c1"], "cpu", tmp_path / "other",
+                                     {"algorithm.alpha": 0.5})
+    with pytest.raises(experiments.CellConflict, match="algorithm.alpha"):
+        experiments.cell_status(other.scenario(), other.published)
+    experiments.main([*args[:-1], str(tmp_path / "second"), "--publish"])
+
+    resumed = read_metrics(moved.scenario().results_path / "metrics.jsonl")
+    assert without_times(resumed) == without_times(read_metrics(whole.scenario().results_path / "metrics.jsonl"))
+    info = json.loads((moved.scenario().results_path / "cell.json").read_text())
+    assert [i["action"] for i in info["invocations"]] == ["started", "resumed from its carried checkpoint"]
+    assert (moved.published / "summary.json").is_file() and not carried.exists()
+    experiments.main([*args[:-1], str(tmp_path / "second"), "--carry"])  # finished: nothing to carry
+    assert not carried.exists()
+
+
 def test_loss_tuning_sweep_chooses_on_validation_publishes_and_the_set_reads_its_choice(tmp_path, monkeypatch):
     monkeypatch.setitem(experiments.SCALES["cpu"], "loss-tuning", TINY_LOSS_TUNING)
     monkeypatch.setitem(experiments.SWEEP_BUDGET, "loss-tuning",
