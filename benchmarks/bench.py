@@ -66,7 +66,7 @@ from rabo_flwr.cost import CostMeter  # noqa: E402
 from rabo_flwr.flower_run import FlowerHome  # noqa: E402
 from rabo_flwr.hypergrad import _sample_coords, hypergradient_with_stats  # noqa: E402
 from rabo_flwr.loop import run_plain  # noqa: E402
-from rabo_flwr.results import read_metrics, to_json  # noqa: E402
+from rabo_flwr.results import read_metrics  # noqa: E402
 from rabo_flwr.runtime import cached_task  # noqa: E402
 from rabo_flwr.scenario import load_scenario  # noqa: E402
 
@@ -1036,6 +1036,8 @@ def main() -> None:
     print(report(results))
     print(f"total {results['bench_wall_s']:.0f} s; machine: {results['machine']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    from rabo_flwr.results import to_json  # here, not above: a compute worker imports an older tree, which may lack it
+
     args.out.write_text(to_json(results, indent=1))
     print(f"wrote {args.out}")
 
