@@ -633,7 +633,7 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
                                                             if k not in ("records", "iterations", "clients")}), flush=True)
     summary = {label: compute_rows(r) for label, r in results.items()}
     if before:
-        for what in ("rabo", "fedmbo"):
+        for what in {"rabo", "fedmbo"} & set(results["after"]):
             summary["after"][f"{what}_records_identical"] = all(
                 b["records"] == a["records"] for b, a in zip(results["before"][what], results["after"][what]))
         by_round = {label: [compute_rows({k: [v[i]] for k, v in r.items()}) for i in range(c["rounds"])]
@@ -658,7 +658,7 @@ def compute_benchmark(cfg: dict[str, Any], threads: int, before: Path | None, wo
 
 def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
     """The figures of the compute table from one tree's measurements: medians over rounds."""
-    evaluations, rabo, fedmbo = r.get("evaluation", []), r["rabo"], r["fedmbo"]
+    evaluations, rabo, fedmbo = r.get("evaluation", []), r.get("rabo", []), r.get("fedmbo", [])
 
     def median(runs, *path):
         values = []
@@ -672,23 +672,24 @@ def compute_rows(r: dict[str, Any]) -> dict[str, Any]:
     if evaluations:
         rows |= {"evaluation_s": median(evaluations, "time_s"), "evaluation_cpu_s": median(evaluations, "cpu_s"),
                  "test_accuracy": evaluations[0]["test_accuracy"], "test_accuracy_se": evaluations[0]["test_accuracy_se"]}
-    rows |= {"rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
-    rows["rabo_over_fedmbo"] = statistics.median(a["median_s"] / b["median_s"] for a, b in zip(rabo, fedmbo))
-    cpu = all("median_cpu_s" in run for run in [*rabo, *fedmbo])  # measured since speed3 (CPU time beside wall time)
-    if cpu:
-        rows |= {"rabo_iteration_cpu_s": median(rabo, "median_cpu_s"), "fedmbo_iteration_cpu_s": median(fedmbo, "median_cpu_s")}
-        rows["rabo_over_fedmbo_cpu"] = statistics.median(a["median_cpu_s"] / b["median_cpu_s"] for a, b in zip(rabo, fedmbo))
-    for phase in ("outer", "inner"):
-        for capacity, label in (("1", "1"), ("0.0625", "1/16")):
-            rows[f"{phase}_capacity_{label}_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_s")
-            rows[f"{phase}_capacity_{label}_flops"] = median(rabo, "clients", f"{phase} {capacity}", "flops")
-            if cpu:
-                rows[f"{phase}_capacity_{label}_cpu_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_cpu_s")
-    rows["outer_1/16_over_1"] = statistics.median(run["clients"]["outer 0.0625"]["median_s"] / run["clients"]["outer 1"]["median_s"]
-                                                  for run in rabo)
-    if cpu:
-        rows["outer_1/16_over_1_cpu"] = statistics.median(
-            run["clients"]["outer 0.0625"]["median_cpu_s"] / run["clients"]["outer 1"]["median_cpu_s"] for run in rabo)
+    if rabo and fedmbo:  # --compute-jobs may leave them out
+        rows |= {"rabo_iteration_s": median(rabo, "median_s"), "fedmbo_iteration_s": median(fedmbo, "median_s")}
+        rows["rabo_over_fedmbo"] = statistics.median(a["median_s"] / b["median_s"] for a, b in zip(rabo, fedmbo))
+        cpu = all("median_cpu_s" in run for run in [*rabo, *fedmbo])  # measured since speed3 (CPU time beside wall time)
+        if cpu:
+            rows |= {"rabo_iteration_cpu_s": median(rabo, "median_cpu_s"), "fedmbo_iteration_cpu_s": median(fedmbo, "median_cpu_s")}
+            rows["rabo_over_fedmbo_cpu"] = statistics.median(a["median_cpu_s"] / b["median_cpu_s"] for a, b in zip(rabo, fedmbo))
+        for phase in ("outer", "inner"):
+            for capacity, label in (("1", "1"), ("0.0625", "1/16")):
+                rows[f"{phase}_capacity_{label}_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_s")
+                rows[f"{phase}_capacity_{label}_flops"] = median(rabo, "clients", f"{phase} {capacity}", "flops")
+                if cpu:
+                    rows[f"{phase}_capacity_{label}_cpu_s"] = median(rabo, "clients", f"{phase} {capacity}", "median_cpu_s")
+        rows["outer_1/16_over_1"] = statistics.median(run["clients"]["outer 0.0625"]["median_s"] / run["clients"]["outer 1"]["median_s"]
+                                                      for run in rabo)
+        if cpu:
+            rows["outer_1/16_over_1_cpu"] = statistics.median(
+                run["clients"]["outer 0.0625"]["median_cpu_s"] / run["clients"]["outer 1"]["median_cpu_s"] for run in rabo)
     rows["loadavg"] = [run["loadavg"] for run in [*evaluations, *rabo, *fedmbo]]
     rows["loadavg_start"] = [run.get("loadavg_start") for run in [*evaluations, *rabo, *fedmbo]]
     return rows
@@ -964,6 +965,8 @@ def report(results: dict[str, Any]) -> str:
                         parts.append(f"{label}: {key} by round: "
                                      + ", ".join(f"{v:.3g}" for v in summary[label][f"{key}_by_round"]) + "\n")
             for what in ("rabo", "fedmbo"):
+                if f"{what}_records_identical" not in after:  # --compute-jobs left it out
+                    continue
                 parts.append(f"{what}: records other than timings identical before and after: "
                              f"{after[f'{what}_records_identical']}\n")
         parts.append("Load average (1, 5, 15 min) at the end of each measurement: " + "; ".join(

@@ -124,3 +124,23 @@ def test_evaluation_matches_per_episode_reference(setting, backbones):
         assert 0.3 < float(reference.mean()) < 1.0, name  # a real classifier, not chance (0.2) nor degenerate
         assert abs(float(accuracies.mean() - reference.mean())) <= 0.0005, name  # 0.05 points
         assert int((accuracies != reference).sum()) <= 2, name  # at most a query or two on the edge
+
+
+def test_first_block_patch_products_match_a_double_precision_conv(setting, backbones):
+    """Conv4's first block on real query sets (folded 8 images at a time, a set of 95 is not a multiple):
+    the pooled conv output and the BatchNorm statistics from the patches' sums and products, against the
+    plain conv, max-pooling and statistics in double precision."""
+    from rabo_flwr.models.conv4 import PATCH_CHUNK, _pooled_patch_conv
+
+    _, task = setting
+    for episode in task._episodes("test")[:3]:
+        images = episode.query_x
+        assert images.shape[0] % PATCH_CHUNK
+        for x in backbones.values():
+            weight = x["blocks.0.0.conv.weight"]
+            conv = torch.nn.Conv2d(1, weight.shape[0], 3, padding=1, bias=False)  # its kernel size and padding
+            pooled, mean, var = _pooled_patch_conv(images, weight.flatten(1), conv)
+            full = torch.nn.functional.conv2d(images.double(), weight.double(), None, 1, 1)
+            torch.testing.assert_close(pooled.double(), torch.nn.functional.max_pool2d(full, 2), rtol=0, atol=2e-6)
+            torch.testing.assert_close(mean.double(), full.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(var.double(), full.var((0, 2, 3), correction=0), rtol=1e-6, atol=1e-9)
