@@ -98,13 +98,8 @@ def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_ano
     assert "Cut short" in (tmp_path / "cx-star.md").read_text()
 
 
-def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY | {"algorithm.iterations": 3})
-    threads = torch.get_num_threads()
-    (whole,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "whole")
-    (cell,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "cut")
-    experiments.run_cell(whole, "plain", threads, ["cx-star"])
-
+def cut_short_at_3(cell, monkeypatch):
+    """Run ``cell`` until its process is stopped (the session ends) at iteration 3."""
     iteration = TrainingLoop._iteration
 
     def stop_at_3(loop, q):
@@ -112,11 +107,21 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_un
             raise KeyboardInterrupt("the session ended")
         iteration(loop, q)
 
-    monkeypatch.setattr(TrainingLoop, "_iteration", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        experiments.run_cell(cell, "plain", threads, ["cx-star"])
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingLoop, "_iteration", stop_at_3)
+        with pytest.raises(KeyboardInterrupt):
+            experiments.run_cell(cell, "plain", torch.get_num_threads(), ["cx-star"])
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_numbers_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(experiments.SCALES["cpu"], "fewshot", TINY | {"algorithm.iterations": 3})
+    threads = torch.get_num_threads()
+    (whole,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "whole")
+    (cell,) = experiments.cells_for("cx-star", "5w1s", ["rabo-c2"], "cpu", tmp_path / "cut")
+    experiments.run_cell(whole, "plain", threads, ["cx-star"])
+
+    cut_short_at_3(cell, monkeypatch)
     assert experiments.cell_status(cell.scenario()) == "resumable"
-    monkeypatch.setattr(TrainingLoop, "_iteration", iteration)
     # while another process runs it (holds its lock), a second invocation neither resumes nor publishes it
     published = tmp_path / "published" / "rabo-c2"
     with experiments.cell_lock(cell.scenario().results_path) as ours:
@@ -149,17 +154,7 @@ def test_a_cell_cut_short_on_one_machine_resumes_on_another_from_its_carried_che
     carried = experiments.carried_path(cell.published)
     assert carried == experiments.PUBLISHED / "cpu" / "cx-star" / "checkpoints" / "rabo-c1"
 
-    iteration = TrainingLoop._iteration
-
-    def stop_at_3(loop, q):
-        if q == 3:
-            raise KeyboardInterrupt("the session ended")
-        iteration(loop, q)
-
-    monkeypatch.setattr(TrainingLoop, "_iteration", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        experiments.run_cell(cell, "plain", threads, ["cx-star"])
-    monkeypatch.setattr(TrainingLoop, "_iteration", iteration)
+    cut_short_at_3(cell, monkeypatch)
     experiments.main(args + ["--carry"])
     assert sorted(p.name for p in carried.iterdir()) == ["cell.json", "checkpoint.pt", "scenario.yaml"]
 
