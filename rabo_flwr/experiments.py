@@ -391,6 +391,10 @@ def _published_finished(published: Path | None) -> bool:
     return bool(path and path.is_file() and json.loads(path.read_text())["status"] != "cut short")
 
 
+# What a carried cell is, in copy order: its checkpoint last, since the checkpoint makes the folder count
+CARRIED_FILES = ("scenario.yaml", "cell.json", CHECKPOINT)
+
+
 def carried_path(published: Path | None) -> Path | None:
     """Where ``--carry`` leaves an unfinished cell's last checkpoint, beside the published runs
     (``docs/results/<scale>/<set>/checkpoints/<cell>/``), so that a set continues on another machine
@@ -500,7 +504,7 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     action = {"resumable": "resumed from its checkpoint", "carried": "resumed from its carried checkpoint"}.get(status)
     if status == "carried":  # the run as it was where it stopped: its checkpoint (records included) and files
         cell.scenario().results_path.mkdir(parents=True, exist_ok=True)
-        for file in (CHECKPOINT, "scenario.yaml", "cell.json"):
+        for file in CARRIED_FILES:
             shutil.copy2(carried_path(cell.published) / file, cell.scenario().results_path / file)
         status = "resumable"
     if status == "resumable":
@@ -1068,10 +1072,10 @@ def carry_cell(cell: Cell) -> bool:
     may be running: its checkpoint is written atomically and copied as it was at one moment. False where
     there is nothing to carry (no checkpoint, a finished run, or ``--fresh``)."""
     directory, target = cell.scenario().results_path, carried_path(cell.published)
-    if target is None or not (directory / CHECKPOINT).is_file() or cell_status(cell.scenario(), cell.published) != "resumable":
+    if target is None or cell_status(cell.scenario(), cell.published) != "resumable":  # resumable: a checkpoint here
         return False
     target.mkdir(parents=True, exist_ok=True)
-    for file in ("scenario.yaml", "cell.json", CHECKPOINT):  # the checkpoint last: it makes the folder count
+    for file in CARRIED_FILES:
         atomic_write(target / file, lambda f, file=file: f.write((directory / file).read_bytes()))
     return True
 

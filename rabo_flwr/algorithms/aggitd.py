@@ -7,7 +7,7 @@ optimization simultaneously", so it takes no communication rounds beyond the low
 AID methods such as FedNest add rounds of global Hessian-vector products). The full text (arXiv
 2302.04969, PMLR 202:38059-38086) was not reachable from here: its algorithm boxes, hence their
 numbers, its step sizes and the exact order of its products were not read, and none is quoted
-here (rechecked on branch check-recon: abstract pages only; no stored full text, no public code). Assumed: the ITD products are accumulated in the order of the
+here (rechecked in the sixth session: abstract pages only; no stored full text, no public code). Assumed: the ITD products are accumulated in the order of the
 forward pass, along the same local steps and in the same rounds as FedAvg on y, on a vector u that
 the server aggregates with y every round (the "aggregated" part: global products without rounds of
 their own), started from grad_y f at the iteration's y; x is held at the server's value for the

@@ -6,7 +6,7 @@ RECONSTRUCTED. What was read: the abstract ("one communication round per iterati
 variable, the upper variable and a Hessian-inverse-vector variable "updated simultaneously", "a
 generalized server-side aggregation and update", ShroFBO "resilient to system-level heterogeneity"
 in local computation) and a review's summary. The algorithm boxes, step sizes and the exact
-aggregation were not reached (NOTES.md section 4). Searched again (branch check-recon): the only
+aggregation were not reached (NOTES.md section 4). Searched again (2026-12-03, sixth session): the only
 full-text copy reachable from here (SPIQA's extracted paragraphs and raw TeX of arXiv 2305.19442v4)
 gives the opening of the introduction only, up to the problem F = sum_i p_i f_i, G = sum_i p_i g_i
 (client weights p_i; this project's are 1/n: every client weighs the same); reviews and abstract
@@ -38,7 +38,7 @@ gradient of g and of f and two second-order products (H_i v and J_i v from one g
 MemFBO, RECONSTRUCTED. What was read: the abstract only ("fully single-loop structure with all
 involved variables updated simultaneously", "only first-order gradient information for all local
 updates", memory- and computation-efficient, linear speedup under partial participation); the full
-text (AAAI 39(21):22029-22037) was not reachable from here (rechecked on branch check-recon: a stored
+text (AAAI 39(21):22029-22037) was not reachable from here (rechecked in the sixth session: a stored
 text copy gives its abstract and the first lines of its introduction only; no public code found): its algorithm box (hence its number), step
 sizes and the form of its first-order products were not read. Assumed: SimFBO's round above (one
 round per iteration, x, y and v together), with its two second-order products replaced by a central

@@ -10,7 +10,7 @@ tracking and a projection, no gradient heterogeneity assumption; S3LDBO: SLDBO w
 gradient-tracking mechanism, "SSGT", after Di et al.'s snap-shot DSGT, ICML 2024, by which agents
 intermittently skip gradient, Jacobian and Hessian evaluations, analysed in the deterministic
 setting). The algorithm boxes were not reached, so the paper's algorithm numbers are not cited
-(rechecked on branch check-recon: the journal version's abstract adds only that the method is "built
+(rechecked in the sixth session: the journal version's abstract adds only that the method is "built
 on the basis of the SOBA framework" and that gradient tracking and projection are what remove the
 heterogeneity assumption; S3LDBO's HTML page was reachable to its introduction's first paragraph; no
 full text or public code of either).
