@@ -48,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -536,21 +537,35 @@ def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
 
 
 def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: list[str],
-              finished: Callable[[Cell], None] = lambda cell: None) -> None:
-    """Run the cells, ``jobs`` at a time; ``finished(cell)`` as each one ends (in order)."""
+              finished: Callable[[Cell], None] = lambda cell: None) -> list[str]:
+    """Run the cells, ``jobs`` at a time; ``finished(cell)`` as each one ends (in order). A cell that
+    raises is reported (its traceback on stderr) and the others run on and are published: a set runs
+    for hours, and one failure (a corrupt checkpoint, a bug) should cost that cell only (a worker
+    killed outright breaks the pool, and every cell not yet finished fails with it). Returns the
+    labels of the cells that failed."""
     statuses = [cell_status(cell.scenario(), cell.published) for cell in cells]  # every conflict before any cell runs
     for cell, status in zip(cells, statuses):
         if status in FINISHED:  # reported here: a process per finished cell cost seconds each, minutes a set
             print(_already_finished(cell, status), flush=True)
             finished(cell)
     todo = [cell for cell, status in zip(cells, statuses) if status not in FINISHED]
+    failed = []
     # a fresh process per cell: a worker that ran cell after cell kept every cell's task (its data)
     # in the per-process task cache, 8 GB after 37 hyper-cleaning cells
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        for cell, message in zip(todo, pool.map(run_cell, todo, [engine] * len(todo), [threads] * len(todo),
-                                                [argv] * len(todo))):
+        runs = [pool.submit(run_cell, cell, engine, threads, argv) for cell in todo]
+        for cell, run in zip(todo, runs):
+            try:
+                message = run.result()
+            except Exception as error:  # noqa: BLE001 - any failure of one cell; the others go on
+                traceback.print_exception(error, file=sys.stderr)
+                print(f"{cell.label}: failed ({type(error).__name__}: {error}); rerun the set's command to retry it",
+                      flush=True)
+                failed.append(cell.label)
+                continue
             print(message, flush=True)
             finished(cell)
+    return failed
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -1149,14 +1164,18 @@ def main(argv: list[str] | None = None) -> None:
         carried = [cell.label for cell in cells if carry_cell(cell)]
         print(f"{name}: carried the checkpoints of {len(carried)} unfinished cells: {' '.join(carried) or '-'}")
         return
+    failed = []
     if not args.plot_only:
-        run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs), argv,
-                  (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
+        failed = run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs),
+                           argv, (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
     if args.rows:  # the table shows the whole set, whatever this call ran
         cells = cells_for(args.set, args.column, None, args.scale, out, overrides, args.fresh)
     with set_lock(out / f".{name}.lock"), \
             set_lock(PUBLISHED / args.scale / f".{name}.lock") if args.publish else nullcontext():
         tables(args, name, out, cells)
+    if failed:  # after the tables, which show every cell that finished
+        sys.exit(f"{name}: {len(failed)} of {len(cells)} cells failed: {' '.join(failed)} (tracebacks above; their "
+                 f"logs under {out / 'runs'})")
 
 
 def tables(args: argparse.Namespace, name: str, out: Path, cells: list[Cell]) -> None:

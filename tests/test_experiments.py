@@ -401,6 +401,29 @@ TINY_QUADRATIC = {"algorithm.iterations": 6, "run.eval_every": 1, "run.patience"
                   "task.channels": 4, "clients.num": 4}
 
 
+def test_a_cell_that_fails_is_reported_and_the_others_run_and_are_tabled(tmp_path, capsys):
+    """Through the set's command and process pool (spawned workers, as a set runs): the first cell's
+    corrupt checkpoint makes its worker raise; the second cell still runs and is tabled, and the command
+    then exits with the failed cell named."""
+    labels = ["rabo-alpha1-beta0.03", "rabo-alpha1-beta0.1"]
+    argv = ["family-quadratic-sweep", "--rows", *labels, "--fresh", "--jobs", "1", "--threads", "1", "--out", str(tmp_path),
+            "--override", *(f"{k}={v}" for k, v in TINY_QUADRATIC.items())]
+    broken, sound = experiments.cells_for("family-quadratic-sweep", "5w1s", labels, "cpu", tmp_path, TINY_QUADRATIC, fresh=True)
+    directory = broken.scenario().results_path
+    directory.mkdir(parents=True)
+    (directory / "scenario.yaml").write_text(yaml.safe_dump(broken.scenario().to_dict()))
+    (directory / "checkpoint.pt").write_bytes(b"not a checkpoint")  # a disk that failed mid-write
+    assert experiments.cell_status(broken.scenario()) == "resumable"
+    with pytest.raises(SystemExit, match=f"1 of 336 cells failed: {broken.label} "):
+        experiments.main(argv)
+    out, err = capsys.readouterr()
+    assert f"{broken.label}: failed (" in out and f"{sound.label}: done" in out and "Traceback" in err
+    assert experiments.cell_status(sound.scenario()) == "finished"
+    table = (tmp_path / "family-quadratic-sweep.md").read_text().splitlines()
+    assert "| rabo | alpha 1, beta 0.03 | | | not run |  |" in table  # the failed cell
+    assert any(line.startswith("| rabo | alpha 1, beta 0.1 |") and "(budget)" in line for line in table)
+
+
 def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_and_read_the_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "STEP_SIZES", tmp_path)
     sweep = experiments.cells_for("family-quadratic-sweep", "5w1s", None, "cpu", tmp_path / "sweep")
