@@ -34,6 +34,7 @@ timings use the same per-client compute. Tests never measure speed; this file do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -582,7 +583,12 @@ def compute_worker(spec: dict[str, Any]) -> None:
         task.prepare()
         x, y = task.init_tensors(scenario.seed)
         start, cpu = time.perf_counter(), time.process_time()
-        metrics = task.evaluate(x, y, CPU, "test")
+        try:  # as the loop calls it: its independent parts on the run's threads, where this tree has them
+            from rabo_flwr.threads import part_threads
+        except ImportError:
+            part_threads = lambda count: contextlib.nullcontext()  # noqa: E731
+        with part_threads(spec["threads"]):
+            metrics = task.evaluate(x, y, CPU, "test")
         out |= {"time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, **metrics}
     else:
         scenario = load_scenario(TABLE2 / f"{spec['what']}.yaml", CPU_SCALE | spec["overrides"]

@@ -22,13 +22,12 @@ import logging
 import math
 import multiprocessing
 import time
-from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -41,6 +40,7 @@ from .results import ResultsWriter, validation_score
 from .scenario import Scenario
 from .submodel import plan_key
 from .tasks import BilevelTask
+from .threads import part_threads, torch_threads
 
 REQUIRED_METRICS = ("flops", "wall_time")
 # The server's own work (plans, aggregation, evaluation) runs on one torch thread in both engines:
@@ -147,6 +147,8 @@ class TrainingLoop:
                  evaluate_fn: Callable[[int, Tensors, Tensors], dict | None] | None = None):
         self.scenario = scenario
         self.evaluate_fn = evaluate_fn  # more server-side metrics, beside the task's own evaluation
+        # the run's threads, before the server's own count: the evaluation's independent parts may use them all
+        self.evaluation_threads = torch.get_num_threads()
         self.task = task
         self.runner = runner
         self.device = device
@@ -411,7 +413,8 @@ class TrainingLoop:
         """Validation: the task's metrics on "val", ``evaluate_fn``'s, and (``run.federated_eval``) the clients'
         as ``client_*``; the model of the best validation metric so far is kept for the final test."""
         start = time.perf_counter()
-        metrics = self.task.evaluate(self.state.x, self.state.y, self.device, "val")
+        with part_threads(self.evaluation_threads):
+            metrics = self.task.evaluate(self.state.x, self.state.y, self.device, "val")
         extra = self.evaluate_fn(q, self.state.x, self.state.y) if self.evaluate_fn else None
         clash = sorted(set(extra or {}) & set(metrics))
         if clash:
@@ -429,7 +432,8 @@ class TrainingLoop:
         """The test split, read once: on the model of the best validation evaluation (the one kept)."""
         start = time.perf_counter()
         q, value, x, y = self.kept
-        metrics = self.task.evaluate(x, y, self.device, "test")
+        with part_threads(self.evaluation_threads):
+            metrics = self.task.evaluate(x, y, self.device, "test")
         self.writer.log({"iteration": q, "phase": "test", "kept_by": self.task.main_metric, self.task.main_metric: value,
                          **metrics, "eval_time": time.perf_counter() - start})
         self.logger.info(f"test: {self.task.test_metric} {metrics[self.task.test_metric]:.4f} of the model kept at "
@@ -479,17 +483,6 @@ class TrainingLoop:
                          f"{evals[0]['iteration']}) -> {evals[-1][key]:.4g} (iteration {evals[-1]['iteration']}); "
                          f"cost {flops:.3g} FLOPs ({wasted:.3g} wasted{uncounted}), {traffic / 1e6:.1f} MB sent and "
                          f"received{p2p}; results in {self.writer.directory}")
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fraction(masks: dict[str, torch.Tensor]) -> float:

@@ -19,6 +19,7 @@ import torch
 from rabo_flwr.models.resnet12 import ResNet12
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
+from rabo_flwr.threads import part_threads
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -144,3 +145,22 @@ def test_first_block_patch_products_match_a_double_precision_conv(setting, backb
             torch.testing.assert_close(pooled.double(), torch.nn.functional.max_pool2d(full, 2), rtol=0, atol=2e-6)
             torch.testing.assert_close(mean.double(), full.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(var.double(), full.var((0, 2, 3), correction=0), rtol=1e-6, atol=1e-9)
+
+
+def test_evaluation_on_several_threads_gives_the_bits_of_one(setting, backbones):
+    """The episodes split over 2 or 3 threads (uneven parts: 60 episodes into 3, and 7 into 3) give
+    every episode's accuracy and the metrics bit for bit as on one thread, and leave torch's thread
+    count as it was."""
+    scenario, task = setting
+    episodes, n_way = task._episodes("test"), scenario.task.n_way
+    before = torch.get_num_threads()
+    for name, x in backbones.items():
+        one = task._episode_accuracies(x, episodes, n_way, CPU)
+        metrics = task.evaluate(x, {}, CPU, "test")
+        for threads in (2, 3):
+            with part_threads(threads):
+                assert torch.equal(task._episode_accuracies(x, episodes, n_way, CPU), one), (name, threads)
+                assert torch.equal(task._episode_accuracies(x, episodes[:7], n_way, CPU), one[:7]), (name, threads)
+                assert task.evaluate(x, {}, CPU, "test") == metrics, (name, threads)
+    assert torch.get_num_threads() == before
+

@@ -20,6 +20,7 @@ from rabo_flwr.results import read_metrics
 from rabo_flwr.runtime import cached_task
 from rabo_flwr.scenario import load_scenario
 from rabo_flwr.submodel import numel_in_plan
+from rabo_flwr.threads import part_thread_count
 from strategies import Rabo
 from tests.inprocess_grid import InProcessGrid
 
@@ -290,22 +291,25 @@ def test_a_reply_without_a_flop_count_is_left_out_of_the_sum_and_counted(tmp_pat
 
 
 def test_server_work_runs_on_one_thread_and_plain_clients_on_the_process_count(tmp_path, monkeypatch):
-    """The same server thread count in both engines (the ServerApp has no setting of its own)."""
-    seen = {"server": set(), "client": set()}
+    """The same server thread count in both engines (the ServerApp has no setting of its own); the
+    evaluation's independent parts may use the run's threads (their numbers do not depend on it)."""
+    seen = {"server": set(), "client": set(), "evaluation parts": set()}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         scenario = load_scenario(tiny_scenario(tmp_path, algorithm={"iterations": 1, "inner_steps": 1}))
         task = cached_task(scenario)
         evaluate, step = task.evaluate, TrainingLoop._finish_phase
-        monkeypatch.setattr(task, "evaluate", lambda *a: seen["server"].add(torch.get_num_threads()) or evaluate(*a))
+        monkeypatch.setattr(task, "evaluate", lambda *a: seen["server"].add(torch.get_num_threads())
+                            or seen["evaluation parts"].add(part_thread_count()) or evaluate(*a))
         monkeypatch.setattr(TrainingLoop, "_finish_phase",
                             lambda self, *a: seen["server"].add(torch.get_num_threads()) or step(self, *a))
         plain = PlainRunner(scenario, task, torch.device("cpu"))
         run_client = plain._run_client
         monkeypatch.setattr(plain, "_run_client", lambda *a: seen["client"].add(torch.get_num_threads()) or run_client(*a))
         TrainingLoop(scenario, task, plain, torch.device("cpu")).run()
-        assert seen == {"server": {SERVER_THREADS}, "client": {2}} and torch.get_num_threads() == 2
+        assert seen == {"server": {SERVER_THREADS}, "client": {2}, "evaluation parts": {2}}
+        assert torch.get_num_threads() == 2 and part_thread_count() == 1
     finally:
         torch.set_num_threads(threads)
 

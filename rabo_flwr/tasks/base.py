@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -38,8 +39,8 @@ class FunctionalModule:
     forward pass, as ``torch.func.functional_call`` does (same operations on the same tensors,
     the same outputs and gradients), but through slots found once here instead of walking the
     module tree at every call, which cost more than a narrow client's arithmetic. So one instance
-    serves one call at a time (not threads at once; every engine here calls it from one thread
-    per process).
+    serves one call at a time (every engine here calls it from one thread per process); threads
+    that share one set of tensors call the module inside :meth:`bound` (the evaluation does).
     """
 
     def __init__(self, build: Callable[[], nn.Module]):
@@ -53,6 +54,13 @@ class FunctionalModule:
                         self._slots[f"{prefix}.{attr}" if prefix else attr] = (store, attr)
 
     def __call__(self, tensors: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        with self.bound(tensors) as module:
+            return module(*inputs)
+
+    @contextmanager
+    def bound(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """The module with ``tensors`` in its slots for the block: calls inside it may run in several
+        threads at once (each forward pass reads the same tensors)."""
         if tensors.keys() != self._slots.keys():
             missing = sorted(self._slots.keys() - tensors.keys())
             unexpected = sorted(tensors.keys() - self._slots.keys())
@@ -62,7 +70,7 @@ class FunctionalModule:
             for name, tensor in tensors.items():
                 store, attr = self._slots[name]
                 store[attr] = tensor
-            return self.module(*inputs)
+            yield self.module
         finally:
             for name, (store, attr) in self._slots.items():
                 store[attr] = templates[name]
@@ -156,7 +164,9 @@ class BilevelTask:
         data; every choice reads it; recorded at iteration 0, every ``run.eval_every`` and at the end)
         or "test" (read once, on the model kept, for reported numbers). A dict of floats (or lists of
         floats) including :attr:`main_metric` ("val") or :attr:`test_metric` ("test"), named after
-        the split where the metric reads data (``val_accuracy``, ``test_accuracy``)."""
+        the split where the metric reads data (``val_accuracy``, ``test_accuracy``). It runs on the
+        server's torch thread; work it splits into independent parts may use the run's threads
+        (:func:`~rabo_flwr.threads.map_one_thread_each`, as the few-shot evaluation does)."""
         raise NotImplementedError
 
     def evaluate_client(self, partition: int, x: Tensors, y: Tensors, device: torch.device) -> dict[str, float]:

@@ -19,6 +19,7 @@ asked to map a different permutation of classes to its outputs in every episode)
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from functools import cached_property
 from typing import Mapping
@@ -32,6 +33,7 @@ from ..models import build_head
 from ..models.backbones import build_backbone
 from ..cost import shapes
 from ..scenario import Scenario
+from ..threads import map_one_thread_each, part_thread_count
 from .base import BilevelTask, ClientBatch, FunctionalModule, Tensors, init_module_tensors
 
 
@@ -131,7 +133,9 @@ class FewShotTask(BilevelTask):
         ``images`` is one batch ``(n, C, H, W)`` or E batches ``(E, n, C, H, W)``, each normalised
         by the backbone's BatchNorm with its own statistics (features ``(E, n, dim)``).
         """
-        features = self.backbone(x, images)
+        return self._normalised(self.backbone(x, images))
+
+    def _normalised(self, features: torch.Tensor) -> torch.Tensor:
         scale = self.scenario.model.feature_norm
         return scale * F.normalize(features, dim=-1) if scale else features
 
@@ -196,11 +200,24 @@ class FewShotTask(BilevelTask):
 
     def _episode_accuracies(self, x: Tensors, episodes: list[Episode], n_way: int, device: torch.device) -> torch.Tensor:
         """Query accuracy of each episode. Its support set and its query set are each one batch for
-        BatchNorm (transductive, per episode), all episodes' sets in one backbone call each."""
+        BatchNorm (transductive, per episode). On a CPU the episodes are cut into one part per thread
+        the run gives (:func:`~rabo_flwr.threads.part_threads`) and the parts run at once, each on one
+        torch thread (:func:`~rabo_flwr.threads.map_one_thread_each`: one episode's operations are too
+        small to share threads); an episode's numbers are its own alone, so they are the same bits
+        for any thread count."""
+        x = {k: v.to(device) for k, v in x.items()}
+        size = math.ceil(len(episodes) / (part_thread_count() if device.type == "cpu" else 1))
+        parts = [episodes[start:start + size] for start in range(0, len(episodes), size)]
+        with self.backbone.bound(x) as backbone:
+            accuracies = map_one_thread_each(lambda part: self._part_accuracies(backbone, part, n_way, device), parts)
+        return torch.cat(accuracies)
+
+    def _part_accuracies(self, backbone: torch.nn.Module, episodes: list[Episode], n_way: int,
+                         device: torch.device) -> torch.Tensor:
+        """:meth:`_episode_accuracies` of some episodes: every episode's sets in one backbone call each."""
         with torch.no_grad():
-            x = {k: v.to(device) for k, v in x.items()}
-            support = self.features(x, torch.stack([e.support_x for e in episodes]).to(device))
-            query = self.features(x, torch.stack([e.query_x for e in episodes]).to(device))
+            support = self._normalised(backbone(torch.stack([e.support_x for e in episodes]).to(device)))
+            query = self._normalised(backbone(torch.stack([e.query_x for e in episodes]).to(device)))
         support_y = torch.stack([e.support_y for e in episodes]).to(device)
         query_y = torch.stack([e.query_y for e in episodes]).to(device)
         with torch.enable_grad():
