@@ -1023,6 +1023,18 @@ def choose_step_sizes(rows: list[dict[str, Any]], cells: list[Cell], name: str, 
     return chosen
 
 
+def grid_edges(point: dict[str, float], task: str) -> list[str]:
+    """The step sizes of a sweep ``point`` that sit at the grid's lowest or highest value (the grid
+    times :data:`GRID_SCALE`'s factor): a best point there may have its optimum beyond the grid."""
+    edges = []
+    for key, value in point.items():
+        factor = GRID_SCALE.get(task, {}).get(key, 1.0)
+        for bound, side in ((GRID[0], "lower"), (GRID[-1], "upper")):
+            if math.isclose(value, bound * factor):
+                edges.append(f"{key.split('.')[1]} at the {side} edge")
+    return edges
+
+
 def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell], chosen: dict[str, Any] | None,
                          out: Path, title: str) -> None:
     """Every cell of the sweep: its step sizes, its best validation evaluation, and the value chosen per row."""
@@ -1035,9 +1047,11 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
         r = by_label.get(cell.label)
         picked = chosen and chosen["rows"].get(cell.row) == cell.point
         steps = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in cell.point.items())
+        edges = ", ".join(grid_edges(cell.point, rows[0]["task"]))
+        mark = ("**chosen**" + (f" ({edges})" if edges else "")) if picked else ""
         lines.append(f"| {cell.row} | {steps} | " + (f"{value(r['kept_validation'])} ({r['kept_iteration']}) | "
                      f"{value(r['final_validation'])} | {r['iterations_run']} ({r['status']})" if r else "| | not run") +
-                     f" | {'**chosen**' if picked else ''} |")
+                     f" | {mark} |")
     task = rows[0]["task"]
     budget = SWEEP_BUDGET[scale_key(name, task)]
     scaled = "".join(f"; {k} takes the grid times {f:g}" for k, f in GRID_SCALE.get(task, {}).items())
@@ -1051,6 +1065,11 @@ def write_sweep_markdown(name: str, rows: list[dict[str, Any]], cells: list[Cell
     if chosen:
         lines.append("Chosen: " + "; ".join(f"{row} {json.dumps(point)} ({value(chosen['validation'][row])})"
                                             for row, point in chosen["rows"].items()) + ".")
+        at_edge = [f"{row} ({', '.join(grid_edges(point, task))})" for row, point in chosen["rows"].items()
+                   if grid_edges(point, task)]
+        if at_edge:
+            lines.append(f"Chosen at the grid's edge, so the best step may lie beyond the grid (one grid for every row, "
+                         f"not extended for some): {'; '.join(at_edge)}.")
         if "best_single_level" in chosen:
             lines.append(f"Best single-level row on validation: {chosen['best_single_level']} (its `-full-only` row "
                          "and the 20-way columns use it).")

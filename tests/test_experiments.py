@@ -488,6 +488,17 @@ def test_family_sweep_chooses_on_the_upper_objective_lower_is_better_and_a_diver
     assert chosen["rows"]["rabo"] == {"algorithm.alpha": 0.1}
 
 
+def test_a_chosen_step_at_the_grids_edge_is_named():
+    assert experiments.grid_edges({"algorithm.alpha": 1.0, "algorithm.beta": 0.1}, "fewshot") == ["alpha at the upper edge"]
+    assert experiments.grid_edges({"algorithm.alpha": 0.03, "algorithm.beta": 0.03}, "fewshot") == [
+        "alpha at the lower edge", "beta at the lower edge"]
+    assert experiments.grid_edges({"algorithm.alpha": 0.3, "algorithm.beta": 0.1}, "fewshot") == []
+    # hyper-cleaning's alpha grid is the grid times 1000: 1.0 is inside it, 1000 its upper edge
+    assert experiments.grid_edges({"algorithm.alpha": 1000.0, "algorithm.beta": 1.0}, "hyper-cleaning") == [
+        "alpha at the upper edge", "beta at the upper edge"]
+    assert experiments.grid_edges({"algorithm.alpha": 100.0}, "hyper-cleaning") == []
+
+
 def test_a_diverged_quadratic_run_is_summarised_and_tabled_from_its_records_and_from_its_published_summary(tmp_path):
     """Step sizes of 1e3 overflow x_error to infinity by iteration 15, which the records write as null (strict JSON):
     the summary reads it as NaN (the target never reached, the best x_error the finite one, the curve NaN there),
