@@ -21,6 +21,7 @@ from rabo_flwr.protocol import PLAN, THRESHOLDS
 from rabo_flwr.scenario import Scenario
 from rabo_flwr.tasks import BilevelTask
 from rabo_flwr.tasks.segment import SegmentTask
+from rabo_flwr.threads import part_threads
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -87,9 +88,11 @@ class Client:
         return corrupt_updates(faults, updates), metrics
 
     def evaluate(self, x: Mapping[str, ArrayLike], y: Mapping[str, ArrayLike]) -> dict[str, float]:
-        """The global model's metrics on this partition's held-out data (``BilevelTask.evaluate_client``)."""
-        metrics = self.task.evaluate_client(self.partition, _as_tensors(x, self.device), _as_tensors(y, self.device),
-                                            self.device)
+        """The global model's metrics on this partition's held-out data (``BilevelTask.evaluate_client``);
+        work it splits into independent parts runs them on this client's torch threads (part_threads)."""
+        with part_threads(torch.get_num_threads()):
+            metrics = self.task.evaluate_client(self.partition, _as_tensors(x, self.device),
+                                                _as_tensors(y, self.device), self.device)
         if "examples" not in metrics:
             raise ValueError(f"{type(self.task).__name__}.evaluate_client returned no 'examples' (its weight in the mean)")
         return metrics

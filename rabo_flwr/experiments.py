@@ -492,7 +492,18 @@ def run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
     with cell_lock(cell.scenario().results_path) as ours:
         if not ours:
             return f"{cell.label}: running in another process, left to it"
-        return _run_cell(cell, engine, threads, argv)
+        try:
+            return _run_cell(cell, engine, threads, argv)
+        except Exception as error:  # noqa: BLE001 - whatever it is, it reaches the set as text
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise CellFailed(f"{type(error).__name__}: {first}", traceback.format_exc()) from error
+
+
+class CellFailed(RuntimeError):
+    """A cell's run raised: ``args`` are a one-line summary and the traceback. Any exception crosses
+    from the cell's worker process to the set this way: one the set's process could not rebuild (a
+    class whose constructor takes other arguments than its message) would break the whole pool and
+    fail every other cell."""
 
 
 def _run_cell(cell: Cell, engine: str, threads: int, argv: list[str]) -> str:
@@ -558,9 +569,10 @@ def run_cells(cells: list[Cell], engine: str, jobs: int, threads: int, argv: lis
             try:
                 message = run.result()
             except Exception as error:  # noqa: BLE001 - any failure of one cell; the others go on
-                traceback.print_exception(error, file=sys.stderr)
-                print(f"{cell.label}: failed ({type(error).__name__}: {error}); rerun the set's command to retry it",
-                      flush=True)
+                summary, detail = (error.args if isinstance(error, CellFailed) else
+                                   (f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))))
+                print(detail, file=sys.stderr, flush=True)
+                print(f"{cell.label}: failed ({summary}); rerun the set's command to retry it", flush=True)
                 failed.append(cell.label)
                 continue
             print(message, flush=True)
@@ -1183,17 +1195,21 @@ def main(argv: list[str] | None = None) -> None:
         carried = [cell.label for cell in cells if carry_cell(cell)]
         print(f"{name}: carried the checkpoints of {len(carried)} unfinished cells: {' '.join(carried) or '-'}")
         return
-    failed = []
+    failed, ran = [], len(cells)
     if not args.plot_only:
         failed = run_cells(cells, args.engine, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs),
                            argv, (lambda cell: publish_cell(cell, args.scale)) if args.publish else lambda cell: None)
     if args.rows:  # the table shows the whole set, whatever this call ran
         cells = cells_for(args.set, args.column, None, args.scale, out, overrides, args.fresh)
-    with set_lock(out / f".{name}.lock"), \
-            set_lock(PUBLISHED / args.scale / f".{name}.lock") if args.publish else nullcontext():
-        tables(args, name, out, cells)
+    try:
+        with set_lock(out / f".{name}.lock"), \
+                set_lock(PUBLISHED / args.scale / f".{name}.lock") if args.publish else nullcontext():
+            tables(args, name, out, cells)
+    except SystemExit:  # "no finished runs": where cells failed, the message below says why
+        if not failed:
+            raise
     if failed:  # after the tables, which show every cell that finished
-        sys.exit(f"{name}: {len(failed)} of {len(cells)} cells failed: {' '.join(failed)} (tracebacks above; their "
+        sys.exit(f"{name}: {len(failed)} of {ran} cells failed: {' '.join(failed)} (tracebacks above; their "
                  f"logs under {out / 'runs'})")
 
 

@@ -47,7 +47,9 @@ REQUIRED_METRICS = ("flops", "wall_time")
 # under Flower it shares the cores with simulated clients (measured: the final evaluation 8x slower
 # with the default thread count), and one count for both engines keeps the server's numbers the same
 # whichever engine runs and however many cores the machine has (the thread count can change the
-# rounding of parallel reductions).
+# rounding of parallel reductions). An evaluation that splits into independent parts (few-shot
+# episodes) runs them at once on the run's threads, each part on one torch thread (part_threads):
+# the same bits as one thread.
 SERVER_THREADS = 1
 LOGGER = logging.getLogger("rabo_flwr")
 

@@ -51,11 +51,19 @@ def map_one_thread_each(fn: Callable[[Part], Result], parts: Sequence[Part]) -> 
     The results are those of one torch thread, bit for bit, whatever the count: each part's
     operations are the same, only when they run changes. Worth it where one operation is too small
     to share threads (a Conv4 on one episode's 5 to 100 images), so splitting the work itself uses
-    the cores. ``fn`` must be safe to call from several threads at once.
+    the cores. ``fn`` must be safe to call from several threads at once; it runs with the caller's
+    grad mode (a new thread's would be on), and other thread-local state of the caller's (context
+    variables, torch's inference mode) does not reach it.
     """
     threads = min(part_thread_count(), len(parts))
+    grad = torch.is_grad_enabled()
+
+    def run(part: Part) -> Result:
+        with torch.set_grad_enabled(grad):
+            return fn(part)
+
     with torch_threads(1):
         if threads <= 1:
             return [fn(part) for part in parts]
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(fn, parts))
+            return list(pool.map(run, parts))

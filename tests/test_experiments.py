@@ -404,24 +404,37 @@ TINY_QUADRATIC = {"algorithm.iterations": 6, "run.eval_every": 1, "run.patience"
 def test_a_cell_that_fails_is_reported_and_the_others_run_and_are_tabled(tmp_path, capsys):
     """Through the set's command and process pool (spawned workers, as a set runs): the first cell's
     corrupt checkpoint makes its worker raise; the second cell still runs and is tabled, and the command
-    then exits with the failed cell named."""
+    then exits with the failed cell named (also where no cell finished, so there is no table)."""
     labels = ["rabo-alpha1-beta0.03", "rabo-alpha1-beta0.1"]
-    argv = ["family-quadratic-sweep", "--rows", *labels, "--fresh", "--jobs", "1", "--threads", "1", "--out", str(tmp_path),
-            "--override", *(f"{k}={v}" for k, v in TINY_QUADRATIC.items())]
-    broken, sound = experiments.cells_for("family-quadratic-sweep", "5w1s", labels, "cpu", tmp_path, TINY_QUADRATIC, fresh=True)
-    directory = broken.scenario().results_path
-    directory.mkdir(parents=True)
-    (directory / "scenario.yaml").write_text(yaml.safe_dump(broken.scenario().to_dict()))
-    (directory / "checkpoint.pt").write_bytes(b"not a checkpoint")  # a disk that failed mid-write
-    assert experiments.cell_status(broken.scenario()) == "resumable"
-    with pytest.raises(SystemExit, match=f"1 of 336 cells failed: {broken.label} "):
-        experiments.main(argv)
+
+    def command(out, rows):
+        return ["family-quadratic-sweep", "--rows", *rows, "--fresh", "--jobs", "1", "--threads", "1", "--out", str(out),
+                "--override", *(f"{k}={v}" for k, v in TINY_QUADRATIC.items())]
+
+    def corrupt(out):
+        broken, sound = experiments.cells_for("family-quadratic-sweep", "5w1s", labels, "cpu", out, TINY_QUADRATIC,
+                                              fresh=True)
+        directory = broken.scenario().results_path
+        directory.mkdir(parents=True)
+        (directory / "scenario.yaml").write_text(yaml.safe_dump(broken.scenario().to_dict()))
+        (directory / "checkpoint.pt").write_bytes(b"not a checkpoint")  # a disk that failed mid-write
+        assert experiments.cell_status(broken.scenario()) == "resumable"
+        return broken, sound
+
+    broken, sound = corrupt(tmp_path / "both")
+    with pytest.raises(SystemExit, match=f"1 of 2 cells failed: {broken.label} "):
+        experiments.main(command(tmp_path / "both", labels))
     out, err = capsys.readouterr()
     assert f"{broken.label}: failed (" in out and f"{sound.label}: done" in out and "Traceback" in err
+    assert "UnpicklingError" in out  # the worker's own error, named in its line
     assert experiments.cell_status(sound.scenario()) == "finished"
-    table = (tmp_path / "family-quadratic-sweep.md").read_text().splitlines()
+    table = (tmp_path / "both" / "family-quadratic-sweep.md").read_text().splitlines()
     assert "| rabo | alpha 1, beta 0.03 | | | not run |  |" in table  # the failed cell
     assert any(line.startswith("| rabo | alpha 1, beta 0.1 |") and "(budget)" in line for line in table)
+
+    corrupt(tmp_path / "alone")
+    with pytest.raises(SystemExit, match=f"1 of 1 cells failed: {broken.label} "):  # not "no finished runs"
+        experiments.main(command(tmp_path / "alone", labels[:1]))
 
 
 def test_family_sets_cover_every_row_at_full_capacity_and_the_paper_capacities_and_read_the_sweep(tmp_path, monkeypatch):
