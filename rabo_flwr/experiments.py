@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -872,6 +873,24 @@ def _plot_hyperparameters(name, rows, out, title):
     plt.close(fig)
 
 
+def _submodel_sizes(rows: list[dict[str, Any]]) -> list[str]:
+    """The x-submodel each row's clients held, by capacity (elements, and their share of the row's full x where
+    a capacity-1 client held it): what a client at capacity r trains, checkable against r^2 of the weights."""
+    sizes = [{float(c): n for c, n in r["x_elements_by_capacity"].items()} for r in rows]
+    capacities = sorted({c for held in sizes for c in held}, reverse=True)
+    if not capacities:
+        return []
+    lines = ["", "x-submodel per client, by capacity (elements of x held; share of the full x):", "",
+             "| row | " + " | ".join(f"capacity {Fraction(c).limit_denominator(1024)}" for c in capacities) + " |",
+             "|" + " --- |" * (len(capacities) + 1)]
+    for r, held in zip(rows, sizes):
+        full = held.get(1.0)
+        lines.append("| " + " | ".join([r["cell"]] + [
+            "" if c not in held else f"{held[c]:,.0f}" + (f" ({held[c] / full:.1%})" if full else "") for c in capacities])
+            + " |")
+    return lines
+
+
 def _write_markdown(name, rows, out, title, paper_column):
     metric = rows[0]["metric"].replace("_", " ")
     metric = metric if metric.startswith("test") else f"test {metric}"
@@ -894,6 +913,7 @@ def _write_markdown(name, rows, out, title, paper_column):
         if r["task"] == "loss-tuning":
             cells[3:3] = [_pct(r.get("head_accuracy", math.nan)), _pct(r.get("tail_accuracy", math.nan))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _submodel_sizes(rows)
     common = {k: v for k, v in rows[0]["overrides"].items() if all(r["overrides"].get(k, object()) == v for r in rows)}
     lines += ["", f"Scale: {rows[0]['scale']}. Overrides of the scenario files that every run used (read from the runs' "
                   f"own resolved scenarios): `{json.dumps(common)}`."]

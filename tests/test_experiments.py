@@ -78,6 +78,7 @@ def test_cx_star_set_writes_tables_skips_identical_runs_and_never_overwrites_ano
     table = (tmp_path / "cx-star.md").read_text()
     assert "(cpu scale)" in table
     assert '"algorithm.iterations": 2' in table and '"run.eval_every": 1' in table  # what the runs used
+    assert "| row | capacity 1/4 |" in table and "| rabo-c1 | 466 |" in table  # x-submodel size per capacity
 
     capsys.readouterr()
     experiments.main(args)  # every cell finished with this very scenario: nothing runs again
@@ -827,3 +828,13 @@ def test_a_null_in_a_runs_records_is_the_nan_its_published_summary_reads_back(tm
     experiments.publish_cell(replace(cell, published=tmp_path / "published" / cell.label), "cpu")
     again = experiments.read_summary(tmp_path / "published" / cell.label / "summary.json")
     assert list(again) == list(row) and math.isnan(again["final_validation"])
+
+
+def test_the_submodel_table_gives_each_capacitys_elements_and_share_of_the_full_x():
+    fresh = {"cell": "rabo", "x_elements_by_capacity": {1.0: 111680.0, 0.5: 28192.0, 0.0625: 500.0}}
+    published = {"cell": "fedmbo", "x_elements_by_capacity": {"1.0": 111680.0}}  # summary.json's string keys
+    lines = experiments._submodel_sizes([fresh, published])
+    assert lines[3] == "| row | capacity 1 | capacity 1/2 | capacity 1/16 |"
+    assert lines[5] == "| rabo | 111,680 (100.0%) | 28,192 (25.2%) | 500 (0.4%) |"
+    assert lines[6] == "| fedmbo | 111,680 (100.0%) |  |  |"
+    assert experiments._submodel_sizes([{"cell": "ce", "x_elements_by_capacity": {}}]) == []
